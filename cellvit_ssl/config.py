@@ -1,0 +1,240 @@
+"""Typed configuration: defaults in code, short YAML files, ``key=value`` overrides.
+
+The schema below is the single source of defaults. A YAML file only states what differs,
+and command-line overrides (OmegaConf dotlist, e.g. ``train.epochs=5``) come last. Unknown or
+mistyped keys raise :class:`~cellvit_ssl.errors.ConfigError` naming the key and the nearest
+valid one.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+
+from cellvit_ssl.errors import ConfigError
+
+
+@dataclass
+class DemoConfig:
+    """Synthetic HPA-like demo data, generated on first use into ``cache_dir``."""
+
+    enabled: bool = False
+    cache_dir: str = "~/.cache/cellvit_ssl/demo"
+    n_images: int = 8
+    image_size: int = 192
+    cells_per_image: int = 12
+    seed: int = 0
+    format: str = "ome-zarr"  # "ome-zarr" or "ome-tiff"
+
+
+@dataclass
+class DataConfig:
+    """Where samples come from and how they are cut and normalised."""
+
+    index: str | None = None  # CSV index: one row per image or per cell crop
+    root: str | None = None  # base folder for relative paths in the index
+    channels: list[str] = field(default_factory=lambda: ["nucleus", "microtubules", "er", "protein"])
+    channel_map: dict[str, str] = field(default_factory=dict)  # your names -> vocabulary
+    sample_size: int = 64  # side of the square cut around a cell / from an image, in px
+    normalize_percentiles: list[float] = field(default_factory=lambda: [1.0, 99.8])
+    batch_size: int = 32  # per process
+    num_workers: int = 2
+    demo: DemoConfig = field(default_factory=DemoConfig)
+
+
+@dataclass
+class ViewsConfig:
+    """Multi-crop DINO views (lightly DINOTransform's structure, channel-agnostic ops)."""
+
+    global_crop_size: int = 224
+    global_crop_scale: list[float] = field(default_factory=lambda: [0.4, 1.0])
+    n_local_views: int = 6
+    local_crop_size: int = 96
+    local_crop_scale: list[float] = field(default_factory=lambda: [0.05, 0.4])
+    hflip_prob: float = 0.5
+    vflip_prob: float = 0.5
+    rot90: bool = True
+    brightness: float = 0.3  # per-channel additive shift, fraction of the channel's range
+    contrast: float = 0.3  # per-channel multiplicative jitter
+    jitter_prob: float = 0.8
+
+
+@dataclass
+class ModelConfig:
+    """Channel-adaptive ViT: variant and backbone size."""
+
+    variant: str = "boc"  # fixed | boc | hierarchical | channelvit
+    arch: str = "vit_small"  # vit_tiny | vit_small | vit_base | vit_large | vit_giant, or "custom"
+    patch_size: int = 16
+    img_size: int = 224  # native size of the position embedding
+    embed_dim: int = 384  # used when arch == "custom"
+    depth: int = 12
+    num_heads: int = 6
+    mlp_ratio: float = 4.0
+    drop_path_rate: float = 0.0
+    layerscale_init: float | None = 1.0e-5
+    num_register_tokens: int = 0
+
+
+@dataclass
+class SSLConfig:
+    """Student/teacher objective (lightly heads and losses)."""
+
+    head_hidden_dim: int = 2048
+    head_bottleneck_dim: int = 256
+    head_output_dim: int = 65536
+    student_temp: float = 0.1
+    teacher_temp: float = 0.07
+    warmup_teacher_temp: float = 0.04
+    warmup_teacher_temp_epochs: int = 30
+    center_momentum: float = 0.9
+    momentum_start: float = 0.996
+    momentum_end: float = 1.0
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation loop, checkpoints and logging."""
+
+    output_dir: str = "runs/default"
+    epochs: int = 100
+    base_lr: float = 5.0e-4  # per 256 images of global batch
+    min_lr: float = 1.0e-6
+    warmup_epochs: int = 10
+    weight_decay: float = 0.04
+    clip_grad: float = 3.0
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    log_every: int = 10
+    checkpoint_every: int = 0  # steps; 0 = only at each epoch end
+    max_steps: int = 0  # stop early after this many steps (0 = run all epochs)
+
+
+@dataclass
+class Config:
+    """The whole run. See the dataclasses above for every field and its default."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    views: ViewsConfig = field(default_factory=ViewsConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    ssl: SSLConfig = field(default_factory=SSLConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+VARIANTS = ("fixed", "boc", "hierarchical", "channelvit")
+
+
+def _all_keys(node: Any, prefix: str = "") -> list[str]:
+    keys = []
+    if isinstance(node, DictConfig):
+        for k in node.keys():
+            full = f"{prefix}{k}"
+            keys.append(full)
+            keys.extend(_all_keys(node[k], full + "."))
+    return keys
+
+
+def _nearest_hint(key: str) -> str:
+    known = _all_keys(OmegaConf.structured(Config))
+    close = difflib.get_close_matches(key, known, n=1, cutoff=0.5)
+    if not close:  # compare the last component too: "train.epoch" -> "train.epochs"
+        leaf = key.rsplit(".", 1)[-1]
+        leaves = {k.rsplit(".", 1)[-1]: k for k in known}
+        close = [leaves[c] for c in difflib.get_close_matches(leaf, list(leaves), n=1, cutoff=0.6)]
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+def _wrap(exc: OmegaConfBaseException, source: str) -> ConfigError:
+    key = getattr(exc, "full_key", None) or ""
+    if isinstance(exc, ConfigKeyError):
+        return ConfigError(f"{source}: unknown config key {key!r}{_nearest_hint(key)}")
+    if isinstance(exc, ValidationError):
+        msg = str(exc).splitlines()[0]
+        return ConfigError(f"{source}: invalid value for config key {key!r}: {msg}")
+    return ConfigError(f"{source}: {str(exc).splitlines()[0]} (key {key!r})")
+
+
+def _validate(cfg: DictConfig) -> None:
+    if cfg.model.variant not in VARIANTS:
+        raise ConfigError(f"model.variant={cfg.model.variant!r}; expected one of {list(VARIANTS)}")
+    for name in ("global_crop_size", "local_crop_size"):
+        size = cfg.views[name]
+        if size % cfg.model.patch_size:
+            raise ConfigError(
+                f"views.{name}={size} is not a multiple of model.patch_size={cfg.model.patch_size}"
+            )
+    for name in ("global_crop_scale", "local_crop_scale"):
+        lo_hi = list(cfg.views[name])
+        if len(lo_hi) != 2 or not 0 < lo_hi[0] <= lo_hi[1] <= 1:
+            raise ConfigError(f"views.{name}={lo_hi}; expected [low, high] with 0 < low <= high <= 1")
+    if cfg.data.batch_size < 1:
+        raise ConfigError(f"data.batch_size={cfg.data.batch_size}; expected >= 1")
+    if not cfg.data.channels:
+        raise ConfigError("data.channels is empty; name the channels of your images in order")
+
+
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> DictConfig:
+    """Load a run configuration: code defaults, then a YAML file, then ``key=value`` overrides.
+
+    Args:
+        path: A YAML file stating only what differs from the defaults, or None.
+        overrides: OmegaConf dotlist strings such as ``"train.epochs=5"``.
+
+    Returns:
+        The merged, validated, read-only configuration.
+
+    Raises:
+        ConfigError: If the file is missing or not YAML, a key is unknown, a value has the
+            wrong type, or values are inconsistent.
+
+    Examples:
+        >>> cfg = load_config(None, ["train.epochs=2"])
+        >>> cfg.train.epochs
+        2
+    """
+    cfg = OmegaConf.structured(Config)
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist")
+        try:
+            file_cfg = OmegaConf.load(path)
+        except Exception as exc:  # yaml errors come in several types
+            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {exc}") from exc
+        if not isinstance(file_cfg, DictConfig):
+            raise ConfigError(f"config file {str(path)!r} must hold a mapping at the top level")
+        try:
+            cfg = OmegaConf.merge(cfg, file_cfg)
+        except OmegaConfBaseException as exc:
+            raise _wrap(exc, str(path)) from exc
+    bad = [o for o in overrides if "=" not in o]
+    if bad:
+        raise ConfigError(f"override {bad[0]!r} is not of the form key=value")
+    try:
+        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
+    except OmegaConfBaseException as exc:
+        raise _wrap(exc, "command-line override") from exc
+    _validate(cfg)
+    OmegaConf.set_readonly(cfg, True)
+    return cfg
+
+
+def config_to_dict(cfg: DictConfig | ListConfig) -> dict:
+    """Return a plain-Python copy of a config (for checkpoints and provenance)."""
+    return OmegaConf.to_container(cfg, resolve=True)
+
+
+def config_from_dict(data: dict) -> DictConfig:
+    """Rebuild a validated config from :func:`config_to_dict` output (e.g. from a checkpoint)."""
+    try:
+        cfg = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.create(data))
+    except OmegaConfBaseException as exc:
+        raise _wrap(exc, "checkpoint config") from exc
+    OmegaConf.set_readonly(cfg, True)
+    return cfg

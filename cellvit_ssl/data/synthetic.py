@@ -1,0 +1,168 @@
+"""Synthetic HPA-like demo data: 4-channel fields of view with a known phenotype per cell.
+
+Each field holds several cells. Every cell has a nucleus, radial microtubules, a perinuclear
+ER cloud and a protein channel whose pattern is the cell's label (where the protein sits).
+Images are written as OME-Zarr (NGFF 0.5, Zarr v3, with a ``labels`` segmentation) and as
+OME-TIFF (plus a ``*_labels.tif`` mask), with an index CSV of one row per cell. Everything
+is deterministic from the seed.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+from scipy import ndimage
+
+from cellvit_ssl.data.channels import PRESETS
+
+#: Phenotype classes: where the protein sits in the cell.
+PHENOTYPES: tuple[str, ...] = ("nuclear", "cytoplasmic", "punctate", "membrane", "mitochondrial")
+CHANNELS: tuple[str, ...] = PRESETS["demo"]
+INDEX_COLUMNS = ("path", "channels", "cell_id", "centroid_y", "centroid_x", "label", "label_id",
+                 "image_id", "split")
+
+
+@dataclass(frozen=True)
+class DemoSpec:
+    """What to generate; the whole data set is a function of these fields."""
+
+    n_images: int = 8
+    image_size: int = 192
+    cells_per_image: int = 12
+    seed: int = 0
+
+
+def _place_cells(rng: np.random.Generator, size: int, n: int, radius: float) -> list[tuple[float, float]]:
+    centres: list[tuple[float, float]] = []
+    for _ in range(n * 50):
+        if len(centres) == n:
+            break
+        c = rng.uniform(radius, size - radius, size=2)
+        if all(np.hypot(*(c - np.array(o))) > 1.9 * radius for o in centres):
+            centres.append((float(c[0]), float(c[1])))
+    return centres
+
+
+def _render_field(rng: np.random.Generator, spec: DemoSpec) -> tuple[np.ndarray, np.ndarray, list[dict]]:
+    size = spec.image_size
+    radius = size / (2.2 * np.sqrt(spec.cells_per_image))
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+    img = np.zeros((4, size, size), np.float32)
+    labels = np.zeros((size, size), np.int32)
+    cells = []
+    for cell_id, (cy, cx) in enumerate(_place_cells(rng, size, spec.cells_per_image, radius), start=1):
+        phenotype = int(rng.integers(len(PHENOTYPES)))
+        angle = rng.uniform(0, np.pi)
+        ry, rx = radius * rng.uniform(0.75, 0.95), radius * rng.uniform(0.75, 0.95)
+        dy, dx = yy - cy, xx - cx
+        u = (dy * np.cos(angle) + dx * np.sin(angle)) / ry
+        v = (-dy * np.sin(angle) + dx * np.cos(angle)) / rx
+        r_cell = np.sqrt(u**2 + v**2)
+        body = r_cell < 1.0
+        body &= labels == 0
+        labels[body] = cell_id
+        n_scale = rng.uniform(0.35, 0.5)
+        ncy, ncx = cy + rng.normal(0, 1.5), cx + rng.normal(0, 1.5)
+        r_nuc = np.hypot((yy - ncy) / (ry * n_scale), (xx - ncx) / (rx * n_scale))
+        nucleus = body & (r_nuc < 1.0)
+        cyto = body & ~nucleus
+        # nucleus: bright, with chromatin texture
+        chrom = ndimage.gaussian_filter(rng.random((size, size)).astype(np.float32), 1.5)
+        img[0][nucleus] += 0.6 + 0.8 * chrom[nucleus]
+        # microtubules: radial filaments from the centre
+        theta = np.arctan2(dy, dx)
+        n_fil = int(rng.integers(10, 18))
+        phase = rng.uniform(0, 2 * np.pi)
+        filaments = np.cos(n_fil * theta + phase) ** 8
+        img[1][body] += 0.3 * filaments[body] * (1.1 - r_cell[body])
+        # ER: cloud decaying away from the nucleus
+        img[2][cyto] += 0.5 * np.exp(-1.5 * (r_nuc[cyto] - 1.0)) * (0.6 + 0.4 * chrom[cyto])
+        # protein: the phenotype
+        protein = np.zeros((size, size), np.float32)
+        if phenotype == 0:
+            protein[nucleus] = 0.9
+        elif phenotype == 1:
+            protein[cyto] = 0.45
+        elif phenotype == 2:
+            ys, xs = np.nonzero(cyto)
+            pick = rng.choice(len(ys), size=min(len(ys), 25), replace=False)
+            protein[ys[pick], xs[pick]] = 6.0
+            protein = ndimage.gaussian_filter(protein, 0.8)
+        elif phenotype == 3:
+            protein[body & (r_cell > 0.8)] = 1.0
+        else:
+            worms = ndimage.gaussian_filter(rng.random((size, size)).astype(np.float32), 1.0)
+            protein[cyto] = 1.2 * (worms[cyto] > np.quantile(worms[cyto], 0.75))
+        img[3] += protein * body
+        cells.append({"cell_id": cell_id, "centroid_y": round(cy, 2), "centroid_x": round(cx, 2),
+                      "label": PHENOTYPES[phenotype], "label_id": phenotype})
+    img = ndimage.gaussian_filter(img, sigma=(0, 0.8, 0.8))
+    img = rng.poisson(np.clip(img, 0, None) * 400 + 20).astype(np.float32)  # photon noise
+    return np.clip(img, 0, 65535).astype(np.uint16), labels, cells
+
+
+def _write_ome_zarr(path: Path, image: np.ndarray, labels: np.ndarray) -> None:
+    import zarr
+    from ome_zarr.format import FormatV05
+    from ome_zarr.writer import write_image, write_labels
+
+    fmt = FormatV05()
+    root = zarr.open_group(str(path), mode="w", zarr_format=3)
+    omero = {"channels": [{"label": c, "color": col, "window": {"start": 0, "end": int(image[i].max()),
+                                                              "min": 0, "max": 65535}}
+                          for i, (c, col) in enumerate(zip(CHANNELS, ("0000FF", "FF0000", "FFFF00", "00FF00")))]}
+    write_image(image, root, axes="cyx", scale_factors=[2], fmt=fmt, omero=omero,
+                storage_options={"chunks": (1, 64, 64)})
+    write_labels(labels, root, name="cells", axes="yx", scale_factors=[2], fmt=fmt)
+
+
+def _write_ome_tiff(path: Path, image: np.ndarray, labels: np.ndarray) -> None:
+    import tifffile
+
+    tifffile.imwrite(path, image, ome=True, metadata={"axes": "CYX", "Channel": {"Name": list(CHANNELS)}})
+    tifffile.imwrite(path.with_name(path.name.replace(".ome.tif", "_labels.tif")), labels)
+
+
+def generate_demo(out_dir: str | Path, spec: DemoSpec = DemoSpec(), fmt: str = "ome-zarr") -> Path:
+    """Generate the demo data set (both formats) into ``out_dir`` unless it is already there.
+
+    Args:
+        out_dir: Cache folder. A ``spec.json`` there records what was generated; a folder
+            made from another spec is regenerated.
+        spec: Size and seed.
+        fmt: Which format the returned index points at: ``"ome-zarr"`` or ``"ome-tiff"``.
+
+    Returns:
+        Path of the index CSV (``index_ome-zarr.csv`` or ``index_ome-tiff.csv``), one row per
+        cell, with paths relative to ``out_dir``.
+    """
+    if fmt not in ("ome-zarr", "ome-tiff"):
+        raise ValueError(f"demo format {fmt!r}; expected 'ome-zarr' or 'ome-tiff'")
+    out = Path(out_dir).expanduser()
+    marker = out / "spec.json"
+    index_path = out / f"index_{fmt}.csv"
+    if marker.is_file() and json.loads(marker.read_text()) == asdict(spec) and index_path.is_file():
+        return index_path
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(spec.seed)
+    rows: dict[str, list[dict]] = {"ome-zarr": [], "ome-tiff": []}
+    for i in range(spec.n_images):
+        image, labels, cells = _render_field(rng, spec)
+        stem = f"images/field_{i:03d}"
+        _write_ome_zarr(out / f"{stem}.ome.zarr", image, labels)
+        _write_ome_tiff(out / f"{stem}.ome.tif", image, labels)
+        split = "test" if i % 4 == 3 else "train"
+        for kind, suffix in (("ome-zarr", ".ome.zarr"), ("ome-tiff", ".ome.tif")):
+            rows[kind] += [{"path": stem + suffix, "channels": ";".join(CHANNELS), "image_id": i,
+                            "split": split, **c} for c in cells]
+    for kind, kind_rows in rows.items():
+        with open(out / f"index_{kind}.csv", "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=INDEX_COLUMNS)
+            writer.writeheader()
+            writer.writerows(kind_rows)
+    marker.write_text(json.dumps(asdict(spec)))
+    return index_path

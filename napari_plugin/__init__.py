@@ -1,0 +1,1 @@
+"""napari plugin for cellvit_ssl (embedding inspector). napari and Qt are imported lazily."""
