@@ -82,6 +82,14 @@ class BagOfChannelsViT(ChannelAdaptiveViT):
         self.block_dim = self.embed_dim * (2 if pool_patch_tokens else 1)
         self.output_dim = len(self.channels) * self.block_dim
 
+    def sample_shape(self, x: Tensor, channel_ids: Tensor, channel_mask: Tensor | None = None) -> tuple[int, int]:
+        """``(S, N)``: samples and patch tokens per sample of ``forward_features`` on ``x``.
+
+        This is the shape of its iBOT ``masks`` argument.
+        """
+        grid = (x.shape[-2] // self.backbone.patch_size) * (x.shape[-1] // self.backbone.patch_size)
+        return int(_present(channel_ids, channel_mask).sum()), grid
+
     def forward_features(
         self,
         x: Tensor,
@@ -89,7 +97,11 @@ class BagOfChannelsViT(ChannelAdaptiveViT):
         channel_mask: Tensor | None = None,
         masks: Tensor | None = None,
     ) -> dict[str, Tensor]:
-        """Features of every present channel as its own sample, in (image, channel) order."""
+        """Features of every present channel as its own sample, in (image, channel) order.
+
+        ``masks``, when given, is boolean ``(S, N)`` (see :meth:`sample_shape`); True patches
+        are replaced by the mask token (iBOT).
+        """
         present = _present(channel_ids, channel_mask)
         singles = x[present].unsqueeze(1)  # (S, 1, H, W)
         return self.backbone.forward_features(singles, masks=masks)
