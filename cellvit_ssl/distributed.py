@@ -197,8 +197,11 @@ def wrap_model(meta: nn.Module, info: DistInfo, strategy: str = "ddp", bf16: boo
         return meta
     if strategy == "ddp":
         device_ids = [info.device.index] if info.device.type == "cuda" else None
-        # The DINO center is already all-reduced by the loss: no buffer broadcast needed.
-        return nn.parallel.DistributedDataParallel(meta, device_ids=device_ids, broadcast_buffers=False)
+        # The DINO center is already all-reduced by the loss: no buffer broadcast needed. Some
+        # parameters take no part in some steps (the mask token without iBOT masks, absent
+        # channels' embeddings), hence find_unused_parameters.
+        return nn.parallel.DistributedDataParallel(meta, device_ids=device_ids, broadcast_buffers=False,
+                                                   find_unused_parameters=True)
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
