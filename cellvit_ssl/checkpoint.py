@@ -166,3 +166,12 @@ def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate((p["version"], tuple(int(v) for v in p["state"].tolist()), p["gauss_next"]))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+
+
+def remove_stale_temporaries(folder: str | Path) -> list[Path]:
+    """Delete half-written checkpoint temporaries a killed run left in ``folder``; returns them."""
+    folder = Path(folder)
+    stale = [p for p in folder.glob(".checkpoint*") if p.suffix in (".tmp", ".link")] if folder.is_dir() else []
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale

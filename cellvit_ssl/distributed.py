@@ -271,10 +271,12 @@ def load_full_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer | No
         set_optimizer_state_dict,
     )
 
-    options = StateDictOptions(full_state_dict=True, strict=True)
-    set_model_state_dict(unwrap(model), model_state, options=options)
+    set_model_state_dict(unwrap(model), model_state, options=StateDictOptions(full_state_dict=True, strict=True))
     if optimizer is not None and optim_state is not None:
-        set_optimizer_state_dict(unwrap(model), optimizer, optim_state, options=options)
+        # Not strict: a parameter that never had a gradient yet (mask token without iBOT, the
+        # head's last layer while frozen) has no optimizer state to restore.
+        set_optimizer_state_dict(unwrap(model), optimizer, optim_state,
+                                 options=StateDictOptions(full_state_dict=True, strict=False))
 
 
 def _is_fsdp(model: nn.Module) -> bool:

@@ -41,6 +41,7 @@ from cellvit_ssl.checkpoint import (
     TRAINING_FORMAT,
     find_resume_checkpoint,
     load_checkpoint,
+    remove_stale_temporaries,
     rng_state,
     save_checkpoint,
     save_training_checkpoint,
@@ -135,6 +136,14 @@ def build_dataset(cfg: DictConfig) -> SeededViews:
     return SeededViews(dataset, cfg.train.seed)
 
 
+def _ignore_stop_signals(_worker_id: int) -> None:
+    # Preemption signals reach the whole process group; only the main process checkpoints, and
+    # a data worker dying of SIGTERM first would abort the run before it can.
+    for name in StopRequest.SIGNALS:
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), signal.SIG_IGN)
+
+
 def build_loader(cfg: DictConfig, info: D.DistInfo | None = None,
                  dataset: SeededViews | None = None) -> DataLoader:
     """DataLoader over this rank's shard of the index (see :class:`~cellvit_ssl.distributed.ShardedSampler`).
@@ -161,6 +170,7 @@ def build_loader(cfg: DictConfig, info: D.DistInfo | None = None,
         drop_last=True,
         num_workers=cfg.data.num_workers,
         persistent_workers=cfg.data.num_workers > 0,
+        worker_init_fn=_ignore_stop_signals,
         pin_memory=info.device.type == "cuda",
         # Its own generator: creating an iterator must not draw from the global RNG.
         generator=torch.Generator().manual_seed(cfg.train.seed + info.rank),
@@ -269,6 +279,7 @@ class Trainer:
         self.out = Path(t.output_dir).expanduser()
         if info.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
+            remove_stale_temporaries(self.out)
             OmegaConf.save(cfg, self.out / "config.yaml", resolve=True)
         if t.deterministic:
             torch.use_deterministic_algorithms(True)
