@@ -1,8 +1,12 @@
-"""Atomic checkpoint files, loaded safely.
+"""Atomic checkpoint files, loaded safely, and the bookkeeping of a run's checkpoints.
 
 A checkpoint is a plain dict of tensors and Python primitives, written to a temporary file in
 the target folder, flushed to disk and renamed over the final name, so a crash never leaves a
-half-written file under that name. Loading uses ``torch.load(weights_only=True)``.
+half-written file under that name. Loading uses ``torch.load(weights_only=True)``; random
+states are therefore stored as tensors and lists (:func:`rng_state`), never NumPy objects.
+
+A training run keeps ``checkpoint_<step>.pt`` files (the last K) and ``checkpoint.pt``, the
+newest of them, which ``train.resume=auto`` continues from.
 """
 
 from __future__ import annotations

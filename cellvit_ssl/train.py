@@ -333,7 +333,7 @@ class Trainer:
         rngs = D.gather_objects(rng_state())
         return {"format": TRAINING_FORMAT, "config": config_to_dict(self.cfg), "model": model_state,
                 "optimizer": optim_state, "step": self.step, "epoch": self.step // self.steps_per_epoch,
-                "world_size": self.info.world_size, "rng": rngs}
+                "world_size": self.info.world_size, "global_batch": self.global_batch, "rng": rngs}
 
     def save(self) -> Path:
         """Checkpoint the current step (all ranks call; rank 0 writes)."""
@@ -380,6 +380,10 @@ class Trainer:
         elif self.info.is_main:
             print(f"cellvit_ssl: the checkpoint was written by {len(rngs)} processes, this run has "
                   f"{self.info.world_size}; it continues, but not bit-exactly", file=sys.stderr)
+        if payload.get("global_batch", self.global_batch) != self.global_batch and self.info.is_main:
+            print(f"cellvit_ssl: the checkpoint was trained with global batch {payload['global_batch']}, "
+                  f"this run has {self.global_batch}; the data order and schedules change from here",
+                  file=sys.stderr)
         self.last_checkpoint, self.saved_step = path, self.step
 
     # -- the loop ----------------------------------------------------------------------------

@@ -191,3 +191,17 @@ def test_schedules_warm_up_then_cosine():
     assert all(s.lr(i) >= s.lr(i + 1) for i in range(10, 100))
     assert s.wd(0) == pytest.approx(0.04) and s.wd(99) == pytest.approx(0.4)
     assert s.momentum(0) == pytest.approx(0.996) and s.momentum(99) == pytest.approx(1.0)
+
+
+def test_without_tensorboard_metrics_still_go_to_jsonl(tmp_path, monkeypatch, capsys):
+    import sys
+
+    from cellvit_ssl.train import MetricsLog
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)
+    log = MetricsLog(tmp_path, enabled=True, tensorboard=True)
+    log.write({"step": 1, "epoch": 0, "loss": 2.5})
+    log.close()
+    assert "TensorBoard logging is off" in capsys.readouterr().err
+    assert json.loads((tmp_path / "metrics.jsonl").read_text())["loss"] == 2.5
+    assert not (tmp_path / "tb").exists()
