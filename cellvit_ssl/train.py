@@ -471,8 +471,11 @@ class Trainer:
                 bar.update(1)
                 bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{rate:.1f}", refresh=False)
                 if (t.log_every and self.step % t.log_every == 0) or self.step == self.total_steps:
+                    extra = {"images_per_s": rate}
+                    if self.info.device.type == "cuda":
+                        extra["max_memory_gib"] = torch.cuda.max_memory_allocated(self.info.device) / 2**30
                     log.write({"step": self.step, "epoch": epoch, **{k: v for k, v in record.items() if k != "stop"},
-                               "images_per_s": rate})
+                               **extra})
                     tick, tick_step = now, self.step
                 end_of_epoch = self.step % self.steps_per_epoch == 0
                 due = self.step % t.checkpoint_every == 0 if t.checkpoint_every else end_of_epoch

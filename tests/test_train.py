@@ -109,7 +109,6 @@ def test_rotation_metrics_export_and_config_beside_checkpoints(tmp_path):
     assert [r["step"] for r in records] == [1, 2, 3, 4]
     assert {"loss", "lr", "wd", "momentum", "grad_norm", "images_per_s"} <= records[0].keys()
     assert records[0]["lr"] == pytest.approx(5.0e-4 * 4 / 256), "base_lr scaled by the global batch"
-    assert list((out / "tb").glob("events.out.tfevents.*")), "TensorBoard scalars"
     payload = torch.load(export, weights_only=True)
     assert payload["format"] == ENCODER_FORMAT and set(payload) == {"format", "config", "backbone"}
     for key, value in payload["backbone"].items():
@@ -205,3 +204,28 @@ def test_without_tensorboard_metrics_still_go_to_jsonl(tmp_path, monkeypatch, ca
     assert "TensorBoard logging is off" in capsys.readouterr().err
     assert json.loads((tmp_path / "metrics.jsonl").read_text())["loss"] == 2.5
     assert not (tmp_path / "tb").exists()
+
+
+def test_tensorboard_scalars_beside_the_jsonl(tmp_path):
+    pytest.importorskip("tensorboard")
+    from cellvit_ssl.train import MetricsLog
+
+    log = MetricsLog(tmp_path, enabled=True, tensorboard=True)
+    log.write({"step": 3, "epoch": 0, "loss": 2.5, "lr": 1e-3})
+    log.close()
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "tb"))
+    events.Reload()
+    assert set(events.Tags()["scalars"]) == {"train/loss", "train/lr"}
+    assert [(e.step, e.value) for e in events.Scalars("train/loss")] == [(3, 2.5)]
+
+
+@pytest.mark.gpu
+def test_gpu_run_uses_bf16_autocast_and_reports_memory(tmp_path, capsys):
+    run(load_config(None, _overrides(tmp_path, "gpu", "train.device=cuda", "train.epochs=2", "train.log_every=1",
+                                     "train.tensorboard=false")))
+    assert "bf16" in capsys.readouterr().out
+    records = [json.loads(line) for line in (tmp_path / "gpu" / "metrics.jsonl").read_text().splitlines()]
+    assert all(math.isfinite(r["loss"]) and r["max_memory_gib"] > 0 for r in records)
+    assert all(v.dtype == torch.float32 for v in _model_state(tmp_path, "gpu").values() if v.is_floating_point())
