@@ -262,6 +262,14 @@ def full_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple
     return get_state_dict(unwrap(model), optimizer, options=options)
 
 
+def full_model_state_dict(model: nn.Module) -> dict:
+    """Full (unsharded, CPU under FSDP) model state keyed by parameter name (all ranks call)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    sharded = dist.is_initialized() and _is_fsdp(model)
+    return get_model_state_dict(unwrap(model), options=StateDictOptions(full_state_dict=True, cpu_offload=sharded))
+
+
 def load_full_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer | None,
                          model_state: dict, optim_state: dict | None) -> None:
     """Load what :func:`full_state_dict` returned (into a plain, DDP or FSDP2 model)."""

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import os
 import random
 import signal
 import sys
@@ -232,21 +233,41 @@ class StopRequest:
         self._previous.clear()
 
 
+def _drop_records_after(path: Path, step: int) -> None:
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line)
+        except (ValueError, KeyError, TypeError):
+            continue  # a line cut short by a kill
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    tmp.replace(path)
+
+
 class MetricsLog:
     """JSONL records and TensorBoard scalars, written on rank 0 only."""
 
-    def __init__(self, folder: Path, enabled: bool, tensorboard: bool) -> None:
+    def __init__(self, folder: Path, enabled: bool, tensorboard: bool, resumed_step: int | None = None) -> None:
         self.enabled = enabled
-        self.file = open(folder / "metrics.jsonl", "a") if enabled else None
+        self.file = None
         self.tb = None
-        if enabled and tensorboard:
+        if not enabled:
+            return
+        path = folder / "metrics.jsonl"
+        if resumed_step is not None and path.is_file():
+            _drop_records_after(path, resumed_step)  # steps a killed run did past its checkpoint
+        self.file = open(path, "a")
+        if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError as exc:
                 print(f"cellvit_ssl: TensorBoard logging is off ({exc}); `pip install tensorboard` "
                       "to turn it on, or set train.tensorboard=false", file=sys.stderr)
             else:
-                self.tb = SummaryWriter(str(folder / "tb"))
+                purge = resumed_step + 1 if resumed_step is not None else None
+                self.tb = SummaryWriter(str(folder / "tb"), purge_step=purge)
 
     def write(self, record: dict) -> None:
         if not self.enabled:
@@ -282,6 +303,7 @@ class Trainer:
             remove_stale_temporaries(self.out)
             OmegaConf.save(cfg, self.out / "config.yaml", resolve=True)
         if t.deterministic:
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it to be deterministic
             torch.use_deterministic_algorithms(True)
             torch.backends.cudnn.benchmark = False
         seed_everything(t.seed)
@@ -347,7 +369,7 @@ class Trainer:
 
     def export_teacher(self) -> Path:
         """Write ``teacher.pt``: the teacher backbone alone (all ranks call; rank 0 writes)."""
-        model_state, _ = D.full_state_dict(self.model, self.optimizer)
+        model_state = D.full_model_state_dict(self.model)
         backbone = {k[len("teacher."):]: v for k, v in model_state.items() if k.startswith("teacher.")}
         path = self.out / "teacher.pt"
         if self.info.is_main:
@@ -435,7 +457,7 @@ class Trainer:
                   f"{info.device.type}, global batch {self.global_batch}, {self.steps_per_epoch} steps/epoch, "
                   f"{self.total_steps} steps, model {self.cfg.model.variant}/{self.cfg.model.arch}, "
                   f"{'bf16' if self.bf16 else 'fp32'}, {t.strategy}, output {self.out}{resumed}", flush=True)
-        log = MetricsLog(self.out, info.is_main, t.tensorboard)
+        log = MetricsLog(self.out, info.is_main, t.tensorboard, self.step if source is not None else None)
         stop = StopRequest().install()
         bar = tqdm(total=self.total_steps, initial=self.step, disable=not (info.is_main and t.progress),
                    desc="train", dynamic_ncols=True)

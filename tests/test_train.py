@@ -229,3 +229,15 @@ def test_gpu_run_uses_bf16_autocast_and_reports_memory(tmp_path, capsys):
     records = [json.loads(line) for line in (tmp_path / "gpu" / "metrics.jsonl").read_text().splitlines()]
     assert all(math.isfinite(r["loss"]) and r["max_memory_gib"] > 0 for r in records)
     assert all(v.dtype == torch.float32 for v in _model_state(tmp_path, "gpu").values() if v.is_floating_point())
+
+
+def test_resumed_log_drops_the_records_a_killed_run_wrote_past_its_checkpoint(tmp_path):
+    from cellvit_ssl.train import MetricsLog
+
+    lines = [json.dumps({"step": s, "loss": 1.0}) for s in range(1, 6)] + ['{"step": 6, "lo']
+    (tmp_path / "metrics.jsonl").write_text("\n".join(lines))
+    log = MetricsLog(tmp_path, enabled=True, tensorboard=False, resumed_step=3)
+    log.write({"step": 4, "epoch": 0, "loss": 0.5})
+    log.close()
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["loss"]) for r in records] == [(1, 1.0), (2, 1.0), (3, 1.0), (4, 0.5)]
