@@ -425,8 +425,10 @@ class IndexDataset(Dataset):
     def __getitem__(self, i: int) -> dict:
         if not self.skip_bad:
             return self._item(i)
-        j = i
-        for _ in range(min(MAX_CONSECUTIVE_BAD, len(self))):
+        # the requested row first, then distinct random rows (torch's RNG: seeded per loader worker)
+        others = [int(k) for k in torch.randperm(len(self))[:MAX_CONSECUTIVE_BAD] if int(k) != i]
+        tried = [i, *others][:MAX_CONSECUTIVE_BAD]
+        for j in tried:
             try:
                 return self._item(j)
             except DataError as exc:
@@ -437,9 +439,8 @@ class IndexDataset(Dataset):
                     self._warned.add(path)
                     logger.warning("skipping bad sample (row %d): %s", j, exc)
                 last = exc
-                j = int(torch.randint(0, len(self), ()).item())
-        raise DataError(f"{self.source}: {min(MAX_CONSECUTIVE_BAD, len(self))} bad samples in a row with "
-                        f"skip_bad on; the data looks broken. Last: {last}")
+        raise DataError(f"{self.source}: {len(tried)} bad samples in a row with skip_bad on; the data looks "
+                        f"broken. Last: {last}")
 
     @property
     def bad_samples(self) -> int:
