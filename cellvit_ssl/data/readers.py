@@ -117,8 +117,14 @@ class ChannelStack:
         try:
             if channels is None:
                 return self._reduce(np.asarray(self._source[self._selection(slice(None), ys, xs)]), True)
-            planes = [self._reduce(np.asarray(self._source[self._selection(c, ys, xs)]), False) for c in channels]
-            return np.stack(planes) if planes else np.zeros((0, h, w), self.dtype)
+            if not channels:
+                return np.zeros((0, h, w), self.dtype)
+            lo, hi = min(channels), max(channels) + 1
+            if hi - lo <= 2 * len(set(channels)):  # one read of the covering range beats a read per channel
+                block = self._reduce(np.asarray(self._source[self._selection(slice(lo, hi), ys, xs)]), True)
+                return block[[c - lo for c in channels]]
+            return np.stack([self._reduce(np.asarray(self._source[self._selection(c, ys, xs)]), False)
+                             for c in channels])
         except DataError:
             raise
         except Exception as exc:
