@@ -1,5 +1,7 @@
 """Sampling modes, normalisation, channel padding + masks, the mixed-channel collate."""
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -172,3 +174,16 @@ def test_build_dataset_from_config(tmp_path):
     bad = load_config(None, [f"data.index={tmp_path / 'index.csv'}", "data.mode=tile"])
     with pytest.raises(ConfigError, match="data.mode='tile'"):
         build_dataset(bad.data)
+
+
+def test_open_stacks_are_bounded_per_worker(tmp_path, monkeypatch):
+    import cellvit_ssl.data.dataset as dataset_module
+
+    monkeypatch.setattr(dataset_module, "STACK_CACHE_SIZE", 2)
+    for i in range(4):
+        _ome_tiff(tmp_path / f"{i}.ome.tif", _field(size=32, spot=(4, 4), seed=i))
+    ds = IndexDataset(pd.DataFrame([{"path": f"{i}.ome.tif"} for i in range(4)]), NAMES, root=tmp_path,
+                      mode="image", sample_size=32)
+    for i in (0, 1, 0, 2, 3):
+        ds.load(i)
+    assert [Path(k[0]).name for k in ds._stacks] == ["2.ome.tif", "3.ome.tif"]

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
@@ -55,6 +56,8 @@ MODES = ("auto", "cells", "tiles", "image")
 NORMALIZATIONS = ("percentile", "dataset", "none")
 MISSING_CHANNELS = ("error", "pad")
 BOX_COLUMNS = ("box_y0", "box_x0", "box_y1", "box_x1")
+#: Open stacks kept per worker (least recently used are dropped; CHAMMI has ~220k files).
+STACK_CACHE_SIZE = 256
 #: Consecutive bad samples tolerated by ``skip_bad`` before giving up (the data is likely broken).
 MAX_CONSECUTIVE_BAD = 32
 
@@ -214,7 +217,7 @@ class IndexDataset(Dataset):
         self.skip_bad = bool(skip_bad)
         self.read_options = {"level": int(level), "z": z, "t": int(t), "missing_chunks": missing_chunks}
         self.metadata_columns = list(metadata_columns)
-        self._stacks: dict[tuple, tuple[ChannelStack, list[str]]] = {}
+        self._stacks: OrderedDict[tuple, tuple[ChannelStack, list[str]]] = OrderedDict()
         self._reference: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         self._bad = multiprocessing.Value("l", 0)
         self._warned: set[str] = set()
@@ -243,7 +246,9 @@ class IndexDataset(Dataset):
         width = row.get("channel_width")
         width = int(width) if width is not None and pd.notna(width) else None
         key = (path, width)
-        if key not in self._stacks:
+        if key in self._stacks:
+            self._stacks.move_to_end(key)
+        else:
             names = row.get("channels")
             names = [n for n in str(names).split(";") if n] if isinstance(names, str) and names else None
             stack = open_stack(path, channel_names=names, channel_width=width, **self.read_options)
@@ -257,6 +262,8 @@ class IndexDataset(Dataset):
                         "data.channel_map, or set data.missing_channels=pad"
                     )
             self._stacks[key] = (stack, found)
+            if len(self._stacks) > STACK_CACHE_SIZE:
+                self._stacks.popitem(last=False)
         return self._stacks[key]
 
     def _layout(self, found: list[str]) -> tuple[list[str], list[int | None]]:
