@@ -132,3 +132,16 @@ def test_folder_index_groups_single_channel_tiffs_by_pattern(tmp_path, capsys):
 def test_cli_reports_errors_without_traceback(tmp_path, capsys):
     assert main(["chammi", str(tmp_path), "-o", str(tmp_path / "x.csv")]) == 2
     assert "error: " in capsys.readouterr().err
+
+
+def test_parquet_index_round_trip_or_clear_error(tmp_path):
+    from cellvit_ssl.data.index import write_index
+
+    table = pd.DataFrame({"path": ["a.tif"], "channels": ["nucleus;er"]})
+    try:
+        import pyarrow  # noqa: F401
+    except ImportError:
+        with pytest.raises(DataError, match=r"idx.parquet: writing parquet needs pyarrow"):
+            write_index(table, tmp_path / "idx.parquet")
+    else:
+        pd.testing.assert_frame_equal(read_index(write_index(table, tmp_path / "idx.parquet")), table)

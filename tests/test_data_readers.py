@@ -172,6 +172,15 @@ def test_square_tape_needs_no_width_and_tiff_tape(tmp_path):
     np.testing.assert_array_equal(stack.read(), cells)
 
 
+def test_channel_width_is_ignored_for_a_tiff_that_is_already_a_stack(tmp_path):
+    data = _rand((3, 20, 20))
+    tifffile.imwrite(tmp_path / "cell.ome.tiff", data, ome=True,
+                     metadata={"axes": "CYX", "Channel": {"Name": ["nucleus", "membrane", "protein"]}})
+    stack = open_stack(tmp_path / "cell.ome.tiff", channel_width=20)
+    assert stack.metadata["format"] == "ome-tiff"
+    np.testing.assert_array_equal(stack.read(), data)
+
+
 def test_region_read_of_20k_ome_zarr_touches_only_overlapping_chunks(tmp_path):
     # A 4 x 20000 x 20000 OME-Zarr (256-px chunks) of which only the chunks around the crop exist
     # on disk: reading any other chunk would raise (missing chunks are errors), and the store

@@ -337,13 +337,15 @@ class _TapeSource:
         return folded[selection]
 
 
-def _open_tape(path: str, given: Sequence[str] | None, channel_width: int | None) -> ChannelStack:
+def _open_tape(path: str, given: Sequence[str] | None, channel_width: int | None, **tiff_options) -> ChannelStack:
     try:
         if path.lower().endswith(TIFF_SUFFIXES):
             import tifffile
 
             with tifffile.TiffFile(path) as tif:
                 shape, dtype = tif.series[0].shape, np.dtype(tif.series[0].dtype)
+            if len(shape) != 2:  # already a (C, Y, X) stack, not a tape: channel_width does not apply
+                return _open_tiff(path, given, **tiff_options)
         else:
             from PIL import Image
 
@@ -442,7 +444,8 @@ def open_stack(
         z: ``"max"`` for a maximum projection over Z, or the index of one Z slice.
         t: Index of the time frame to read.
         channel_width: Width of one channel in a tape (CHAMMI PNG); giving it makes a 2-D
-            TIFF a tape too. PNG tapes default to square channels (``channel_width = height``).
+            TIFF a tape too (a multi-dimensional TIFF is read normally). PNG tapes default to
+            square channels (``channel_width = height``).
         missing_chunks: ``"error"`` raises on a chunk absent from a Zarr store; ``"fill"``
             accepts it (stores written with ``write_empty_chunks=False``).
 
@@ -469,7 +472,7 @@ def open_stack(
         raise DataError(f"{spath}: no such file or folder")
     name = p.name.lower()
     if name.endswith(PNG_SUFFIXES) or (channel_width and name.endswith(TIFF_SUFFIXES)):
-        return _open_tape(spath, channel_names, channel_width)
+        return _open_tape(spath, channel_names, channel_width, level=level, z=z, t=t)
     if name.endswith(TIFF_SUFFIXES):
         return _open_tiff(spath, channel_names, level, z, t)
     if p.is_dir() and any((p / f).exists() for f in ZARR_MARKERS):
