@@ -70,6 +70,8 @@ def test_image_mode_resizes_long_side_and_pads(tmp_path):
     native = IndexDataset(table, ["nucleus", "membrane", "protein"], root=tmp_path, sample_size=0,
                           normalize="none").load(0)
     np.testing.assert_array_equal(native.numpy(), cells.astype(np.float32))
+    with pytest.raises(ConfigError, match="data.sample_size=0; tiles mode"):
+        IndexDataset(table, ["nucleus", "membrane", "protein"], root=tmp_path, sample_size=0, mode="tiles").load(0)
 
 
 def test_channels_are_selected_and_ordered_by_name(tmp_path):

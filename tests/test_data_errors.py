@@ -104,6 +104,17 @@ def test_wrong_number_of_channel_names(tmp_path):
         _dataset(tmp_path, [{"path": "three.ome.tif", "channels": ";".join(NAMES)}]).load(0)
 
 
+def test_index_names_contradicting_the_file(tmp_path):
+    _ome_tiff(tmp_path / "a.ome.tif", _img(), ["DAPI", "Tubulin", "ER", "Antibody"])
+    swapped = "er;microtubules;nucleus;protein"
+    with pytest.raises(DataError, match=r"a.ome.tif: the file names its channels .* but the index says"):
+        _dataset(tmp_path, [{"path": "a.ome.tif", "channels": swapped}]).load(0)
+    agreeing = _dataset(tmp_path, [{"path": "a.ome.tif", "channels": "nucleus;microtubules;er;protein"}])
+    assert agreeing.load(0).shape == (4, 16, 16)
+    _ome_tiff(tmp_path / "b.ome.tif", _img(), ["C0", "C1", "C2", "C3"])  # placeholder names: the index decides
+    assert _dataset(tmp_path, [{"path": "b.ome.tif", "channels": swapped}]).load(0).shape == (4, 16, 16)
+
+
 def test_channel_count_differs_from_config(tmp_path):
     _ome_tiff(tmp_path / "three.ome.tif", _img(c=3), NAMES[:3])
     with pytest.raises(DataError, match=r"three.ome.tif: has 3 channels .* config asks for 4 .*missing \['protein'\]"):

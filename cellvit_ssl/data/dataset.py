@@ -253,6 +253,7 @@ class IndexDataset(Dataset):
             names = [n for n in str(names).split(";") if n] if isinstance(names, str) and names else None
             stack = open_stack(path, channel_names=names, channel_width=width, **self.read_options)
             found = canonical_names(stack.channel_names, self.channel_map, source=stack.path)
+            self._check_file_names(stack, found)
             if self.channels is not None and self.missing_channels == "error":
                 missing = [c for c in self.channels if c not in found]
                 if missing:
@@ -265,6 +266,22 @@ class IndexDataset(Dataset):
             if len(self._stacks) > STACK_CACHE_SIZE:
                 self._stacks.popitem(last=False)
         return self._stacks[key]
+
+    def _check_file_names(self, stack: ChannelStack, found: list[str]) -> None:
+        """Refuse index channel names that contradict the names stored in the file itself."""
+        stored = stack.metadata.get("file_channel_names")
+        if not stored or stored == stack.channel_names:
+            return
+        try:
+            stored_canon = canonical_names(stored, self.channel_map)
+        except DataError:  # placeholder names such as "C0", "Channel:0:1": the index's names stand
+            return
+        if stored_canon != found:
+            raise DataError(
+                f"{stack.path}: the file names its channels {stored} ({stored_canon}) but the index says "
+                f"{stack.channel_names} ({found}); fix the index's 'channels' column, or relabel with "
+                "data.channel_map"
+            )
 
     def _layout(self, found: list[str]) -> tuple[list[str], list[int | None]]:
         """Output channel names and, for each, its position in the file (None = absent)."""
@@ -355,6 +372,9 @@ class IndexDataset(Dataset):
         present = np.array([p is not None for p in positions])
         read_at = [p for p in positions if p is not None]
         mode = self._row_mode(row)
+        if mode != "image" and self.sample_size <= 0:
+            raise ConfigError(f"data.sample_size={self.sample_size}; {mode} mode needs a positive crop size "
+                              "(0 = native size is for whole images only)")
         if mode == "cells":
             centre = self._centre(row)
             if centre is None:
