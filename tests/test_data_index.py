@@ -145,3 +145,33 @@ def test_parquet_index_round_trip_or_clear_error(tmp_path):
             write_index(table, tmp_path / "idx.parquet")
     else:
         pd.testing.assert_frame_equal(read_index(write_index(table, tmp_path / "idx.parquet")), table)
+
+
+def test_cells_from_mask_exact_centroids_and_boxes():
+    from cellvit_ssl.data.index import cells_from_mask
+
+    mask = np.zeros((20, 30), np.uint16)
+    mask[2:6, 3:9] = 1  # 4 x 6 block: centre (3.5, 5.5)
+    mask[10:19, 20:21] = 7  # a vertical line: centre (14, 20)
+    table = cells_from_mask(mask)
+    assert table["cell_id"].tolist() == [1, 7]
+    assert table[["centroid_y", "centroid_x"]].values.tolist() == [[3.5, 5.5], [14.0, 20.0]]
+    assert table[["box_y0", "box_x0", "box_y1", "box_x1"]].values.tolist() == [[2, 3, 6, 9], [10, 20, 19, 21]]
+    assert table["area"].tolist() == [24, 9]
+
+
+@pytest.mark.parametrize("fmt,masks,include", [("ome-tiff", "_labels.tif", "*.ome.tif"),
+                                               ("ome-zarr", "labels/cells", "*.ome.zarr")])
+def test_folder_index_one_row_per_cell_from_masks(tmp_path, fmt, masks, include):
+    from cellvit_ssl.data.synthetic import DemoSpec, generate_demo
+
+    demo_index = generate_demo(tmp_path / "demo", DemoSpec(n_images=2, image_size=64, cells_per_image=3), fmt=fmt)
+    demo = pd.read_csv(demo_index)
+    table = build_folder_index(tmp_path / "demo" / "images", masks=masks, include=include)
+    assert len(table) == len(demo)  # every generated cell, and no mask indexed as an image
+    assert set(table["channels"]) == {"nucleus;microtubules;er;protein"}
+    for (_, got), (_, want) in zip(table.iterrows(), demo.iterrows()):
+        assert got["box_y0"] <= want["centroid_y"] < got["box_y1"]
+        assert got["box_x0"] <= want["centroid_x"] < got["box_x1"]
+    ds = IndexDataset(table, ["nucleus", "protein"], root=tmp_path / "demo" / "images", sample_size=16)
+    assert ds._row_mode(table.iloc[0]) == "cells" and ds.load(0).shape == (2, 16, 16)

@@ -13,7 +13,8 @@ Two builders:
 
 - :func:`build_folder_index`: every image under a folder (OME-TIFF, TIFF, OME-Zarr, Zarr,
   PNG tapes), or, with a regular expression, single-channel TIFFs grouped into one image per
-  site (Cell Painting plates).
+  site (Cell Painting plates); with segmentation masks (a sidecar label image, or an
+  OME-Zarr ``labels/<name>`` group) one row per cell with its centroid and box.
 - :func:`build_chammi_index`: a CHAMMI root with ``Allen/``, ``HPA/`` and ``CP/``, each with
   an ``enriched_meta.csv``; every metadata column is kept (``train_test_split``, ``Label`` →
   also ``label``, ``cell_type``, ``Plate``, ...), channel names come from the presets.
@@ -22,11 +23,13 @@ Two builders:
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import re
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from cellvit_ssl.data.channels import CHAMMI_PRESETS, canonical_names, preset
@@ -34,6 +37,8 @@ from cellvit_ssl.data.readers import PNG_SUFFIXES, TIFF_SUFFIXES, ZARR_MARKERS, 
 from cellvit_ssl.errors import CellVitSSLError, DataError
 
 CHAMMI_META = "enriched_meta.csv"
+BOX = ("box_y0", "box_x0", "box_y1", "box_x1")
+IMAGE_SUFFIXES = (".ome.zarr", ".ome.tiff", ".ome.tif", ".zarr", ".tiff", ".tif", ".png")
 
 
 def _is_zarr(path: Path) -> bool:
@@ -64,6 +69,75 @@ def _relative(path: Path, root: Path) -> str:
     return path.relative_to(root).as_posix()
 
 
+def cells_from_mask(mask: np.ndarray, source: str = "mask") -> pd.DataFrame:
+    """One row per labelled object of a 2-D integer mask: id, centroid, box and area.
+
+    Raises:
+        DataError: If the mask is not a 2-D integer image.
+    """
+    from scipy import ndimage
+
+    mask = np.asarray(mask)
+    if mask.ndim == 3 and mask.shape[0] == 1:
+        mask = mask[0]
+    if mask.ndim != 2 or mask.dtype.kind not in "iub":
+        raise DataError(f"{source}: expected a 2-D integer label image, got shape {mask.shape} dtype {mask.dtype}")
+    mask = mask.astype(np.int64, copy=False)
+    ids = np.unique(mask)
+    ids = ids[ids > 0]
+    if ids.size == 0:
+        return pd.DataFrame(columns=["cell_id", "centroid_y", "centroid_x", *BOX, "area"])
+    centres = ndimage.center_of_mass(np.ones_like(mask), mask, ids)
+    areas = ndimage.sum_labels(np.ones_like(mask), mask, ids)
+    boxes = ndimage.find_objects(mask)
+    rows = []
+    for cell, (cy, cx), area in zip(ids, centres, areas):
+        ys, xs = boxes[cell - 1]
+        rows.append({"cell_id": int(cell), "centroid_y": round(float(cy), 2), "centroid_x": round(float(cx), 2),
+                     "box_y0": ys.start, "box_x0": xs.start, "box_y1": ys.stop, "box_x1": xs.stop,
+                     "area": int(area)})
+    return pd.DataFrame(rows)
+
+
+def read_mask(image: Path, masks: str) -> tuple[np.ndarray, str]:
+    """The label image of ``image``: ``labels/<name>`` inside an OME-Zarr, else a sidecar file.
+
+    Args:
+        image: The image file or Zarr folder.
+        masks: ``labels/<name>`` (OME-Zarr labels group) or a suffix replacing the image's
+            format suffix, e.g. ``_labels.tif`` for ``a.ome.tif`` → ``a_labels.tif``.
+
+    Raises:
+        DataError: If the mask does not exist or cannot be read.
+    """
+    import tifffile
+    import zarr
+
+    if masks.startswith("labels/"):
+        where = image / masks
+        try:
+            group = zarr.open_group(str(where), mode="r")
+            attrs = dict(group.attrs)
+            attrs = attrs.get("ome", attrs)
+            return np.asarray(group[attrs["multiscales"][0]["datasets"][0]["path"]]), str(where)
+        except Exception as exc:
+            raise DataError(f"{where}: no readable OME-Zarr label image ({type(exc).__name__}: {exc})") from exc
+    name = image.name
+    stem = next((name[: -len(s)] for s in IMAGE_SUFFIXES if name.lower().endswith(s)), image.stem)
+    where = image.with_name(stem + masks)
+    if not where.is_file():
+        raise DataError(f"{where}: no such mask file for image {image} (--masks {masks!r})")
+    try:
+        if where.name.lower().endswith(TIFF_SUFFIXES):
+            return np.asarray(tifffile.imread(where)), str(where)
+        from PIL import Image
+
+        with Image.open(where) as img:
+            return np.asarray(img), str(where)
+    except Exception as exc:
+        raise DataError(f"{where}: not a readable mask ({type(exc).__name__}: {exc})") from exc
+
+
 def build_folder_index(
     root: str | Path,
     channels: Sequence[str] | None = None,
@@ -71,6 +145,8 @@ def build_folder_index(
     pattern: str | None = None,
     channel_width: int | None = None,
     recursive: bool = True,
+    masks: str | None = None,
+    include: str | None = None,
 ) -> pd.DataFrame:
     """One row per image found under ``root`` (paths relative to ``root``).
 
@@ -85,6 +161,11 @@ def build_folder_index(
             row with ``;``-separated paths, and the other groups become columns.
         channel_width: Channel width of PNG / TIFF tapes (default: square channels).
         recursive: Descend into sub-folders.
+        masks: Segmentation of each image (see :func:`read_mask`): one row per cell, with
+            ``cell_id``, ``centroid_y``, ``centroid_x``, the box and ``area``. Files that are
+            masks of another image are not indexed as images.
+        include: Glob pattern on the path relative to ``root`` (e.g. ``*.ome.zarr``) that
+            images must match.
 
     Raises:
         DataError: If the folder holds no image, a file cannot be opened, does not name its
@@ -94,8 +175,12 @@ def build_folder_index(
     if not root.is_dir():
         raise DataError(f"{root}: no such folder")
     images = find_images(root, recursive)
+    if include:
+        images = [p for p in images if fnmatch.fnmatch(_relative(p, root), include)]
     if pattern:
         return _grouped_index(root, images, pattern, channels, channel_map)
+    if masks and not masks.startswith("labels/"):
+        images = [p for p in images if not p.name.endswith(masks)]
     rows = []
     for path in images:
         if channels:
@@ -108,8 +193,14 @@ def build_folder_index(
                "format": stack.metadata.get("format", "")}
         if stack.metadata.get("format") == "tape":
             row["channel_width"] = stack.metadata["channel_width"]
-        rows.append(row)
-    if not rows:
+        if masks:
+            mask, where = read_mask(path, masks)
+            if mask.shape[-2:] != stack.shape[1:]:
+                raise DataError(f"{where}: mask shape {mask.shape} does not match image {path} {stack.shape[1:]}")
+            rows += [{**row, **cell} for cell in cells_from_mask(mask, where).to_dict("records")]
+        else:
+            rows.append(row)
+    if not images:
         raise DataError(f"{root}: no images found (expected .tif/.tiff, .png tapes or Zarr folders)")
     return pd.DataFrame(rows)
 
@@ -267,6 +358,9 @@ def main(argv: list[str] | None = None) -> int:
     folder.add_argument("--channel-map", help="name=vocabulary pairs, e.g. DAPI=nucleus,ch2=rna")
     folder.add_argument("--pattern", help=r"regex grouping single-channel TIFFs, e.g. '(?P<site>.+)-(?P<channel>ch\d)'")
     folder.add_argument("--channel-width", type=int, help="channel width of tapes")
+    folder.add_argument("--masks", help="one row per cell from label images: 'labels/<name>' inside OME-Zarr, "
+                        "or a suffix replacing the image's, e.g. _labels.tif")
+    folder.add_argument("--include", help="glob on relative paths that images must match, e.g. '*.ome.zarr'")
     folder.add_argument("--no-recursive", action="store_true")
     chammi = sub.add_parser("chammi", help="a CHAMMI root (Allen/, HPA/, CP/ with enriched_meta.csv)")
     chammi.add_argument("root")
@@ -278,7 +372,8 @@ def main(argv: list[str] | None = None) -> int:
             table = build_folder_index(
                 args.root, channels=args.channels.split(",") if args.channels else None,
                 channel_map=_parse_map(args.channel_map), pattern=args.pattern,
-                channel_width=args.channel_width, recursive=not args.no_recursive)
+                channel_width=args.channel_width, recursive=not args.no_recursive, masks=args.masks,
+                include=args.include)
         else:
             table = build_chammi_index(args.root, args.subsets.split(",") if args.subsets else None)
         out = write_index(table, args.out)
