@@ -37,12 +37,27 @@ class DemoConfig:
 class DataConfig:
     """Where samples come from and how they are cut and normalised."""
 
-    index: str | None = None  # CSV index: one row per image or per cell crop
+    index: str | None = None  # CSV / parquet index: one row per image or per cell crop
     root: str | None = None  # base folder for relative paths in the index
     channels: list[str] = field(default_factory=lambda: ["nucleus", "microtubules", "er", "protein"])
     channel_map: dict[str, str] = field(default_factory=dict)  # your names -> vocabulary
     sample_size: int = 64  # side of the square cut around a cell / from an image, in px
     normalize_percentiles: list[float] = field(default_factory=lambda: [1.0, 99.8])
+    mode: str = "auto"  # auto | cells (centroid crops) | tiles (random tiles) | image (whole image, resized)
+    normalize: str = "percentile"  # percentile (per sample) | dataset (cached per-channel stats) | none
+    stats_cache: str | None = None  # JSON for dataset stats; default ~/.cache/cellvit_ssl/stats/<hash>.json
+    stats_samples: int = 256  # rows sampled to compute dataset stats
+    foreground_threshold: float = 0.1  # tiles: a pixel is foreground above this (image-scaled to [0, 1])
+    min_foreground: float = 0.0  # tiles: redraw tiles with a smaller foreground fraction (0 = off)
+    tile_attempts: int = 10  # tiles: draws per sample before keeping the best
+    missing_channels: str = "error"  # error | pad (zeros + channel_mask False)
+    skip_bad: bool = False  # log and skip unreadable / corrupt samples, counted per epoch
+    missing_chunks: str = "error"  # error | fill: a chunk absent from a Zarr store
+    level: int = 0  # pyramid level (OME-Zarr, pyramidal TIFF)
+    z_projection: str = "max"  # max | slice (then z_slice)
+    z_slice: int = 0
+    t_frame: int = 0
+    metadata_columns: list[str] = field(default_factory=list)  # index columns returned with each sample
     batch_size: int = 32  # per process
     num_workers: int = 2
     demo: DemoConfig = field(default_factory=DemoConfig)
