@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from cellvit_ssl.models.layers import build_ffn, xformers_ops
-from cellvit_ssl.models.vit import ViTSpec, VisionTransformer, build_vit, resample_grid
+from cellvit_ssl.models.vit import VisionTransformer, ViTSpec, build_vit, resample_grid
 
 
 def tiny_vit(**kw):

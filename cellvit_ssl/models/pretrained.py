@@ -8,7 +8,7 @@ One filter, :func:`checkpoint_filter`, makes a DINOv2-layout state dict fit a ba
 - resamples the position embedding to the model's native grid (e.g. the 37×37 grid of a
   518-px /14 checkpoint to 16×16 at 224 px);
 - folds the RGB patch kernels to 1 channel (``boc`` / ``hierarchical`` / ``channelvit``) by
-  summing them, or adapts them to C channels (``fixed``) by cycling and rescaling.
+  summing them, or spreads that grey kernel over C channels (``fixed``).
 
 :func:`load_pretrained` applies it and reports missing and unexpected keys by name. Nothing
 is downloaded.
@@ -56,17 +56,17 @@ class LoadReport:
 def adapt_input_conv(weight: Tensor, in_chans: int) -> Tensor:
     """Patch-embedding kernels ``(D, c, p, p)`` adapted to ``in_chans`` input channels.
 
-    One channel: the kernels are summed over their input channels (a grey image then gives
-    what the RGB model gave for the same grey in all three channels). More channels: the
-    kernels are cycled and scaled by ``c / in_chans`` so the response keeps its magnitude.
+    The kernels are summed over their input channels (the grey kernel: a grey image gives
+    what the RGB model gave for the same grey in all three channels). With more than one
+    target channel each gets the grey kernel divided by ``in_chans``: fluorescence channels
+    have nothing to do with R, G or B, so none is tied to one of them, and an image whose
+    channels are all equal gives the response of the grey model.
     """
     c = weight.shape[1]
     if in_chans == c:
         return weight
-    if in_chans == 1:
-        return weight.sum(dim=1, keepdim=True)
-    repeat = math.ceil(in_chans / c)
-    return weight.repeat(1, repeat, 1, 1)[:, :in_chans] * (c / in_chans)
+    grey = weight.sum(dim=1, keepdim=True)
+    return grey.expand(-1, in_chans, -1, -1) / in_chans if in_chans > 1 else grey
 
 
 def _unwrap(state: Mapping) -> dict[str, Tensor]:
