@@ -117,10 +117,14 @@ class HierarchicalViT(ChannelAdaptiveViT):
         tokens, _ = self.backbone.prepare_tokens(x[present].unsqueeze(1), sample_masks)
         tokens = tokens + self.channel_embed[slots[present]].unsqueeze(1).to(tokens.dtype)
         rows, cols = present.nonzero(as_tuple=True)
+        full = bool(present.all())  # then (S, T, D) is (B, K, T, D) flattened: no scatter needed
         for block, cross in zip(self.backbone.blocks, self.cross_blocks):
             tokens = block(tokens)
-            dense = tokens.new_zeros((b, k) + tokens.shape[1:]).index_put((rows, cols), tokens)
-            tokens = cross(dense, present)[present]
+            if full:
+                tokens = cross(tokens.reshape((b, k) + tokens.shape[1:]), present).flatten(0, 1)
+            else:
+                dense = tokens.new_zeros((b, k) + tokens.shape[1:]).index_put((rows, cols), tokens)
+                tokens = cross(dense, present)[present]
         return self.backbone.norm(tokens), present, order
 
     def per_channel_features(
