@@ -29,13 +29,15 @@ TINY = dict(arch="custom", embed_dim=96, depth=4, num_heads=3, patch_size=8)
 VIT_S16 = dict(arch="vit_small", patch_size=16)
 
 
-def saved_bytes(step) -> int:
-    """Bytes of distinct storages autograd keeps for backward while ``step`` runs its forward."""
-    seen: dict[tuple, int] = {}
+def saved_bytes(step, model: torch.nn.Module) -> int:
+    """Bytes of distinct non-parameter storages autograd keeps for backward during ``step``'s forward."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen: dict[int, int] = {}
 
     def pack(t):
         storage = t.untyped_storage()
-        seen[(storage.device.type, storage.data_ptr())] = storage.nbytes()
+        if storage.data_ptr() not in params:
+            seen[storage.data_ptr()] = storage.nbytes()
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
@@ -44,10 +46,10 @@ def saved_bytes(step) -> int:
     return sum(seen.values())
 
 
-def measure(variant: str, c: int, img: int, batch: int, sizes: dict, device: torch.device, repeats: int) -> dict:
+def make_step(variant: str, c: int, img: int, batch: int, sizes: dict, device: torch.device):
+    """A model of ``variant`` and a closure running one forward(+backward) step on random data."""
     cfg = OmegaConf.structured(ModelConfig(variant=variant, img_size=img, **sizes))
-    channels = list(VOCABULARY[:c])
-    model = build_model(cfg, channels).to(device).train()
+    model = build_model(cfg, list(VOCABULARY[:c])).to(device).train()
     x = torch.randn(batch, c, img, img, device=device)
     ids = torch.arange(c, device=device).expand(batch, -1)
     use_bf16 = device.type == "cuda"
@@ -61,33 +63,47 @@ def measure(variant: str, c: int, img: int, batch: int, sizes: dict, device: tor
             model.zero_grad(set_to_none=True)
         return loss
 
+    return model, step
+
+
+def measure_group(c: int, img: int, batch: int, sizes: dict, device: torch.device, repeats: int) -> list[dict]:
+    """Time the variants round-robin on the same input shape, so load changes hit them alike."""
+    gpu = device.type == "cuda"
+
     def sync():
-        if device.type == "cuda":
+        if gpu:
             torch.cuda.synchronize()
 
-    for _ in range(2):
-        step()
-    sync()
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        step()
+    steps = {v: make_step(v, c, img, batch, sizes, device) for v in VARIANTS}
+    peaks, acts, times = {}, {}, {v: [] for v in VARIANTS}
+    for variant, (model, step) in steps.items():
+        for _ in range(2):
+            step()
         sync()
-        times.append(time.perf_counter() - t0)
-    peak = torch.cuda.max_memory_allocated() - base if device.type == "cuda" else None
-    act = saved_bytes(step)
-    model.zero_grad(set_to_none=True)
-    ms = statistics.median(times) * 1000 / batch
-    return {
-        "variant": variant, "channels": c, "img_size": img, "batch": batch,
-        "ms_per_image": round(ms, 3),
-        "peak_mem_MiB": None if peak is None else round(peak / 2**20, 1),
-        "saved_activations_MiB": round(act / 2**20, 2),
-        "tokens_per_channel": (img // sizes["patch_size"]) ** 2,
-    }
+        if gpu:
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+            step()
+            sync()
+            peaks[variant] = torch.cuda.max_memory_allocated() - base
+        acts[variant] = saved_bytes(step, model)
+        model.zero_grad(set_to_none=True)
+    for _ in range(repeats):
+        for variant, (_, step) in steps.items():
+            t0 = time.perf_counter()
+            step()
+            sync()
+            times[variant].append(time.perf_counter() - t0)
+    return [
+        {
+            "variant": v, "channels": c, "img_size": img, "batch": batch,
+            "ms_per_image": round(statistics.median(times[v]) * 1000 / batch, 3),
+            "peak_mem_MiB": round(peaks[v] / 2**20, 1) if gpu else None,
+            "saved_activations_MiB": round(acts[v] / 2**20, 2),
+            "tokens_per_channel": (img // sizes["patch_size"]) ** 2,
+        }
+        for v in VARIANTS
+    ]
 
 
 def main(argv=None) -> int:
@@ -108,9 +124,9 @@ def main(argv=None) -> int:
     rows = []
     for img in imgs:
         for c in args.channels:
-            for variant in VARIANTS:
-                rows.append(measure(variant, c, img, batch, sizes, device, args.repeats))
-                torch.cuda.empty_cache() if gpu else None
+            rows.extend(measure_group(c, img, batch, sizes, device, args.repeats))
+            if gpu:
+                torch.cuda.empty_cache()
     by = {(r["variant"], r["channels"], r["img_size"]): r for r in rows}
     header = (f"{'img':>4} {'C':>2} {'variant':<13}{'ms/img':>9}{'peak MiB':>10}{'saved MiB':>10}"
               f"{'/boc':>7}{'HA/cvit':>9}")
