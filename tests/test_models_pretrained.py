@@ -132,3 +132,24 @@ def test_wrong_files_raise_checkpoint_errors(tmp_path):
     junk.write_bytes(b"not a checkpoint")
     with pytest.raises(CheckpointError, match="junk.pth"):
         build_model(model_cfg("boc", f"model.pretrained={junk}"), CHANNELS)
+
+
+def test_patch14_checkpoint_loads_into_a_patch16_model():
+    sd = dinov2_state_dict()
+    cfg = load_config(None, TINY_OVERRIDES + ["model.patch_size=16", "model.img_size=64", "views.global_crop_size=64",
+                                              "views.local_crop_size=32"]).model
+    model = build_model(cfg, CHANNELS, load_pretrained=False)
+    report = load_pretrained(model, sd)
+    assert report.missing == [] and report.unexpected == []
+    # a 14-px patch and the same patch upsampled to 16 px embed alike
+    grey = sd["patch_embed.proj.weight"].sum(1, keepdim=True)
+    x14 = torch.randn(6, 1, 14, 14)
+    x16 = torch.nn.functional.interpolate(x14, size=(16, 16), mode="bilinear", align_corners=False)
+    w16 = model.backbone.patch_embed.proj.weight
+    torch.testing.assert_close(x16.flatten(1) @ w16.flatten(1).T, x14.flatten(1) @ grey.flatten(1).T,
+                               atol=1e-4, rtol=1e-4)
+    assert model.backbone.pos_embed.shape == (1, 1 + 4 * 4, D)
+    assert report.adapted == {
+        "pos_embed": f"(1, {1 + 37 * 37}, {D}) -> (1, 17, {D})",
+        "patch_embed.proj.weight": f"({D}, 3, 14, 14) -> ({D}, 1, 16, 16)",
+    }

@@ -7,7 +7,8 @@ One filter, :func:`checkpoint_filter`, makes a DINOv2-layout state dict fit a ba
   written by DINOv2's FSDP chunking) to ``blocks.N.*``;
 - resamples the position embedding to the model's native grid (e.g. the 37×37 grid of a
   518-px /14 checkpoint to 16×16 at 224 px);
-- folds the RGB patch kernels to 1 channel (``boc`` / ``hierarchical`` / ``channelvit``) by
+- resamples the patch kernels to the model's patch size (FlexiViT PI-resize, e.g. /14 → /16)
+  and folds the RGB patch kernels to 1 channel (``boc`` / ``hierarchical`` / ``channelvit``) by
   summing them, or spreads that grey kernel over C channels (``fixed``).
 
 :func:`load_pretrained` applies it and reports missing and unexpected keys by name. Nothing
@@ -16,6 +17,7 @@ is downloaded.
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 import warnings
@@ -24,12 +26,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from cellvit_ssl.errors import CheckpointError
 from cellvit_ssl.models.base import ChannelAdaptiveViT
 from cellvit_ssl.models.vit import VisionTransformer, resample_grid
 
+_log = logging.getLogger(__name__)
 _CHUNKED = re.compile(r"^blocks\.\d+\.(\d+)\.(.+)$")
 _WRAPPERS = ("teacher", "model", "state_dict", "backbone")
 _PREFIXES = ("module.", "teacher.", "backbone.", "_orig_mod.")
@@ -45,12 +49,15 @@ class LoadReport:
         unexpected: Checkpoint keys the backbone has no place for (ignored).
         new: Keys of the channel-adaptive wrapper outside the backbone (e.g. hierarchical
             attention's cross-channel blocks), which a DINOv2 checkpoint never has.
+        adapted: Keys whose tensors were reshaped to fit, with ``"old shape -> new shape"``
+            (position-embedding grid, patch size, input channels).
     """
 
     loaded: list[str] = field(default_factory=list)
     missing: list[str] = field(default_factory=list)
     unexpected: list[str] = field(default_factory=list)
     new: list[str] = field(default_factory=list)
+    adapted: dict[str, str] = field(default_factory=dict)
 
 
 def adapt_input_conv(weight: Tensor, in_chans: int) -> Tensor:
@@ -67,6 +74,24 @@ def adapt_input_conv(weight: Tensor, in_chans: int) -> Tensor:
         return weight
     grey = weight.sum(dim=1, keepdim=True)
     return grey.expand(-1, in_chans, -1, -1) / in_chans if in_chans > 1 else grey
+
+
+def resample_patch_kernel(weight: Tensor, patch_size: int) -> Tensor:
+    """Patch-embedding kernels ``(D, c, p, p)`` resampled to ``patch_size`` (FlexiViT's PI-resize).
+
+    The new kernel is the least-squares solution of ``<resize(x), w_new> = <x, w>`` for
+    patches ``x`` (bilinear ``resize``), so a checkpoint trained with 14-px patches gives the
+    same patch embeddings on images upsampled by 16/14 with 16-px patches.
+    """
+    old = weight.shape[-1]
+    if old == patch_size:
+        return weight
+    basis = torch.eye(old * old, dtype=torch.float64).reshape(old * old, 1, old, old)
+    resize = F.interpolate(basis, size=(patch_size, patch_size), mode="bilinear", align_corners=False)
+    resize = resize.reshape(old * old, patch_size * patch_size)  # row i: resize of basis patch i
+    solve = torch.linalg.pinv(resize)  # (new², old²): least-squares w_new for resize @ w_new = w
+    flat = weight.reshape(-1, old * old).double()
+    return (flat @ solve.T).reshape(*weight.shape[:2], patch_size, patch_size).to(weight.dtype)
 
 
 def _unwrap(state: Mapping) -> dict[str, Tensor]:
@@ -130,13 +155,12 @@ def checkpoint_filter(state_dict: Mapping[str, Tensor], backbone: VisionTransfor
             value = _resample_pos_embed(value, backbone)
         elif key == "patch_embed.proj.weight" and key in target:
             want = target[key].shape
-            if value.shape[0] != want[0] or value.shape[2:] != want[2:]:
+            if value.shape[0] != want[0] or value.ndim != 4 or value.shape[2] != value.shape[3]:
                 raise CheckpointError(
                     f"checkpoint key 'patch_embed.proj.weight' has shape {tuple(value.shape)}, the model "
-                    f"needs {tuple(want)} (embed_dim, in_chans, patch, patch): check model.arch / "
-                    "model.embed_dim and model.patch_size"
+                    f"needs {tuple(want)} (embed_dim, in_chans, patch, patch): check model.arch / model.embed_dim"
                 )
-            value = adapt_input_conv(value, want[1])
+            value = adapt_input_conv(resample_patch_kernel(value, want[-1]), want[1])
         elif key == "mask_token" and key in target and value.numel() == target[key].numel():
             value = value.reshape(target[key].shape)
         if key in target and value.shape != target[key].shape:
@@ -197,6 +221,12 @@ def load_pretrained(
         missing=sorted(k for k in target if k not in filtered),
         unexpected=sorted(k for k in filtered if k not in target),
     )
+    originals = _unwrap(state)
+    report.adapted = {
+        k: f"{tuple(originals[k].shape)} -> {tuple(filtered[k].shape)}"
+        for k in report.loaded
+        if k in originals and originals[k].shape != filtered[k].shape
+    }
     if isinstance(model, ChannelAdaptiveViT):
         report.new = sorted(k for k in model.state_dict() if not k.startswith("backbone."))
     problems = []
@@ -213,6 +243,8 @@ def load_pretrained(
     if problems:
         warnings.warn(f"{name}: loaded {len(report.loaded)} tensors; {'; '.join(problems)}", stacklevel=2)
     backbone.load_state_dict({k: filtered[k] for k in report.loaded}, strict=False)
+    _log.info("%s: loaded %d tensors into the backbone; adapted %s; new (not in the checkpoint) %d tensors",
+              name, len(report.loaded), report.adapted or "none", len(report.new))
     return report
 
 
