@@ -180,3 +180,15 @@ def test_bad_model_config_names_the_key(override, key):
     cfg = load_config(None, TINY_OVERRIDES + [override])
     with pytest.raises(ConfigError, match=key):
         build_model(cfg.model, FIVE)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("variant", ["fixed", "boc", "hierarchical", "channelvit"])
+def test_variants_run_in_bf16_on_gpu(variant):
+    model = tiny_model(variant).cuda().train()
+    x, ids = torch.randn(2, 5, 32, 32, device="cuda"), ids_for(FIVE, 2).cuda()
+    mask = sample_channel_subsets(torch.ones(2, 5, dtype=torch.bool, device="cuda"))
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out = model.forward_features(x, ids, mask)
+    out["x_norm_clstoken"].float().square().mean().backward()
+    assert torch.isfinite(out["x_norm_patchtokens"].float()).all()

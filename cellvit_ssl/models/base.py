@@ -70,8 +70,9 @@ def present_mask(channel_ids: Tensor, channel_mask: Tensor | None) -> Tensor:
 
 def require_a_channel(present: Tensor) -> None:
     """Raise ValueError when an image has no present channel."""
-    empty = (~present.any(dim=1)).nonzero().flatten().tolist()
-    if empty:
+    has_one = present.any(dim=1)
+    if not bool(has_one.all()):
+        empty = (~has_one).nonzero().flatten().tolist()
         raise ValueError(f"images {empty} of the batch have no present channel")
 
 
@@ -85,6 +86,9 @@ def compact_channels(x: Tensor, channel_ids: Tensor, present: Tensor) -> tuple[T
         ``x (B, K, H, W)``, ``channel_ids (B, K)``, ``present (B, K)`` and ``order (B, K)``, the
         original channel index of each kept column; ``K`` is the most channels any image has.
     """
+    if bool(present.all()):
+        order = torch.arange(present.shape[1], device=present.device).expand_as(present)
+        return x, channel_ids, present, order
     order = torch.argsort((~present).to(torch.int8), dim=1, stable=True)
     k = int(present.sum(dim=1).max())
     order = order[:, :k]
