@@ -91,3 +91,16 @@ def test_lightly_reference_is_the_stock_recipe():
     moved = [(a - p).abs().max().item() for a, p in zip(before, model.teacher_backbone.parameters())]
     assert max(moved) > 0  # EMA step towards the updated student
     assert math.isfinite(float(step.last["loss"]))
+
+
+@pytest.mark.gpu
+def test_tiny_run_on_cuda_uses_bf16_and_reports_memory(tmp_path):
+    result = tt.main(["--tiny", "--device", "cuda", "--matmul-size", "2048", "--workers", "2",
+                      "--variants", "boc", "--json", str(tmp_path / "cuda.json")])
+    assert result["precision"].startswith("bf16") and result["peak_matmul"]["dtype"] == "bfloat16"
+    rows = {r["name"]: r for r in result["train"]}
+    for name in ("lightly", "lightly_bag", "ours/boc"):
+        assert rows[name]["status"] == "ok", rows[name]
+        assert rows[name]["peak_mem_gib"] > 0 and 0 < rows[name]["mfu"] < 1
+    assert rows["ours/boc"]["mem_per_image_ratio"] > 0
+    assert result["views"]["gpu_views_only_samples_per_s"] > 0

@@ -359,3 +359,17 @@ def test_cuda_views_without_host_syncs():
     assert all(v.is_cuda and v.shape[:2] == (8, 4) for v in views)
     cpu = crops(images.cpu(), generator=torch.Generator().manual_seed(0))
     assert [v.shape for v in views] == [v.shape for v in cpu]
+
+
+@pytest.mark.gpu
+def test_cuda_views_have_the_cpu_law(geometry):
+    cfg = geometry["cfg"]
+    g = torch.Generator(device="cuda").manual_seed(0)
+    tile = probe_tile().cuda()
+    glob, loc = GPUMultiCrop(cfg).packed(tile.expand(N_CALLS, *tile.shape).contiguous(), generator=g)
+    for kind, views in (("global", glob), ("local", loc)):
+        got = read_probe(views.flatten(0, 1).cpu())
+        for stat in ("area", "log_aspect", "centre_x", "centre_y"):
+            assert stats.ks_2samp(geometry["cpu"][kind][stat], got[stat]).pvalue > P_FLOOR, (kind, stat)
+        cpu = np.bincount(geometry["cpu"][kind]["code"], minlength=8)
+        assert stats.chi2_contingency(np.stack([cpu, np.bincount(got["code"], minlength=8)])).pvalue > P_FLOOR
