@@ -427,8 +427,10 @@ def main(argv: list[str] | None = None) -> dict:
             v["step_consumption_images_per_s"] = max(ours)
             v["feed_ratio_cpu"] = v["cpu_path_samples_per_s"] / max(ours)
             v["feed_ratio_gpu"] = v["gpu_path_samples_per_s"] / max(ours)
+            # Device time the GPU views take per image, as a share of the fastest step's time per image.
+            v["gpu_views_share_of_step"] = max(ours) / v["gpu_views_only_samples_per_s"]
             print(f"feed ratio (delivered / fastest step's consumption): CPU {v['feed_ratio_cpu']:.2f}, "
-                  f"GPU {v['feed_ratio_gpu']:.2f}")
+                  f"GPU {v['feed_ratio_gpu']:.2f}; GPU views cost {v['gpu_views_share_of_step']:.1%} of a step")
     if args.json:
         print(f"\nwrote {write_json(args.json, result)}")
     return result

@@ -53,7 +53,11 @@ def test_tiny_run_writes_every_field(tiny_run):
     for key in ("cpu_path_samples_per_s", "gpu_path_samples_per_s", "gpu_views_only_samples_per_s"):
         assert views[key] > 0
     assert views["gpu_over_cpu"] == pytest.approx(views["gpu_path_samples_per_s"] / views["cpu_path_samples_per_s"])
-    assert views["feed_ratio_gpu"] == pytest.approx(views["gpu_path_samples_per_s"] / boc["images_per_s"])
+    fastest = max(r["images_per_s"] for r in written["train"] if r["name"].startswith("ours/") and r["status"] == "ok")
+    assert views["step_consumption_images_per_s"] == fastest
+    assert views["feed_ratio_gpu"] == pytest.approx(views["gpu_path_samples_per_s"] / fastest)
+    share = fastest / views["gpu_views_only_samples_per_s"]
+    assert views["gpu_views_share_of_step"] == pytest.approx(share)
     assert result["train"][0]["name"] == "lightly"
 
 
