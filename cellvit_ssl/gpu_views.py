@@ -70,8 +70,9 @@ def sample_crop_boxes(
     valid = (w > 0) & (w <= width) & (h > 0) & (h <= height)
     first = torch.argmax(valid.to(torch.uint8), dim=1, keepdim=True)  # first True (0 when none)
     h, w, u_top, u_left = (t.gather(1, first).squeeze(1) for t in (h, w, u[..., 2], u[..., 3]))
-    top = torch.floor(u_top * (height - h + 1))
-    left = torch.floor(u_left * (width - w + 1))
+    # Uniform integer offsets in 0..H-h (clamped against float rounding of u * (H - h + 1)).
+    top = torch.minimum(torch.floor(u_top * (height - h + 1)), height - h)
+    left = torch.minimum(torch.floor(u_left * (width - w + 1)), width - w)
 
     in_ratio = width / height
     if in_ratio < min(ratio):
