@@ -276,6 +276,12 @@ def train_rows(args: argparse.Namespace, device: torch.device, peak_flops: float
             row["images_per_s_ratio"] = row["images_per_s"] / ref["images_per_s"]
             if row.get("mem_per_image_mib") and ref.get("mem_per_image_mib"):
                 row["mem_per_image_ratio"] = row["mem_per_image_mib"] / ref["mem_per_image_mib"]
+            # Per-image step time against the other variants (the hierarchical bounds).
+            row["time_per_image_vs"] = {
+                other["name"].removeprefix("ours/"): other["images_per_s"] / row["images_per_s"]
+                for other in group
+                if other["name"].startswith("ours/") and other is not row and other.get("status") == "ok"
+            }
         rows += group
         del views, bag
         free_memory(device)
@@ -415,6 +421,10 @@ def main(argv: list[str] | None = None) -> dict:
         unavailable = [r for r in result["train"] if r.get("status") != "ok"]
         for r in unavailable:
             print(f"  {r['name']} (C={r['channels']}): {r['status']}")
+        for r in result["train"]:
+            if r.get("time_per_image_vs"):
+                versus = ", ".join(f"{k} {v:.2f}x" for k, v in r["time_per_image_vs"].items())
+                print(f"  {r['name']} (C={r['channels']}) time per image vs {versus}")
     if args.mode in ("views", "both"):
         v = result["views"] = views_rows(args, device)
         print(f"\nviews delivered to {device} ({v['channels']}ch {v['tile_size']}px tiles, "

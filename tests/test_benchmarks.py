@@ -49,6 +49,13 @@ def test_tiny_run_writes_every_field(tiny_run):
     assert boc["reference"] == "lightly_bag" and rows["ours/fixed"]["reference"] == "lightly"
     assert boc["images_per_s_ratio"] == pytest.approx(boc["images_per_s"] / bag["images_per_s"])
     assert boc["samples_per_step"] == bag["samples_per_step"] == 12  # 4 images x 3 channels
+    ok = [r for r in written["train"] if r["name"].startswith("ours/") and r["status"] == "ok"]
+    for row in ok:
+        assert set(row["time_per_image_vs"]) == {r["name"][5:] for r in ok if r is not row}
+        for other in ok:
+            if other is not row:
+                ratio = row["time_per_image_vs"][other["name"][5:]]
+                assert ratio == pytest.approx(other["images_per_s"] / row["images_per_s"])
     views = written["views"]
     for key in ("cpu_path_samples_per_s", "gpu_path_samples_per_s", "gpu_views_only_samples_per_s"):
         assert views[key] > 0
