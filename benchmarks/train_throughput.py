@@ -127,9 +127,9 @@ class LightlyDINO(nn.Module):
         update_momentum(self.student_backbone, self.teacher_backbone, m)
         update_momentum(self.student_head, self.teacher_head, m)
 
-    def compile_backbones(self) -> None:
-        self.student_backbone.compile()
-        self.teacher_backbone.compile()
+    def compile_backbones(self, backend: str = "inductor") -> None:
+        self.student_backbone.compile(backend=backend)
+        self.teacher_backbone.compile(backend=backend)
 
 
 def ours_config(args: argparse.Namespace, variant: str, channels: int):
@@ -163,9 +163,9 @@ class OursDINO(nn.Module):
     def update_teacher(self, m: float) -> None:
         self.meta.update_teacher(m)
 
-    def compile_backbones(self) -> None:
+    def compile_backbones(self, backend: str = "inductor") -> None:
         for net in (self.meta.student, self.meta.teacher):
-            net.forward_features = torch.compile(net.forward_features, dynamic=False)
+            net.forward_features = torch.compile(net.forward_features, dynamic=False, backend=backend)
 
 
 def make_step(model: nn.Module, views: list[Tensor], device: torch.device) -> tuple[Callable, Callable]:
@@ -221,7 +221,7 @@ def measure(name: str, build: Callable[[], nn.Module], views: list[Tensor], imag
         row["flops_per_step"] = count_flops(forward_backward)
         model.zero_grad(set_to_none=True)
         if args.compile:
-            model.compile_backbones()
+            model.compile_backbones(args.compile_backend)
         for _ in range(args.warmup):
             step()
         seconds = time_per_call(step, args.steps, device)
@@ -372,6 +372,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=10, help="timed steps per entry")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (more with --compile)")
     p.add_argument("--compile", action="store_true", help="torch.compile the backbones")
+    p.add_argument("--compile-backend", default="inductor", help="torch.compile backend ('eager' only traces)")
     p.add_argument("--device", default="auto")
     p.add_argument("--matmul-size", type=int, default=8192, help="side of the peak-FLOP/s matmul")
     p.add_argument("--tile-size", type=int, default=256, help="raw tile side for the views benchmark")

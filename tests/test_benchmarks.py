@@ -75,6 +75,18 @@ def test_boc_step_does_the_matmul_work_of_lightly_on_the_bag(tiny_run):
     assert rows["ours/boc"]["flops_per_step"] == pytest.approx(rows["lightly_bag"]["flops_per_step"], rel=0.05)
 
 
+@pytest.mark.slow
+def test_compiled_backbones_train():
+    # The eager backend runs dynamo's tracing (graph breaks, patched forward_features) without
+    # inductor's C++ build, which takes minutes on a small CPU.
+    result = tt.main(["--tiny", "--mode", "train", "--variants", "boc", "--compile", "--compile-backend", "eager"])
+    rows = {r["name"]: r for r in result["train"]}
+    assert result["args"]["compile"]
+    for name in ("lightly", "lightly_bag", "ours/boc"):
+        assert rows[name]["status"] == "ok", rows[name]
+    assert rows["ours/boc"]["flops_per_step"] == pytest.approx(rows["lightly_bag"]["flops_per_step"], rel=0.05)
+
+
 def test_tiny_defaults_yield_to_explicit_flags():
     args = tt.parse_args(["--tiny", "--batch", "2", "--channels", "4", "5"])
     assert args.batch == 2 and args.channels == [4, 5]
