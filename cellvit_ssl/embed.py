@@ -27,6 +27,7 @@ from cellvit_ssl.data.channels import channel_ids as names_to_ids
 from cellvit_ssl.data.dataset import normalize_percentiles
 from cellvit_ssl.errors import CheckpointError, DataError
 from cellvit_ssl.models.channels import ChannelAdaptiveViT, build_model
+from cellvit_ssl.transforms import PerChannelStandardize
 
 #: ``progress`` argument: False, True (a tqdm bar on stderr) or a callable ``(done, total)``
 #: called after every batch (raise from it to cancel).
@@ -194,16 +195,21 @@ class Encoder:
         return torch.cat(out).numpy()
 
     # ----------------------------------------------------------------- image embeddings
+    def _standardized(self, t: torch.Tensor) -> torch.Tensor:
+        """Per-image, per-channel zero mean / unit variance when the run trained on such views."""
+        return PerChannelStandardize()(t) if self.config.views.standardize else t
+
     def _embed_forward(self, t: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        return self.model.embed(self._resized(t, self.input_size), ids)
+        return self.model.embed(self._standardized(self._resized(t, self.input_size)), ids)
 
     def embed(self, images, channels: Sequence[str], batch_size: int = 64, progress: Progress = False,
               allow_missing: bool = False) -> np.ndarray:
         """One embedding per image.
 
-        Images are normalised per image and channel as in training (percentile clip) and
-        resized to the training crop size (:attr:`input_size`). Channels are matched to the
-        model by name, so their order does not matter.
+        Images are normalised per image and channel as in training (percentile clip), resized
+        to the training crop size (:attr:`input_size`) and, when the run used
+        ``views.standardize``, standardised per channel. Channels are matched to the model by
+        name, so their order does not matter.
 
         Args:
             images: ``(C, H, W)`` or ``(B, C, H, W)``: numpy, torch, or a lazy Zarr / dask
@@ -284,6 +290,7 @@ class Encoder:
                 t = torch.from_numpy(self._normalize(src.read(s, s + batch_size)))
                 if size is not None:
                     t = self._resized(t, size)
+                t = self._standardized(t)
                 pad_h, pad_w = -t.shape[-2] % p, -t.shape[-1] % p
                 yield F.pad(t, (0, pad_w, 0, pad_h)).numpy()
 

@@ -186,3 +186,22 @@ def test_load_encoder_from_export_keeps_weights_and_provenance(encoder, tiny_cfg
     loaded = load_encoder(path, device="cpu")
     assert loaded.source == str(path) and loaded.channels == CHANNELS
     np.testing.assert_allclose(loaded.embed(images, CHANNELS), encoder.embed(images, CHANNELS), atol=1e-6, rtol=0)
+
+
+def test_standardize_views_are_matched_at_inference(tiny_overrides, images):
+    from cellvit_ssl.config import load_config
+
+    cfg = load_config(None, tiny_overrides + ["views.standardize=true"])
+    torch.manual_seed(0)
+    enc = Encoder(build_model(cfg.model, CHANNELS), cfg, torch.device("cpu"))
+    z = enc.embed(images[:2], CHANNELS)
+    norm = np.stack([normalize_percentiles(im, *cfg.data.normalize_percentiles) for im in images[:2]])
+    t = torch.nn.functional.interpolate(torch.from_numpy(norm), size=32, mode="bilinear", antialias=True,
+                                        align_corners=False)
+    t = (t - t.mean(dim=(-2, -1), keepdim=True)) / t.std(dim=(-2, -1), keepdim=True, unbiased=False)
+    with torch.inference_mode():
+        ref = enc.model.embed(t, torch.tensor([channel_ids(CHANNELS)] * 2)).numpy()
+    np.testing.assert_allclose(z, ref, atol=1e-5, rtol=0)
+    grid = enc.patch_features(images[:1, :, :32, :32], CHANNELS)
+    enc.config = load_config(None, tiny_overrides)  # same weights, no standardisation
+    assert not np.allclose(enc.patch_features(images[:1, :, :32, :32], CHANNELS), grid, atol=1e-3)
