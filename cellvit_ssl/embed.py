@@ -297,8 +297,8 @@ class Encoder:
         return self._run(batches(), len(src), ids, self._patch_forward, progress, "patch features")
 
     # ----------------------------------------------------------------- cells
-    def cell_crops(self, image, labels, crop_size: int | None = None,
-                   mask_background: bool = False) -> Iterator[tuple[int, np.ndarray]]:
+    def cell_crops(self, image, labels, crop_size: int | None = None, mask_background: bool = False,
+                   cells: tuple[np.ndarray, np.ndarray] | None = None) -> Iterator[tuple[int, np.ndarray]]:
         """Normalised ``(C, s, s)`` crops around each labelled cell, in ascending label order.
 
         Args:
@@ -308,6 +308,8 @@ class Encoder:
                 the training ``data.sample_size``); zero-padded at the image border.
             mask_background: Zero every pixel of the crop that is not this cell's (after
                 normalisation); False keeps the neighbourhood, as in training.
+            cells: ``(label ids, centroids)`` of ``labels`` when already computed
+                (:func:`cellvit_ssl.crops.cell_table`).
 
         Yields:
             ``(label_id, crop)`` pairs.
@@ -319,7 +321,7 @@ class Encoder:
             raise DataError(f"the label mask has shape {labels.shape} but the image is {tuple(image.shape[-2:])}")
         size = _positive(crop_size or self.crop_size)
         low, high = self.config.data.normalize_percentiles
-        ids, centres = cell_table(labels)
+        ids, centres = cells if cells is not None else cell_table(labels)
         for label_id, centre in zip(ids, centres):
             box = box_around(centre, size)
             crop = normalize_percentiles(read_box(image, box), low, high, source=f"cell {label_id}")
@@ -361,8 +363,11 @@ class Encoder:
         ids = self.resolve_channels(channels, int(image.shape[0]), allow_missing)
         labels = np.asarray(labels)
         label_ids: list[int] = []
-        crops = self.cell_crops(image, labels, crop_size, mask_background)
-        n_cells = len(cell_table(labels)[0])
+        if labels.shape != tuple(image.shape[-2:]):
+            raise DataError(f"the label mask has shape {labels.shape} but the image is {tuple(image.shape[-2:])}")
+        cells = cell_table(labels)
+        crops = self.cell_crops(image, labels, crop_size, mask_background, cells)
+        n_cells = len(cells[0])
 
         def batches() -> Iterator[np.ndarray]:
             batch: list[np.ndarray] = []
@@ -376,7 +381,6 @@ class Encoder:
                 yield np.stack(batch)
 
         if n_cells == 0:
-            list(crops)  # still checks the mask against the image
             return np.zeros((0, self.output_dim), np.float32), np.zeros(0, np.int64)
         z = self._run(batches(), n_cells, ids, self._embed_forward, progress, "embed cells")
         return z, np.asarray(label_ids, dtype=np.int64)

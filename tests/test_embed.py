@@ -205,3 +205,15 @@ def test_standardize_views_are_matched_at_inference(tiny_overrides, images):
     grid = enc.patch_features(images[:1, :, :32, :32], CHANNELS)
     enc.config = load_config(None, tiny_overrides)  # same weights, no standardisation
     assert not np.allclose(enc.patch_features(images[:1, :, :32, :32], CHANNELS), grid, atol=1e-3)
+
+
+@pytest.mark.gpu
+def test_cuda_bf16_embeddings_match_cpu(encoder, images):
+    z_cpu = encoder.embed(images, CHANNELS)
+    cuda = Encoder(encoder.model, encoder.config, torch.device("cuda"))
+    z = cuda.embed(images, CHANNELS)
+    assert z.dtype == np.float32
+    cos = (z * z_cpu).sum(1) / (np.linalg.norm(z, axis=1) * np.linalg.norm(z_cpu, axis=1))
+    assert cos.min() > 0.99
+    grid = cuda.patch_features(images, CHANNELS)
+    assert grid.dtype == np.float32 and grid.shape == (5, cuda.patch_dim, 5, 5)
