@@ -69,6 +69,8 @@ class _Batches:
         shape = tuple(int(n) for n in images.shape)
         if len(shape) not in (3, 4):
             raise DataError(f"expected images shaped (C, H, W) or (B, C, H, W), got shape {shape}")
+        if 0 in shape:
+            raise DataError(f"the images are empty: shape {shape}")
         self.single = len(shape) == 3
         self.images = images
         self.shape = (1, *shape) if self.single else shape
@@ -105,10 +107,11 @@ class Encoder:
         crop_size: Default side of cell crops in :meth:`embed_cells` (``data.sample_size``).
     """
 
-    def __init__(self, model: ChannelAdaptiveViT, config, device: torch.device, source: str | None = None) -> None:
-        self.model = model.eval().to(device)
+    def __init__(self, model: ChannelAdaptiveViT, config, device: str | torch.device,
+                 source: str | None = None) -> None:
+        self.device = torch.device(device)
+        self.model = model.eval().to(self.device)
         self.config = config
-        self.device = device
         self.source = source
         self.channels = list(model.channels)
         self.output_dim = int(model.output_dim)

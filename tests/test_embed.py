@@ -67,6 +67,8 @@ def test_channel_name_errors_list_what_the_model_knows(encoder, images):
         encoder.embed(images, None)
     with pytest.raises(DataError, match=r"\(C, H, W\) or \(B, C, H, W\)"):
         encoder.embed(images[0, 0], CHANNELS)
+    with pytest.raises(DataError, match="empty"):
+        encoder.embed(images[:0], CHANNELS)
 
 
 def test_allow_missing_leaves_the_absent_channel_block_zero(encoder, images):
