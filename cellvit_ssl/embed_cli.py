@@ -42,7 +42,7 @@ from cellvit_ssl.errors import CellVitSSLError, DataError
 
 def build_parser() -> argparse.ArgumentParser:
     """The command-line interface of ``python -m cellvit_ssl.embed``."""
-    p = argparse.ArgumentParser(prog="python -m cellvit_ssl.embed", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="python -m cellvit_ssl.embed", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoint", help="teacher.pt export or training checkpoint.pt")
     src = p.add_mutually_exclusive_group(required=True)

@@ -311,7 +311,7 @@ def format_table(results: Sequence[Result]) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     """The command-line interface of ``python -m cellvit_ssl.evaluate``."""
-    p = argparse.ArgumentParser(prog="python -m cellvit_ssl.evaluate", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="python -m cellvit_ssl.evaluate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("embeddings", help="OUT.h5ad or OUT.zarr written by python -m cellvit_ssl.embed")
     p.add_argument("--label-key", required=True, help="obs column with the class labels")
