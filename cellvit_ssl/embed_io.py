@@ -170,20 +170,48 @@ def order_channels(crop: np.ndarray, names: Sequence[str], wanted: Sequence[str]
     return out
 
 
+def read_rows(reader: RowReader, rows: Sequence[int], workers: int = 0) -> list:
+    """``reader.read`` of each row, in order; ``workers`` > 0 reads in DataLoader worker processes."""
+    if workers <= 0 or len(rows) < 2:
+        return [reader.read(i) for i in rows]
+    from torch.utils.data import DataLoader
+
+    loader = DataLoader(_RowDataset(reader, rows), batch_size=None, num_workers=min(workers, len(rows)),
+                        collate_fn=_identity)
+    return list(loader)
+
+
+def _identity(item):
+    return item
+
+
+class _RowDataset:
+    def __init__(self, reader: RowReader, rows: Sequence[int]) -> None:
+        self.reader, self.rows = reader, list(rows)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, k: int):
+        return self.reader.read(self.rows[k])
+
+
 def featurize_rows(reader: RowReader, rows: Iterable[int],
-                   featurize: Callable[[np.ndarray, list[str]], np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+                   featurize: Callable[[np.ndarray, list[str]], np.ndarray],
+                   workers: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Features of several rows in order; rows sharing channel names and crop shape share a call.
 
     Args:
         reader: Where the crops come from.
         rows: Row numbers.
         featurize: ``(crops (b, C, h, w), channel names) -> (b, D)``.
+        workers: Reader processes (0: read in this process).
 
     Returns:
         ``(features (n, D) float32, boxes (n, 4) int64)`` in the order of ``rows``.
     """
     rows = list(rows)
-    crops = [reader.read(i) for i in rows]
+    crops = read_rows(reader, rows, workers)
     groups: dict[tuple, list[int]] = {}
     for k, (crop, names, _) in enumerate(crops):
         groups.setdefault((tuple(names), crop.shape), []).append(k)
