@@ -59,6 +59,10 @@ def test_leave_one_group_out_holds_each_group_out(tmp_path, capsys):
     assert "leave-one-plate-out" in table and "1nn_cosine" in table
     report = json.loads(path.with_suffix(".eval.json").read_text())
     assert all(r["macro_f1"] == 1.0 and r["n_test"] == 12 for r in report["results"])
+    zarr_path = tmp_path / "emb.zarr"
+    anndata.read_h5ad(path).write_zarr(zarr_path)  # the Zarr flavour of the same content
+    assert ev.main([str(zarr_path), "--label-key", "label", "--group-key", "plate", "--no-baselines"]) == 0
+    assert json.loads(zarr_path.with_suffix(".eval.json").read_text())["results"][0]["n_test"] == 12
 
 
 def test_chammi_protocol_task_columns_and_leave_out():
