@@ -47,16 +47,32 @@ def read_labels(path: str | Path) -> np.ndarray:
         else:
             import zarr
 
-            node = zarr.open(str(p), mode="r")
-            if not hasattr(node, "shape"):
-                node = node["0"]
-            mask = node[...]
+            mask = _zarr_level0(zarr.open(str(p), mode="r"))[...]
     except Exception as exc:
         raise DataError(f"label mask {str(p)!r} could not be read ({type(exc).__name__}: {exc})") from exc
     mask = np.squeeze(np.asarray(mask))
     if mask.ndim != 2:
         raise DataError(f"label mask {str(p)!r} has shape {mask.shape}; expected a 2-D (Y, X) mask")
     return mask
+
+
+def _zarr_level0(node):
+    """The full-resolution array of a Zarr array, OME-Zarr label image, ``labels`` group or image."""
+    for _ in range(3):
+        if hasattr(node, "shape"):
+            return node
+        attrs = dict(node.attrs)
+        attrs = attrs.get("ome", attrs)
+        is_image_with_labels = "image-label" not in attrs and "labels" in node
+        if "multiscales" in attrs and not is_image_with_labels:
+            return node[attrs["multiscales"][0]["datasets"][0]["path"]]
+        if "labels" in attrs:  # the labels group: its first label image
+            node = node[attrs["labels"][0]]
+        elif "labels" in node:  # an OME-Zarr image with a labels group
+            node = node["labels"]
+        else:
+            break
+    raise ValueError("no label array found (expected a Zarr array, an OME-Zarr label image or a labels group)")
 
 
 class RowReader:
@@ -341,7 +357,8 @@ class ResumableWriter:
         if self.out.suffix == ".h5ad":
             adata.write_h5ad(tmp)
         else:
-            adata.write_zarr(tmp)
+            with anndata.settings.override(zarr_write_format=3):  # the Zarr format the package reads and writes
+                adata.write_zarr(tmp)
         if self.out.is_dir():
             shutil.rmtree(self.out)
         os.replace(tmp, self.out)

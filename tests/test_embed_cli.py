@@ -159,3 +159,19 @@ def test_whole_images_and_user_errors(checkpoint, dataset, tmp_path, capsys):
     assert "nope.csv" in capsys.readouterr().err
     assert cli.main([str(checkpoint), "--index", str(dataset), "--out", str(tmp_path / "x.csv")]) == 2
     assert ".h5ad or .zarr" in capsys.readouterr().err
+
+
+def test_ome_zarr_label_images_are_found(tmp_path):
+    import zarr
+    from ome_zarr.format import FormatV05
+    from ome_zarr.writer import write_image, write_labels
+
+    from cellvit_ssl.embed_io import read_labels
+
+    labels = np.zeros((32, 32), np.int32)
+    labels[4:10, 4:10] = 5
+    root = zarr.open_group(str(tmp_path / "img.ome.zarr"), mode="w", zarr_format=3)
+    write_image(np.zeros((2, 32, 32), np.uint16), root, axes="cyx", fmt=FormatV05())
+    write_labels(labels, root, name="cells", axes="yx", fmt=FormatV05())
+    for path in ("img.ome.zarr", "img.ome.zarr/labels", "img.ome.zarr/labels/cells"):
+        np.testing.assert_array_equal(read_labels(tmp_path / path), labels)
