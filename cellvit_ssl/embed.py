@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from cellvit_ssl.checkpoint import ENCODER_FORMAT, TRAINING_FORMAT, load_checkpoint
 from cellvit_ssl.config import config_from_dict
-from cellvit_ssl.crops import box_around, cell_table, read_box
+from cellvit_ssl.crops import CropBox, box_around, cell_table, read_box
 from cellvit_ssl.data.channels import canonical_name
 from cellvit_ssl.data.channels import channel_ids as names_to_ids
 from cellvit_ssl.data.dataset import normalize_percentiles
@@ -387,6 +387,45 @@ class Encoder:
             return np.zeros((0, self.output_dim), np.float32), np.zeros(0, np.int64)
         z = self._run(batches(), n_cells, ids, self._embed_forward, progress, "embed cells")
         return z, np.asarray(label_ids, dtype=np.int64)
+
+    def embed_tiles(self, image, channels: Sequence[str], tile_size: int | None = None,
+                    batch_size: int = 64, progress: Progress = False,
+                    allow_missing: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """One embedding per square tile of a field of view (for images without a segmentation).
+
+        Tiles cover the image row by row without overlap; the last row / column is zero-padded
+        at the border. Each tile is normalised and embedded like :meth:`embed`.
+
+        Args:
+            image: ``(C, H, W)`` field of view (numpy, torch, Zarr, dask; read tile by tile).
+            channels: Name of each channel, in the order of the channel axis.
+            tile_size: Tile side in pixels (default :attr:`crop_size`).
+            batch_size: Tiles per forward pass.
+            progress: True for a progress bar, or a callable ``(done, total)``.
+            allow_missing: See :meth:`resolve_channels`.
+
+        Returns:
+            ``(embeddings (n_tiles, output_dim) float32, boxes (n_tiles, 4) int64)`` with each
+            tile's ``(y0, x0, height, width)`` in pixels.
+        """
+        if isinstance(image, torch.Tensor):
+            image = image.detach().cpu().numpy()
+        if len(image.shape) != 3:
+            raise DataError(f"embed_tiles expects one (C, H, W) image, got shape {tuple(image.shape)}")
+        ids = self.resolve_channels(channels, int(image.shape[0]), allow_missing)
+        size = _positive(tile_size or self.crop_size)
+        height, width = (int(n) for n in image.shape[-2:])
+        boxes = np.array([(y, x, size, size) for y in range(0, height, size) for x in range(0, width, size)],
+                         dtype=np.int64)
+        low, high = self.config.data.normalize_percentiles
+
+        def batches() -> Iterator[np.ndarray]:
+            for s in range(0, len(boxes), _positive(batch_size)):
+                tiles = [read_box(image, CropBox(int(y), int(x), size)) for y, x, _, _ in boxes[s : s + batch_size]]
+                yield np.stack([normalize_percentiles(t, low, high, source=f"tile at ({y}, {x})")
+                                for t, (y, x, _, _) in zip(tiles, boxes[s : s + batch_size])])
+
+        return self._run(batches(), len(boxes), ids, self._embed_forward, progress, "embed tiles"), boxes
 
 
 def _positive(n: int) -> int:

@@ -219,3 +219,14 @@ def test_cuda_bf16_embeddings_match_cpu(encoder, images):
     assert cos.min() > 0.99
     grid = cuda.patch_features(images, CHANNELS)
     assert grid.dtype == np.float32 and grid.shape == (5, cuda.patch_dim, 5, 5)
+
+
+def test_embed_tiles_cover_the_image_in_row_major_order(encoder):
+    image, _ = _cells_image(np.random.default_rng(4), size=56)
+    z, boxes = encoder.embed_tiles(image, CHANNELS, tile_size=24, batch_size=4)
+    assert boxes.tolist() == [[y, x, 24, 24] for y in (0, 24, 48) for x in (0, 24, 48)]
+    assert z.shape == (9, encoder.output_dim)
+    last = np.zeros((4, 24, 24), np.float32)
+    last[:, :8, :8] = image[:, 48:, 48:]  # the corner tile is zero-padded past the border
+    np.testing.assert_allclose(z[8], encoder.embed(last, CHANNELS)[0], atol=1e-5, rtol=0)
+    np.testing.assert_allclose(z[1], encoder.embed(image[:, :24, 24:48], CHANNELS)[0], atol=1e-5, rtol=0)
