@@ -116,6 +116,8 @@ def test_baselines_reread_the_same_crops(demo_embeddings, tmp_path):
     trained = {r["classifier"]: r["macro_f1"] for r in report["results"] if r["features"] == "trained"}
     random_init = {r["classifier"]: r["macro_f1"] for r in report["results"] if r["features"] == "random-init"}
     assert trained == random_init
+    summary = report["summary"]["leave-one-image_id-out"]
+    assert set(summary) == {"trained", "random-init", "raw-pixels"} and summary["trained"] == trained["3nn_cosine"]
 
 
 def test_user_errors_name_the_problem(tmp_path, capsys):
