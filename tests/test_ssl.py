@@ -276,7 +276,7 @@ def test_update_teacher_is_an_ema_of_backbone_and_both_heads():
     before = [({k: v.clone() for k, v in s.state_dict().items()}, {k: v.clone() for k, v in t.state_dict().items()})
               for s, t in pairs]
     meta.update_teacher(0.75)
-    for (s, t), (s0, t0) in zip(pairs, before):
+    for (_, t), (s0, t0) in zip(pairs, before):
         for k, v in t.state_dict().items():
             if v.is_floating_point():
                 torch.testing.assert_close(v, 0.75 * t0[k] + 0.25 * s0[k])
