@@ -268,7 +268,8 @@ class Encoder:
         ``(D, h, w)`` grid is placed at the channel's position in :attr:`channels`, giving
         ``D_total = len(channels) · D`` (channel-major: features ``[k·D, (k+1)·D)`` belong to
         ``channels[k]``); a channel absent from the input is an all-zero block. Models whose
-        samples are whole images give ``D_total = D``.
+        samples are whole images (``fixed``; ``hierarchical`` and ``channelvit``, whose patch
+        tokens are pooled over the present channels) give ``D_total = D``.
 
         Args:
             images: ``(C, H, W)`` or ``(B, C, H, W)`` array (numpy, torch, Zarr, dask).

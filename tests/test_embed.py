@@ -230,3 +230,26 @@ def test_embed_tiles_cover_the_image_in_row_major_order(encoder):
     last[:, :8, :8] = image[:, 48:, 48:]  # the corner tile is zero-padded past the border
     np.testing.assert_allclose(z[8], encoder.embed(last, CHANNELS)[0], atol=1e-5, rtol=0)
     np.testing.assert_allclose(z[1], encoder.embed(image[:, :24, 24:48], CHANNELS)[0], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("variant", ["fixed", "hierarchical", "channelvit"])
+def test_other_variants_embed_and_give_one_patch_grid_per_image(tiny_overrides, images, variant):
+    from cellvit_ssl.config import load_config
+
+    cfg = load_config(None, tiny_overrides + [f"model.variant={variant}"])
+    torch.manual_seed(0)
+    enc = Encoder(build_model(cfg.model, CHANNELS), cfg, torch.device("cpu"))
+    z = enc.embed(images[:3], CHANNELS)
+    assert z.shape == (3, enc.output_dim)
+    np.testing.assert_allclose(enc.embed(images[:3], CHANNELS, batch_size=1), z, atol=1e-5, rtol=0)
+    perm = [1, 3, 0, 2]
+    np.testing.assert_allclose(enc.embed(images[:3, perm], [CHANNELS[i] for i in perm]), z, atol=1e-5, rtol=0)
+    grid = enc.patch_features(images[:2], CHANNELS)
+    assert enc.patch_dim == enc.model.embed_dim and grid.shape == (2, enc.patch_dim, 5, 5)
+    np.testing.assert_allclose(enc.patch_features(images[:2], CHANNELS, batch_size=1), grid, atol=1e-5, rtol=0)
+    # the grid is the model's own per-image patch tokens
+    norm = np.stack([normalize_percentiles(im, *cfg.data.normalize_percentiles) for im in images[:2]])
+    with torch.inference_mode():
+        tokens = enc.model.forward_features(torch.from_numpy(norm), torch.tensor([channel_ids(CHANNELS)] * 2))
+    ref = tokens["x_norm_patchtokens"].transpose(1, 2).reshape(2, -1, 5, 5).numpy()
+    np.testing.assert_allclose(grid, ref, atol=1e-5, rtol=0)
