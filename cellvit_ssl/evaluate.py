@@ -199,7 +199,7 @@ def _split_tasks(obs: pd.DataFrame, in_ds: np.ndarray, dataset: str, split_key: 
 
 @dataclass
 class Result:
-    """One row of the results table."""
+    """One row of the results table (``n_train``: the largest fold's training rows)."""
 
     features: str
     dataset: str
