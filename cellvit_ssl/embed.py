@@ -236,8 +236,6 @@ class Encoder:
 
     # ----------------------------------------------------------------- dense features
     def _patch_forward(self, t: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        if hasattr(self.model, "patch_features"):
-            return self.model.patch_features(t, ids)
         b, _, height, width = t.shape
         h, w = height // self.patch_size, width // self.patch_size
         tokens = self.model.forward_features(t, ids)["x_norm_patchtokens"]  # (S, N, D)
