@@ -65,7 +65,7 @@ def test_leave_one_group_out_holds_each_group_out(tmp_path, capsys):
     assert json.loads(zarr_path.with_suffix(".eval.json").read_text())["results"][0]["n_test"] == 12
 
 
-def test_chammi_protocol_task_columns_and_leave_out():
+def test_chammi_protocol_task_columns_and_leave_out(tmp_path):
     obs = pd.DataFrame({
         "train_test_split": ["Train"] * 4 + ["Task_one"] * 2 + ["Task_two"] * 2 + ["Task_three"] * 4,
         "dataset": "HPA",
@@ -87,6 +87,17 @@ def test_chammi_protocol_task_columns_and_leave_out():
     assert test.tolist() == [8, 9] and train.tolist() == [0, 1, 2, 3, 10, 11]
     with pytest.raises(ev.DataError, match="'Plate' is not in"):
         ev.build_tasks(obs, labels, split_key="train_test_split", group_key="Plate")
+    # through the CLI: the 'dataset' column is found and HPA's Task_three is scored by cell type
+    x = np.where(labels[:, None] == "a", 1.0, -1.0) + np.eye(12)[:, :3]
+    path = _write(tmp_path, x, obs.assign(label=labels))
+    out = tmp_path / "chammi.json"
+    assert ev.main([str(path), "--label-key", "label", "--split-key", "train_test_split", "--no-baselines",
+                    "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert [(t["dataset"], t["task"], t["protocol"], t["folds"]) for t in report["tasks"]] == [
+        ("HPA", "Task_one", "train/test", 1), ("HPA", "Task_two", "train/test", 1),
+        ("HPA", "Task_three", "leave-one-cell_type-out", 2)]
+    assert {r["n_test"] for r in report["results"] if r["task"] == "Task_three"} == {4}
 
 
 @pytest.fixture
