@@ -445,7 +445,7 @@ def load_encoder(path: str | Path, device: str | torch.device | None = None) -> 
     """
     payload = load_checkpoint(path)
     config = config_from_dict(payload["config"])
-    model = build_model(config.model, list(config.data.channels))
+    model = build_model(config.model, list(config.data.channels), load_pretrained=False)
     if payload["format"] == ENCODER_FORMAT:
         state = payload["backbone"]
     else:

@@ -260,7 +260,7 @@ def random_init_features(adata, root: str | None = None, seed: int = 0, batch_si
 
     reader, config, allow_missing = _reader_and_config(adata, root)
     torch.manual_seed(seed)
-    model = build_model(config.model, list(config.data.channels))
+    model = build_model(config.model, list(config.data.channels), load_pretrained=False)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     enc = Encoder(model, config, dev)
     x, _ = featurize_rows(reader, range(len(reader)),

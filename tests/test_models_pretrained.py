@@ -153,3 +153,22 @@ def test_patch14_checkpoint_loads_into_a_patch16_model():
         "pos_embed": f"(1, {1 + 37 * 37}, {D}) -> (1, 17, {D})",
         "patch_embed.proj.weight": f"({D}, 3, 14, 14) -> ({D}, 1, 16, 16)",
     }
+
+
+def test_encoder_loads_without_the_pretrained_file_it_started_from(tmp_path):
+    from cellvit_ssl import load_encoder
+    from cellvit_ssl.checkpoint import ENCODER_FORMAT, save_checkpoint
+    from cellvit_ssl.config import config_to_dict
+
+    path = tmp_path / "dinov2.pth"
+    torch.save(dinov2_state_dict(), path)
+    cfg = load_config(None, TINY_OVERRIDES + [
+        "model.variant=boc", "model.patch_size=14", "model.img_size=224", "views.global_crop_size=224",
+        "views.local_crop_size=98", f"model.pretrained={path}"])
+    model = build_model(cfg.model, CHANNELS)
+    export = save_checkpoint({"format": ENCODER_FORMAT, "config": config_to_dict(cfg),
+                              "backbone": model.state_dict()}, tmp_path / "teacher.pt")
+    path.unlink()  # the trained weights are in the export; the start point is not needed again
+    enc = load_encoder(export, device="cpu")
+    for name, value in model.state_dict().items():
+        torch.testing.assert_close(enc.model.state_dict()[name], value)
