@@ -77,8 +77,8 @@ def embed_cells_chunked(encoder, image: np.ndarray, labels: np.ndarray, channels
     for start in range(0, ids.size, chunk):
         part = ids[start : start + chunk]
         masked = np.where(np.isin(labels, part), labels, 0) if ids.size > chunk else labels
-        emb, got = encoder.embed_cells(image, masked, channels, crop_size=crop_size,
-                                       mask_background=mask_background, batch_size=batch_size)
+        emb, got = encoder.embed_cells(image, masked, channels, crop_size=crop_size, mask_background=mask_background,
+                                       batch_size=batch_size, allow_missing=True)
         out.append(np.asarray(emb, np.float32))
         out_ids.append(np.asarray(got))
         yield min(1.0, (start + part.size) / ids.size)
@@ -101,7 +101,7 @@ def embed_tiles_chunked(encoder, image: np.ndarray, channels: Sequence[str], til
         part = ids[start : start + chunk]
         tiles = np.stack([image[:, (i - 1) // nx * tile : (i - 1) // nx * tile + tile,
                                 (i - 1) % nx * tile : (i - 1) % nx * tile + tile] for i in part])
-        out.append(np.asarray(encoder.embed(tiles, channels, batch_size=batch_size), np.float32))
+        out.append(np.asarray(encoder.embed(tiles, channels, batch_size=batch_size, allow_missing=True), np.float32))
         yield min(1.0, (start + part.size) / ids.size)
     return np.concatenate(out), ids, labels
 
@@ -235,11 +235,13 @@ def _scaled(gen: Generator, span: float):
 
 
 def feature_overlay(encoder, image: np.ndarray, channels: Sequence[str], region: tuple[int, int, int, int],
-                    max_side: int = 512) -> tuple[np.ndarray, tuple[float, float], tuple[float, float]]:
+                    max_side: int = 384) -> tuple[np.ndarray, tuple[float, float], tuple[float, float]]:
     """PCA-RGB of the encoder's patch features over one region of the image.
 
-    Regions larger than ``max_side`` are read with a stride (the model then sees a coarser
-    image than in training, which is what keeps the overlay of a large view affordable).
+    The region is resized by the factor training used (``input_size / crop_size``: training
+    crops of ``crop_size`` px were shown to the model at ``input_size`` px), so cells have the
+    size the model knows; a large view is shrunk further to at most ``max_side`` px per side,
+    which keeps the overlay of a whole slide affordable (coarser, then).
 
     Returns:
         ``(rgb (h, w, 3), scale (sy, sx), translate (ty, tx))`` placing the patch grid on the image.
@@ -247,10 +249,11 @@ def feature_overlay(encoder, image: np.ndarray, channels: Sequence[str], region:
     from napari_plugin.compute import pca_rgb
 
     y0, x0, h, w = region
-    step = max(1, int(np.ceil(max(h, w) / max_side)))
-    crop = np.asarray(image[:, y0 : y0 + h : step, x0 : x0 + w : step], np.float32)
-    feats = np.asarray(encoder.patch_features(crop[None], channels))[0]
+    factor = min(encoder.input_size / encoder.crop_size, max_side / max(h, w))
+    stride = max(1, int(1 / (2 * factor)))  # read big views with a stride before resizing
+    crop = np.asarray(image[:, y0 : y0 + h : stride, x0 : x0 + w : stride], np.float32)
+    size = (max(encoder.patch_size, round(h * factor)), max(encoder.patch_size, round(w * factor)))
+    feats = np.asarray(encoder.patch_features(crop[None], channels, size=size, allow_missing=True))[0]
     rgb = pca_rgb(feats)
-    gh, gw = rgb.shape[:2]
-    scale = (h / gh, w / gw)
+    scale = (encoder.patch_size * h / size[0], encoder.patch_size * w / size[1])
     return rgb, scale, (y0 + scale[0] / 2 - 0.5, x0 + scale[1] / 2 - 0.5)

@@ -38,7 +38,7 @@ def demo_sample(cache_dir: str | Path | None = None) -> list[tuple]:
     cells = zarr.open_group(str(path / "labels" / "cells"), mode="r")
     level0 = cells.attrs["ome"]["multiscales"][0]["datasets"][0]["path"]
     labels = np.asarray(cells[level0])
-    limits = [(0, float(np.quantile(ch, 0.999)) or 1.0) for ch in image]
+    limits = [(float(np.quantile(ch, 0.05)), float(np.quantile(ch, 0.999)) + 1.0) for ch in image]
     image_meta = {
         "channel_axis": 0,
         "name": list(stack.channel_names),

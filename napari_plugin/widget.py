@@ -58,6 +58,7 @@ class InspectorWidget(QWidget):
         self.labels_layer = None
         self.worker = None
         self.channel_boxes: dict[str, QComboBox] = {}
+        self._channel_key = None
         self.selected_ids = np.zeros(0, np.int64)
         self._image_for_overlay: tuple[np.ndarray, list[str]] | None = None
 
@@ -134,6 +135,8 @@ class InspectorWidget(QWidget):
             return False
         self.path_edit.setText(path)
         self.encoder, self.embeddings_path = None, None
+        self._channel_key = None
+        self.channel_boxes = {}
         p = Path(path).expanduser()
         try:
             if p.suffix in EMBEDDING_SUFFIXES:
@@ -189,18 +192,24 @@ class InspectorWidget(QWidget):
         self.tile_size.setEnabled(text == TILES)
 
     def _rebuild_channels(self) -> None:
+        """Rebuild the channel table for the loaded model; choices still valid are kept."""
+        sources = list(self.image_sources())
+        key = (tuple(self.encoder.channels) if self.encoder else None, tuple(sources))
+        if key == self._channel_key:
+            return
+        self._channel_key = key
+        previous = self.mapping()
         while self.channel_form.rowCount():
             self.channel_form.removeRow(0)
         self.channel_boxes = {}
+        self.channel_group.setVisible(self.encoder is not None)
         if self.encoder is None:
-            self.channel_group.setVisible(False)
             return
-        self.channel_group.setVisible(True)
-        sources = list(self.image_sources())
         for channel, choice in suggest_mapping(self.encoder.channels, sources).items():
+            kept = previous.get(channel)
             box = QComboBox()
             box.addItems([UNMAPPED, LEAVE_OUT, *sources])
-            box.setCurrentText(choice)
+            box.setCurrentText(kept if kept in (LEAVE_OUT, *sources) else choice)
             self.channel_form.addRow(channel, box)
             self.channel_boxes[channel] = box
 
@@ -333,7 +342,7 @@ class InspectorWidget(QWidget):
         return True
 
     def _show_overlay(self, rgb, scale, translate) -> None:
-        layer = self._set_layer(OVERLAY_LAYER, rgb, "image", rgb=True, opacity=0.6)
+        layer = self._set_layer(OVERLAY_LAYER, rgb, "image", rgb=True, opacity=0.5)
         layer.scale, layer.translate = scale, translate
 
     # ----------------------------------------------------------------- linking
