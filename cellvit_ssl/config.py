@@ -60,9 +60,20 @@ class ViewsConfig:
     hflip_prob: float = 0.5
     vflip_prob: float = 0.5
     rot90: bool = True
-    brightness: float = 0.3  # per-channel additive shift, fraction of the channel's range
+    gamma: float = 0.2  # per-channel gamma exponent in [1/(1+g), 1+g] (log-uniform)
+    brightness: float = 0.3  # per-channel additive shift (in std units when standardize)
     contrast: float = 0.3  # per-channel multiplicative jitter
-    jitter_prob: float = 0.8
+    jitter_prob: float = 0.8  # probability of gamma and of contrast/brightness per view
+    blur_prob: list[float] = field(default_factory=lambda: [1.0, 0.1, 0.5])  # global 1, global 2, local
+    blur_sigma: list[float] = field(default_factory=lambda: [0.1, 2.0])  # px of the view
+    noise: str = "gaussian"  # none | gaussian | poisson
+    noise_prob: float = 0.5
+    noise_std: list[float] = field(default_factory=lambda: [0.0, 0.05])  # gaussian, image units
+    noise_photons: list[float] = field(default_factory=lambda: [50.0, 1000.0])  # poisson counts at 1.0
+    standardize: bool = False  # per-view, per-channel zero mean / unit variance (embed must match)
+    channel_drop_prob: float = 0.0  # per channel, joint mode only; never all channels
+    protected_channels: list[str] = field(default_factory=list)  # never dropped, e.g. [protein]
+    channel_mode: str = "joint"  # joint: channels share a crop | boc: each channel its own sample and crop
 
 
 @dataclass
@@ -84,16 +95,29 @@ class ModelConfig:
 
 @dataclass
 class SSLConfig:
-    """Student/teacher objective (lightly heads and losses)."""
+    """Student/teacher objective: DINO + iBOT + KoLeo on lightly heads and losses."""
 
+    dino: bool = True  # DINO loss on CLS tokens
+    ibot: bool = True  # iBOT masked-patch loss
+    koleo: bool = True  # KoLeo regulariser on the student's global CLS tokens
+    dino_loss_weight: float = 1.0
+    ibot_loss_weight: float = 1.0
+    koleo_loss_weight: float = 0.1
     head_hidden_dim: int = 2048
     head_bottleneck_dim: int = 256
     head_output_dim: int = 65536
+    ibot_head_output_dim: int | None = None  # None: same as head_output_dim
     student_temp: float = 0.1
     teacher_temp: float = 0.07
     warmup_teacher_temp: float = 0.04
     warmup_teacher_temp_epochs: int = 30
-    center_momentum: float = 0.9
+    centering: str = "sinkhorn_knopp"  # sinkhorn_knopp | mean
+    sinkhorn_iterations: int = 3
+    center_momentum: float = 0.9  # mean centering only
+    mask_ratio: list[float] = field(default_factory=lambda: [0.1, 0.5])  # iBOT per-sample range
+    mask_sample_probability: float = 0.5  # fraction of global-view samples that get a mask
+    freeze_last_layer_epochs: int = 1
+    channel_sampling: str = "none"  # none | hierarchical (k ~ U{1..C}, then a k-subset)
     momentum_start: float = 0.996
     momentum_end: float = 1.0
 
@@ -177,6 +201,46 @@ def _validate(cfg: DictConfig) -> None:
         raise ConfigError(f"data.batch_size={cfg.data.batch_size}; expected >= 1")
     if not cfg.data.channels:
         raise ConfigError("data.channels is empty; name the channels of your images in order")
+    _validate_views(cfg)
+    _validate_ssl(cfg)
+
+
+def _validate_views(cfg: DictConfig) -> None:
+    views = cfg.views
+    if views.channel_mode not in ("joint", "boc"):
+        raise ConfigError(f"views.channel_mode={views.channel_mode!r}; expected 'joint' or 'boc'")
+    if views.channel_mode == "boc" and cfg.model.variant != "boc":
+        raise ConfigError(
+            f"views.channel_mode='boc' cuts every channel separately, which only the 'boc' model "
+            f"reads; model.variant={cfg.model.variant!r} needs views.channel_mode='joint'"
+        )
+    if len(views.blur_prob) != 3:
+        raise ConfigError(f"views.blur_prob={list(views.blur_prob)}; expected [global 1, global 2, local]")
+    if views.noise not in ("none", "gaussian", "poisson"):
+        raise ConfigError(f"views.noise={views.noise!r}; expected 'none', 'gaussian' or 'poisson'")
+    if not 0 <= views.channel_drop_prob < 1:
+        raise ConfigError(f"views.channel_drop_prob={views.channel_drop_prob}; expected 0 <= p < 1")
+    unknown = [c for c in views.protected_channels if c not in cfg.data.channels]
+    if unknown:
+        raise ConfigError(
+            f"views.protected_channels {unknown} are not among data.channels={list(cfg.data.channels)}"
+        )
+
+
+def _validate_ssl(cfg: DictConfig) -> None:
+    ssl = cfg.ssl
+    if not (ssl.dino or ssl.ibot):
+        raise ConfigError("ssl.dino and ssl.ibot are both false; enable at least one of them")
+    if ssl.centering not in ("sinkhorn_knopp", "mean"):
+        raise ConfigError(f"ssl.centering={ssl.centering!r}; expected 'sinkhorn_knopp' or 'mean'")
+    lo_hi = list(ssl.mask_ratio)
+    if len(lo_hi) != 2 or not 0 <= lo_hi[0] <= lo_hi[1] < 1:
+        raise ConfigError(f"ssl.mask_ratio={lo_hi}; expected [low, high] with 0 <= low <= high < 1")
+    if ssl.channel_sampling not in ("none", "hierarchical"):
+        raise ConfigError(f"ssl.channel_sampling={ssl.channel_sampling!r}; expected 'none' or 'hierarchical'")
+    if ssl.channel_sampling == "hierarchical" and cfg.model.variant == "fixed":
+        raise ConfigError("ssl.channel_sampling='hierarchical' needs a channel-adaptive model; "
+                          "model.variant='fixed' takes a fixed channel set")
 
 
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> DictConfig:

@@ -29,22 +29,27 @@ def box_around(centre: tuple[float, float], size: int) -> CropBox:
 
 
 def read_box(image, box: CropBox) -> np.ndarray:
-    """Read ``box`` from a ``(C, H, W)`` or ``(H, W)`` array-like, zero-padded outside.
+    """Read the square ``box`` from a ``(C, H, W)`` or ``(H, W)`` array-like (see :func:`read_region`)."""
+    return read_region(image, box.y0, box.x0, box.size, box.size)
+
+
+def read_region(image, y0: int, x0: int, h: int, w: int) -> np.ndarray:
+    """Read ``h × w`` pixels at ``(y0, x0)`` from a ``(..., H, W)`` array-like, zero-padded outside.
 
     Only the part inside the image is read (``image[..., ys:ye, xs:xe]``), so Zarr / dask
-    arrays load just the chunks the box touches.
+    arrays load just the chunks the region touches.
 
     Raises:
-        DataError: If the box lies entirely outside the image.
+        DataError: If the region lies entirely outside the image.
     """
     height, width = image.shape[-2:]
-    ys, xs = max(box.y0, 0), max(box.x0, 0)
-    ye, xe = min(box.y0 + box.size, height), min(box.x0 + box.size, width)
+    ys, xs = max(y0, 0), max(x0, 0)
+    ye, xe = min(y0 + h, height), min(x0 + w, width)
     if ye <= ys or xe <= xs:
-        raise DataError(f"crop {box} lies outside the {height}x{width} image")
+        raise DataError(f"crop (y0={y0}, x0={x0}, h={h}, w={w}) lies outside the {height}x{width} image")
     part = np.asarray(image[..., ys:ye, xs:xe])
-    out = np.zeros(part.shape[:-2] + (box.size, box.size), dtype=part.dtype)
-    out[..., ys - box.y0 : ye - box.y0, xs - box.x0 : xe - box.x0] = part
+    out = np.zeros(part.shape[:-2] + (h, w), dtype=part.dtype)
+    out[..., ys - y0 : ye - y0, xs - x0 : xe - x0] = part
     return out
 
 

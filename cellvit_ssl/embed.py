@@ -407,3 +407,11 @@ def load_encoder(path: str | Path, device: str | torch.device | None = None) -> 
         device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(device)
     return Encoder(model, config, device, source=str(path))
+
+
+if __name__ == "__main__":
+    import sys
+
+    from cellvit_ssl.embed_cli import main
+
+    sys.exit(main())

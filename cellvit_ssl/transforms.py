@@ -1,19 +1,46 @@
 """Multichannel DINO views on lightly's ``MultiViewTransform``.
 
 lightly's ``DINOTransform`` assumes RGB PIL images (colour jitter, grayscale, solarize, PIL
-blur, ImageNet normalisation). Here the structure is the same (2 global + N local random
-resized crops) but every op is a channel-agnostic tensor op on ``(C, H, W)`` float tensors,
-and intensity jitter is drawn independently for each channel.
+blur, ImageNet normalisation). Here the structure and parameters are the same (2 global + N
+local random resized crops, blur probabilities 1.0 / 0.1 / 0.5 for global 1 / global 2 /
+local views) but every op is a channel-agnostic tensor op on ``(C, H, W)`` float tensors and
+every random intensity op draws its parameters independently for each channel:
+
+    crop → flips → rot90 → gamma → blur → noise → standardise → contrast/brightness → drop
+
+Two channel modes:
+
+- ``joint``: all channels of a view share one crop geometry (for ``fixed``, ``hierarchical``
+  and ``channelvit`` models). Channel drop may zero channels (never all, never a protected
+  one).
+- ``boc``: bag of channels; every channel is its own single-channel sample with its own crop,
+  flips and intensity draws. A view stays ``(C, h, w)`` (channel ``c`` is sample ``c``'s view),
+  so batches keep their shape and the ``boc`` model makes ``C`` samples per image.
+
+Hierarchical channel sampling (draw ``k`` in ``1..C``, then a ``k``-subset) works on a whole
+batch through a channel mask: :func:`sample_channel_subsets`, used by the objective.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
 from lightly.transforms.multi_view_transform import MultiViewTransform
 from torch import Tensor
 from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as TF
+
+from cellvit_ssl.errors import ConfigError
+
+CHANNEL_MODES = ("joint", "boc")
+NOISE_KINDS = ("none", "gaussian", "poisson")
+
+
+def _per_channel(x: Tensor, low: float, high: float) -> Tensor:
+    """Uniform draws in ``[low, high)``, one per channel, shaped to broadcast over ``x``."""
+    return low + (high - low) * torch.rand((x.shape[0],) + (1,) * (x.ndim - 1))
 
 
 class RandomRot90:
@@ -24,11 +51,31 @@ class RandomRot90:
         return torch.rot90(x, k, dims=(-2, -1)) if k else x
 
 
-class PerChannelIntensityJitter:
-    """Independent brightness shift and contrast scale for every channel.
+class PerChannelGamma:
+    """Gamma correction ``x ** g`` with ``log g ~ U(-log(1 + gamma), log(1 + gamma))`` per channel.
 
     Args:
-        brightness: Additive shift drawn from ``U(-b, b)`` per channel (images are in [0, 1]).
+        gamma: Spread of the exponent; 0 disables the op.
+        p: Probability of applying it to a view.
+    """
+
+    def __init__(self, gamma: float = 0.2, p: float = 0.8) -> None:
+        self.log_range = math.log1p(gamma)
+        self.p = p
+
+    def __call__(self, x: Tensor) -> Tensor:
+        if self.log_range == 0 or torch.rand(()) >= self.p:
+            return x
+        g = torch.exp(_per_channel(x, -self.log_range, self.log_range))
+        return x.clamp_min(0) ** g
+
+
+class PerChannelIntensityJitter:
+    """Independent contrast scale and brightness shift for every channel.
+
+    Args:
+        brightness: Additive shift drawn from ``U(-b, b)`` per channel (in the image's units:
+            the [0, 1] range, or standard deviations after standardisation).
         contrast: Multiplicative factor drawn from ``U(1 - c, 1 + c)`` per channel.
         p: Probability that the jitter is applied to the view at all.
     """
@@ -41,13 +88,133 @@ class PerChannelIntensityJitter:
     def __call__(self, x: Tensor) -> Tensor:
         if torch.rand(()) >= self.p:
             return x
-        shape = (x.shape[0],) + (1,) * (x.ndim - 1)
-        scale = 1 + (torch.rand(shape) * 2 - 1) * self.contrast
-        shift = (torch.rand(shape) * 2 - 1) * self.brightness
+        scale = _per_channel(x, 1 - self.contrast, 1 + self.contrast)
+        shift = _per_channel(x, -self.brightness, self.brightness)
         return x * scale + shift
 
 
-def _view(size: int, scale: Sequence[float], cfg) -> v2.Compose:
+class PerChannelGaussianBlur:
+    """Gaussian blur, applied to each channel with probability ``p`` and its own sigma.
+
+    Args:
+        sigma: ``(low, high)`` range of the blur's standard deviation, in pixels of the view.
+        p: Probability per channel.
+    """
+
+    def __init__(self, sigma: Sequence[float] = (0.1, 2.0), p: float = 0.5) -> None:
+        self.sigma = (float(sigma[0]), float(sigma[1]))
+        self.p = p
+
+    def __call__(self, x: Tensor) -> Tensor:
+        apply = torch.rand(x.shape[0]) < self.p
+        if not apply.any():
+            return x
+        sigmas = _per_channel(x, *self.sigma).flatten()
+        out = x.clone()
+        for c in torch.nonzero(apply).flatten().tolist():
+            s = float(sigmas[c])
+            k = min(2 * math.ceil(3 * s) + 1, 2 * ((min(x.shape[-2:]) - 1) // 2) + 1)
+            out[c] = TF.gaussian_blur(x[c : c + 1], [k, k], [s, s])[0]
+        return out
+
+
+class PerChannelNoise:
+    """Additive Gaussian or Poisson (shot) noise with a level drawn per channel.
+
+    Args:
+        kind: ``"gaussian"`` (std drawn from ``std``) or ``"poisson"`` (the view is taken as
+            ``photons`` expected counts at intensity 1, photons drawn log-uniformly).
+        std: ``(low, high)`` Gaussian standard deviation range.
+        photons: ``(low, high)`` Poisson count range at intensity 1.
+        p: Probability of adding noise to a view.
+    """
+
+    def __init__(self, kind: str = "gaussian", std: Sequence[float] = (0.0, 0.05),
+                 photons: Sequence[float] = (50.0, 1000.0), p: float = 0.5) -> None:
+        if kind not in NOISE_KINDS:
+            raise ConfigError(f"views.noise={kind!r}; expected one of {list(NOISE_KINDS)}")
+        self.kind = kind
+        self.std = (float(std[0]), float(std[1]))
+        self.log_photons = (math.log(photons[0]), math.log(photons[1]))
+        self.p = p
+
+    def __call__(self, x: Tensor) -> Tensor:
+        if self.kind == "none" or torch.rand(()) >= self.p:
+            return x
+        if self.kind == "gaussian":
+            return x + torch.randn_like(x) * _per_channel(x, *self.std)
+        lam = torch.exp(_per_channel(x, *self.log_photons))
+        return torch.poisson(x.clamp_min(0) * lam) / lam
+
+
+class PerChannelStandardize:
+    """Per-image, per-channel standardisation to zero mean and unit variance.
+
+    A constant channel becomes all zeros (its spread is below ``eps``).
+    """
+
+    def __init__(self, eps: float = 1e-6) -> None:
+        self.eps = eps
+
+    def __call__(self, x: Tensor) -> Tensor:
+        mean = x.mean(dim=(-2, -1), keepdim=True)
+        std = x.std(dim=(-2, -1), keepdim=True, unbiased=False)
+        return (x - mean) / std.clamp_min(self.eps)
+
+
+class RandomChannelDrop:
+    """Zero whole channels, each with probability ``p``; never a protected one, never all.
+
+    Args:
+        p: Drop probability per unprotected channel.
+        protected: Indices of channels that are always kept (e.g. HPA's protein channel).
+    """
+
+    def __init__(self, p: float, protected: Sequence[int] = ()) -> None:
+        self.p = p
+        self.protected = sorted(set(int(i) for i in protected))
+
+    def keep_mask(self, n_channels: int) -> Tensor:
+        """Boolean ``(C,)``: which channels survive one draw."""
+        keep = torch.rand(n_channels) >= self.p
+        keep[self.protected] = True
+        if not keep.any():  # only reachable without protected channels
+            keep[int(torch.randint(0, n_channels, ()).item())] = True
+        return keep
+
+    def __call__(self, x: Tensor) -> Tensor:
+        if self.p <= 0:
+            return x
+        keep = self.keep_mask(x.shape[0])
+        return x * keep.to(x.dtype).view(-1, *([1] * (x.ndim - 1)))
+
+
+class _PerChannelView:
+    """Bag-of-channels: run a 1-channel view pipeline on every channel independently."""
+
+    def __init__(self, view: v2.Compose) -> None:
+        self.view = view
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return torch.cat([self.view(x[c : c + 1]) for c in range(x.shape[0])])
+
+
+def _protected_indices(cfg, channels: Sequence[str] | None) -> list[int]:
+    names = list(cfg.protected_channels)
+    if not names:
+        return []
+    if channels is None:
+        raise ConfigError(
+            f"views.protected_channels={names} needs the channel names: build the transform "
+            "with channels=data.channels"
+        )
+    missing = [n for n in names if n not in channels]
+    if missing:
+        raise ConfigError(f"views.protected_channels {missing} are not in data.channels={list(channels)}")
+    return [list(channels).index(n) for n in names]
+
+
+def _view(size: int, scale: Sequence[float], blur_p: float, cfg, drop: RandomChannelDrop | None) -> v2.Compose:
     ops = [
         v2.RandomResizedCrop(size, scale=tuple(scale), antialias=True),
         v2.RandomHorizontalFlip(cfg.hflip_prob),
@@ -55,7 +222,16 @@ def _view(size: int, scale: Sequence[float], cfg) -> v2.Compose:
     ]
     if cfg.rot90:
         ops.append(RandomRot90())
+    ops += [
+        PerChannelGamma(cfg.gamma, cfg.jitter_prob),
+        PerChannelGaussianBlur(cfg.blur_sigma, blur_p),
+        PerChannelNoise(cfg.noise, cfg.noise_std, cfg.noise_photons, cfg.noise_prob),
+    ]
+    if cfg.standardize:
+        ops.append(PerChannelStandardize())
     ops.append(PerChannelIntensityJitter(cfg.brightness, cfg.contrast, cfg.jitter_prob))
+    if drop is not None:
+        ops.append(drop)
     return v2.Compose(ops)
 
 
@@ -63,7 +239,15 @@ class MultichannelDINOTransform(MultiViewTransform):
     """2 global + ``n_local_views`` local views of a ``(C, H, W)`` float tensor.
 
     Args:
-        cfg: The ``views`` section of the run config (crop sizes, scales, flips, jitter).
+        cfg: The ``views`` section of the run config (crop sizes and scales, flips, intensity,
+            blur, noise, standardisation, channel drop, channel mode).
+        channels: The channel names of the input, in order (``data.channels``); needed only
+            when ``views.protected_channels`` is set.
+
+    Raises:
+        ConfigError: On an unknown channel mode or noise kind, a protected channel that is
+            not among ``channels``, or channel drop in ``boc`` mode (dropping a channel there
+            would only feed the model blank samples).
 
     Examples:
         >>> from cellvit_ssl.config import load_config
@@ -72,8 +256,53 @@ class MultichannelDINOTransform(MultiViewTransform):
         [(4, 224, 224), (4, 224, 224), (4, 96, 96), (4, 96, 96)]
     """
 
-    def __init__(self, cfg) -> None:
-        global_view = _view(cfg.global_crop_size, cfg.global_crop_scale, cfg)
-        local_view = _view(cfg.local_crop_size, cfg.local_crop_scale, cfg)
-        super().__init__([global_view, global_view] + [local_view] * cfg.n_local_views)
+    def __init__(self, cfg, channels: Sequence[str] | None = None) -> None:
+        if cfg.channel_mode not in CHANNEL_MODES:
+            raise ConfigError(f"views.channel_mode={cfg.channel_mode!r}; expected one of {list(CHANNEL_MODES)}")
+        if cfg.channel_mode == "boc" and cfg.channel_drop_prob > 0:
+            raise ConfigError(
+                f"views.channel_drop_prob={cfg.channel_drop_prob} with views.channel_mode='boc': in a bag "
+                "of channels every channel is its own sample, so set channel_drop_prob to 0"
+            )
+        drop = None
+        if cfg.channel_drop_prob > 0:
+            drop = RandomChannelDrop(cfg.channel_drop_prob, _protected_indices(cfg, channels))
+        blur_g1, blur_g2, blur_local = cfg.blur_prob
+        views = [
+            _view(cfg.global_crop_size, cfg.global_crop_scale, blur_g1, cfg, drop),
+            _view(cfg.global_crop_size, cfg.global_crop_scale, blur_g2, cfg, drop),
+        ] + [_view(cfg.local_crop_size, cfg.local_crop_scale, blur_local, cfg, drop)] * cfg.n_local_views
+        if cfg.channel_mode == "boc":
+            views = [_PerChannelView(v) for v in views]
+        super().__init__(views)
         self.n_global_views = 2
+        self.channel_mode = cfg.channel_mode
+
+
+def sample_channel_subsets(present: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """Hierarchical channel sampling: per image draw ``k ~ U{1..n}``, then a random ``k``-subset.
+
+    ``n`` is the number of channels present in that image, so every image keeps at least one
+    of its own channels and never gains one it did not have.
+
+    Args:
+        present: Boolean ``(B, C)``, True where a channel exists (all True without padding).
+        generator: Optional torch generator (CPU) for reproducible draws.
+
+    Returns:
+        Boolean ``(B, C)`` mask of the channels kept, a subset of ``present``.
+
+    Raises:
+        ValueError: If an image has no channel at all.
+    """
+    present = present.bool()
+    n = present.sum(dim=1)
+    if (n == 0).any():
+        raise ValueError(f"images {torch.nonzero(n == 0).flatten().tolist()} have no channel to sample from")
+    b, c = present.shape
+    u = torch.rand((b,), generator=generator).to(present.device)
+    k = (u * n).long().clamp_max(n - 1) + 1  # uniform on 1..n
+    # A random order of the present channels; absent ones sort last.
+    scores = torch.rand((b, c), generator=generator).to(present.device).masked_fill(~present, 2.0)
+    rank = scores.argsort(dim=1).argsort(dim=1)
+    return rank < k.unsqueeze(1)

@@ -22,6 +22,8 @@ from cellvit_ssl.data.channels import PRESETS
 #: Phenotype classes: where the protein sits in the cell.
 PHENOTYPES: tuple[str, ...] = ("nuclear", "cytoplasmic", "punctate", "membrane", "mitochondrial")
 CHANNELS: tuple[str, ...] = PRESETS["demo"]
+#: Bumped whenever the generator's output changes, so that cached demo data is regenerated.
+GENERATOR_VERSION = 2
 INDEX_COLUMNS = ("path", "channels", "cell_id", "centroid_y", "centroid_x", "label", "label_id",
                  "image_id", "split")
 
@@ -47,7 +49,41 @@ def _place_cells(rng: np.random.Generator, size: int, n: int, radius: float) -> 
     return centres
 
 
+def _protein(rng: np.random.Generator, phenotype: int, body: np.ndarray, nucleus: np.ndarray,
+             r_cell: np.ndarray) -> np.ndarray:
+    """The protein channel of one cell: where it sits is the phenotype; how is random."""
+    size = body.shape[0]
+    cyto = body & ~nucleus
+    protein = np.zeros((size, size), np.float32)
+    texture = ndimage.gaussian_filter(rng.random((size, size)).astype(np.float32), rng.uniform(0.8, 2.0))
+    texture = (texture - texture.min()) / max(float(np.ptp(texture)), 1e-6)
+    if phenotype == 0:  # nuclear, with a speckled texture of varying strength
+        protein[nucleus] = 0.5 + rng.uniform(0.2, 0.8) * texture[nucleus]
+    elif phenotype == 1:  # cytoplasmic, diffuse, fading towards the rim or not
+        fade = rng.uniform(0.0, 0.6)
+        protein[cyto] = 0.45 * (1 - fade * r_cell[cyto]) * (0.7 + 0.6 * texture[cyto])
+    elif phenotype == 2:  # punctate: a varying number of dots of varying size
+        ys, xs = np.nonzero(cyto)
+        if len(ys):
+            pick = rng.choice(len(ys), size=min(len(ys), int(rng.integers(8, 35))), replace=False)
+            protein[ys[pick], xs[pick]] = rng.uniform(3.0, 8.0, size=len(pick))
+            protein = ndimage.gaussian_filter(protein, rng.uniform(0.6, 1.2))
+    elif phenotype == 3:  # membrane: a rim of varying thickness, unevenly stained
+        protein[body & (r_cell > rng.uniform(0.72, 0.88))] = 1.0
+        protein *= 0.6 + 0.8 * texture
+    else:  # mitochondrial: a network of worms of varying density and thickness
+        worms = ndimage.gaussian_filter(rng.random((size, size)).astype(np.float32), rng.uniform(0.8, 1.4))
+        if cyto.any():
+            protein[cyto] = 1.2 * (worms[cyto] > np.quantile(worms[cyto], rng.uniform(0.65, 0.85)))
+    return protein
+
+
 def _render_field(rng: np.random.Generator, spec: DemoSpec) -> tuple[np.ndarray, np.ndarray, list[dict]]:
+    """One field of view with its label image and per-cell index rows.
+
+    Cells vary in size, shape, orientation and expression level, and their bodies sit off
+    the nucleus (the crop centre), so that raw pixels of one phenotype do not line up.
+    """
     size = spec.image_size
     radius = size / (2.2 * np.sqrt(spec.cells_per_image))
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
@@ -57,7 +93,8 @@ def _render_field(rng: np.random.Generator, spec: DemoSpec) -> tuple[np.ndarray,
     for cell_id, (cy, cx) in enumerate(_place_cells(rng, size, spec.cells_per_image, radius), start=1):
         phenotype = int(rng.integers(len(PHENOTYPES)))
         angle = rng.uniform(0, np.pi)
-        ry, rx = radius * rng.uniform(0.75, 0.95), radius * rng.uniform(0.75, 0.95)
+        scale = rng.uniform(0.65, 1.0)
+        ry, rx = radius * scale, radius * scale * rng.uniform(0.55, 1.0)
         dy, dx = yy - cy, xx - cx
         u = (dy * np.cos(angle) + dx * np.sin(angle)) / ry
         v = (-dy * np.sin(angle) + dx * np.cos(angle)) / rx
@@ -65,40 +102,34 @@ def _render_field(rng: np.random.Generator, spec: DemoSpec) -> tuple[np.ndarray,
         body = r_cell < 1.0
         body &= labels == 0
         labels[body] = cell_id
-        n_scale = rng.uniform(0.35, 0.5)
-        ncy, ncx = cy + rng.normal(0, 1.5), cx + rng.normal(0, 1.5)
+        # The nucleus sits anywhere in the inner part of the cell.
+        n_scale = rng.uniform(0.3, 0.5)
+        off_r, off_a = rng.uniform(0, 0.9 - n_scale), rng.uniform(0, 2 * np.pi)
+        off_u, off_v = off_r * np.cos(off_a), off_r * np.sin(off_a)
+        ncy = cy + off_u * ry * np.cos(angle) - off_v * rx * np.sin(angle)
+        ncx = cx + off_u * ry * np.sin(angle) + off_v * rx * np.cos(angle)
         r_nuc = np.hypot((yy - ncy) / (ry * n_scale), (xx - ncx) / (rx * n_scale))
         nucleus = body & (r_nuc < 1.0)
         cyto = body & ~nucleus
         # nucleus: bright, with chromatin texture
         chrom = ndimage.gaussian_filter(rng.random((size, size)).astype(np.float32), 1.5)
-        img[0][nucleus] += 0.6 + 0.8 * chrom[nucleus]
-        # microtubules: radial filaments from the centre
-        theta = np.arctan2(dy, dx)
+        img[0][nucleus] += rng.uniform(0.5, 0.9) + 0.8 * chrom[nucleus]
+        # microtubules: radial filaments from the nucleus
+        theta = np.arctan2(yy - ncy, xx - ncx)
         n_fil = int(rng.integers(10, 18))
         phase = rng.uniform(0, 2 * np.pi)
         filaments = np.cos(n_fil * theta + phase) ** 8
-        img[1][body] += 0.3 * filaments[body] * (1.1 - r_cell[body])
+        img[1][body] += rng.uniform(0.2, 0.4) * filaments[body] * (1.1 - r_cell[body])
         # ER: cloud decaying away from the nucleus
-        img[2][cyto] += 0.5 * np.exp(-1.5 * (r_nuc[cyto] - 1.0)) * (0.6 + 0.4 * chrom[cyto])
-        # protein: the phenotype
-        protein = np.zeros((size, size), np.float32)
-        if phenotype == 0:
-            protein[nucleus] = 0.9
-        elif phenotype == 1:
-            protein[cyto] = 0.45
-        elif phenotype == 2:
-            ys, xs = np.nonzero(cyto)
-            pick = rng.choice(len(ys), size=min(len(ys), 25), replace=False)
-            protein[ys[pick], xs[pick]] = 6.0
-            protein = ndimage.gaussian_filter(protein, 0.8)
-        elif phenotype == 3:
-            protein[body & (r_cell > 0.8)] = 1.0
-        else:
-            worms = ndimage.gaussian_filter(rng.random((size, size)).astype(np.float32), 1.0)
-            protein[cyto] = 1.2 * (worms[cyto] > np.quantile(worms[cyto], 0.75))
+        img[2][cyto] += rng.uniform(0.3, 0.6) * np.exp(-1.5 * (r_nuc[cyto] - 1.0)) * (0.6 + 0.4 * chrom[cyto])
+        # protein: the phenotype, at an expression level over a nonspecific background
+        expression = np.exp(rng.uniform(np.log(0.25), 0.0))
+        protein = expression * _protein(rng, phenotype, body, nucleus, r_cell) + 0.06 * body
         img[3] += protein * body
-        cells.append({"cell_id": cell_id, "centroid_y": round(cy, 2), "centroid_x": round(cx, 2),
+        # The index centre is the nucleus (as for nucleus-seeded crops), slightly off.
+        jy, jx = rng.normal(0, 0.1 * radius, size=2)
+        cells.append({"cell_id": cell_id, "centroid_y": round(float(ncy + jy), 2),
+                      "centroid_x": round(float(ncx + jx), 2),
                       "label": PHENOTYPES[phenotype], "label_id": phenotype})
     img = ndimage.gaussian_filter(img, sigma=(0, 0.8, 0.8))
     img = rng.poisson(np.clip(img, 0, None) * 400 + 20).astype(np.float32)  # photon noise
@@ -132,7 +163,7 @@ def generate_demo(out_dir: str | Path, spec: DemoSpec = DemoSpec(), fmt: str = "
 
     Args:
         out_dir: Cache folder. A ``spec.json`` there records what was generated; a folder
-            made from another spec is regenerated.
+            made from another spec or generator version is regenerated.
         spec: Size and seed.
         fmt: Which format the returned index points at: ``"ome-zarr"`` or ``"ome-tiff"``.
 
@@ -145,7 +176,8 @@ def generate_demo(out_dir: str | Path, spec: DemoSpec = DemoSpec(), fmt: str = "
     out = Path(out_dir).expanduser()
     marker = out / "spec.json"
     index_path = out / f"index_{fmt}.csv"
-    if marker.is_file() and json.loads(marker.read_text()) == asdict(spec) and index_path.is_file():
+    stamp = {**asdict(spec), "generator_version": GENERATOR_VERSION}
+    if marker.is_file() and json.loads(marker.read_text()) == stamp and index_path.is_file():
         return index_path
     (out / "images").mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(spec.seed)
@@ -164,5 +196,5 @@ def generate_demo(out_dir: str | Path, spec: DemoSpec = DemoSpec(), fmt: str = "
             writer = csv.DictWriter(f, fieldnames=INDEX_COLUMNS)
             writer.writeheader()
             writer.writerows(kind_rows)
-    marker.write_text(json.dumps(asdict(spec)))
+    marker.write_text(json.dumps(stamp))
     return index_path
