@@ -19,8 +19,9 @@ from scipy import ndimage
 from cellvit_ssl.errors import DataError
 from napari_plugin.compute import kmeans_clusters, reduce_to_2d, tile_label_image
 
-#: obs columns of a precomputed embeddings file that may hold the segmentation label of a row.
-LABEL_KEYS = ("label_id_in_mask", "cell_id", "label_ids", "object_id")
+#: obs columns of an embeddings file that hold a row's label id in the segmentation:
+#: ``cell_label`` (``python -m cellvit_ssl.embed --images ... --labels ...``) or ``cell_id`` (index CSVs).
+LABEL_KEYS = ("cell_label", "cell_id")
 CLUSTER_COLUMN = "KMEANS_CLUSTER_ID"
 
 
@@ -108,7 +109,7 @@ def embed_tiles_chunked(encoder, image: np.ndarray, channels: Sequence[str], til
 
 def read_precomputed(path: str | Path, labels: np.ndarray, image_name: str | None = None
                      ) -> tuple[np.ndarray, np.ndarray]:
-    """Embeddings of the cells of ``labels`` from an AnnData ``.h5ad`` or ``.zarr`` file.
+    """Embeddings of the cells of ``labels`` from a ``python -m cellvit_ssl.embed`` output (.h5ad / .zarr).
 
     Rows are matched to cells by an obs column holding the label id (one of
     :data:`LABEL_KEYS`). When the file covers several images (an obs ``path`` column), the
@@ -118,15 +119,10 @@ def read_precomputed(path: str | Path, labels: np.ndarray, image_name: str | Non
         DataError: If the file is missing or unreadable, has no label column, covers several
             images none of which is ``image_name``, or names no cell of ``labels``.
     """
-    import anndata
+    from cellvit_ssl.embed_io import read_embeddings
 
     path = Path(path)
-    if not path.exists():
-        raise DataError(f"embeddings file {str(path)!r} does not exist")
-    try:
-        adata = anndata.read_zarr(path) if path.suffix == ".zarr" or path.is_dir() else anndata.read_h5ad(path)
-    except Exception as exc:
-        raise DataError(f"{path}: not a readable AnnData file ({type(exc).__name__}: {exc})") from exc
+    adata = read_embeddings(path)
     obs = adata.obs
     key = next((k for k in LABEL_KEYS if k in obs.columns), None)
     if key is None:

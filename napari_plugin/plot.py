@@ -13,7 +13,10 @@ from qtpy.QtWidgets import QCheckBox, QComboBox, QHBoxLayout, QLabel, QVBoxLayou
 from napari_plugin.compute import density_grid, nearest_point, points_in_polygon
 
 #: From this many points on, the map opens as a density image instead of a scatter.
-DENSITY_THRESHOLD = 20_000
+DENSITY_THRESHOLD = 10_000
+#: At most this many selected points are drawn as rings in the scatter view (a random subset).
+MAX_SELECTION_MARKERS = 5_000
+DENSITY_BINS = 200
 NO_COLOUR = "(none)"
 
 
@@ -120,7 +123,8 @@ class MapPlot(QWidget):
                        and isinstance(self.table[self.colour_by.currentText()].dtype, pd.CategoricalDtype))
         cmap = "tab10" if categorical else "viridis"
         if self.density.isChecked():
-            grid, extent = density_grid(self.coords, bins=200, values=values)
+            grid, extent = density_grid(self.coords, bins=DENSITY_BINS, values=values)
+            self._extent = extent
             if values is None:
                 grid = np.log1p(grid)
             self.ax.imshow(grid, origin="lower", extent=extent, aspect="auto", cmap="magma" if values is None else cmap,
@@ -143,8 +147,18 @@ class MapPlot(QWidget):
         self._selection_artist = None
         if len(self.selected) and len(self.coords):
             pts = self.coords[self.selected]
-            self._selection_artist = self.ax.scatter(pts[:, 0], pts[:, 1], s=40, facecolors="none",
-                                                     edgecolors="red", linewidths=1.2)
+            if self.density.isChecked():  # the bins holding selected points, in red over the density
+                extent = self._extent
+                grid, _, _ = np.histogram2d(pts[:, 1], pts[:, 0], bins=DENSITY_BINS,
+                                            range=[extent[2:], extent[:2]])
+                shown = np.ma.masked_equal(grid > 0, False)
+                self._selection_artist = self.ax.imshow(shown, origin="lower", extent=extent, aspect="auto",
+                                                        cmap="autumn", alpha=0.6, interpolation="nearest")
+            else:
+                if len(pts) > MAX_SELECTION_MARKERS:
+                    pts = pts[np.random.default_rng(0).choice(len(pts), MAX_SELECTION_MARKERS, replace=False)]
+                self._selection_artist = self.ax.scatter(pts[:, 0], pts[:, 1], s=40, facecolors="none",
+                                                         edgecolors="red", linewidths=1.2)
         self.info.setText(f"{len(self.selected)} selected" if len(self.coords) else "")
 
     def _draw_empty(self) -> None:

@@ -84,17 +84,31 @@ def test_analysis_on_tiles_and_precomputed_embeddings(checkpoint, sample_dir, tm
     assert tiles.tiled and tiles.labels.max() == 16 and len(tiles.label_ids) == 16
     np.testing.assert_allclose(tiles.embeddings[5], enc.embed(image[:, 64:128, 64:128], CHANNELS)[0], atol=1e-5)
 
-    z, ids = enc.embed_cells(image, labels, CHANNELS)
-    obs = pd.DataFrame({"path": ["images/field_000.ome.zarr"] * len(ids) + ["images/other.ome.zarr"],
+    # an embeddings file written by the embed CLI is read back cell by cell
+    from cellvit_ssl.embed_cli import main as embed_main
+    from cellvit_ssl.embed_io import read_embeddings
+
+    field = sample_dir / "images" / "field_000.ome.tif"  # the same field as the sample's OME-Zarr
+    out = tmp_path / "cells.h5ad"
+    mask = str(field).replace(".ome.tif", "_labels.tif")
+    assert embed_main([str(checkpoint), "--images", str(field), "--labels", mask,
+                       "--out", str(out), "--no-progress", "--device", "cpu"]) == 0
+    written = read_embeddings(out)
+    cells = _finish(analyse(None, None, [], labels=labels, precomputed=out, image_name="field_000"))
+    ids = np.unique(labels)[1:]
+    assert cells.label_ids.tolist() == ids.tolist() == written.obs["cell_label"].tolist()
+    np.testing.assert_allclose(cells.embeddings, written.X)
+    assert cells.features[cells.embedding_columns].shape == written.X.shape
+
+    # a file holding several images: the rows of the named one are used
+    obs = pd.DataFrame({"path": ["a/field_000.ome.zarr"] * len(ids) + ["a/field_001.ome.zarr"],
                         "cell_id": [*ids.tolist(), 1]})
-    path = tmp_path / "emb.h5ad"
-    anndata.AnnData(X=np.vstack([z, np.zeros((1, z.shape[1]), np.float32)]), obs=obs).write_h5ad(path)
-    cells = _finish(analyse(None, None, [], labels=labels, precomputed=path, image_name="field_000"))
-    assert cells.label_ids.tolist() == ids.tolist()
-    np.testing.assert_allclose(cells.embeddings, z)
-    assert cells.features[cells.embedding_columns].shape == z.shape
+    both = tmp_path / "both.h5ad"
+    anndata.AnnData(X=np.vstack([written.X, np.zeros((1, written.X.shape[1]), np.float32)]), obs=obs).write_h5ad(both)
+    x, got = read_precomputed(both, labels, image_name="field_000")
+    assert got.tolist() == ids.tolist() and np.allclose(x, written.X)
     with pytest.raises(DataError, match="none is named like"):
-        read_precomputed(path, labels, image_name="field_009")
+        read_precomputed(both, labels, image_name="field_009")
 
 
 def test_inspector_runs_on_sample_and_links_map_and_image(make_napari_viewer, qtbot, checkpoint, sample_dir,
