@@ -116,6 +116,7 @@ class InspectorWidget(QWidget):
         self.viewer.layers.events.inserted.connect(self._refresh_layers)
         self.viewer.layers.events.removed.connect(self._refresh_layers)
         self.viewer.mouse_drag_callbacks.append(self._on_mouse)
+        self.destroyed.connect(_disconnector(self.viewer, self._refresh_layers, self._on_mouse))
         self._refresh_layers()
 
     # ----------------------------------------------------------------- inputs
@@ -166,9 +167,11 @@ class InspectorWidget(QWidget):
             shape = layer.data[0].shape if layer.multiscale else layer.data.shape
             if len(shape) == 2:
                 sources[layer.name] = (layer, None)
-            elif len(shape) == 3 and shape[0] <= MAX_CHANNELS_PER_LAYER and layer.name != OVERLAY_LAYER:
+            elif len(shape) == 3 and shape[0] <= MAX_CHANNELS_PER_LAYER:
+                names = layer.metadata.get("channel_names") or []
                 for i in range(shape[0]):
-                    sources[f"{layer.name} [{i}]"] = (layer, i)
+                    label = f" {names[i]}" if len(names) == shape[0] else ""
+                    sources[f"{layer.name} [{i}]{label}"] = (layer, i)
         for name in (OVERLAY_LAYER, SIMILARITY_LAYER):
             sources.pop(name, None)
         return sources
@@ -176,6 +179,8 @@ class InspectorWidget(QWidget):
     def _refresh_layers(self, event=None) -> None:
         from napari.layers import Labels
 
+        for layer in self.viewer.layers:  # a renamed layer may now name a channel (connecting twice is a no-op)
+            layer.events.name.connect(self._refresh_layers)
         current = self.labels_box.currentText()
         names = [layer.name for layer in self.viewer.layers
                  if isinstance(layer, Labels) and layer.name not in (SELECTION_LAYER, TILES_LAYER)]
@@ -268,12 +273,13 @@ class InspectorWidget(QWidget):
 
         @thread_worker(progress=False)
         def work():
-            result = yield from analyse(encoder, image, channels, labels=labels, tile_size=tile,
-                                        precomputed=precomputed, image_name=image_name, existing=existing)
-            overlay = None
-            if encoder is not None:
-                overlay = feature_overlay(encoder, image, channels, region)
-            return result, overlay
+            try:
+                result = yield from analyse(encoder, image, channels, labels=labels, tile_size=tile,
+                                            precomputed=precomputed, image_name=image_name, existing=existing)
+                overlay = None if encoder is None else feature_overlay(encoder, image, channels, region)
+            except CellVitSSLError as exc:  # a user mistake: a message, not napari's traceback pop-up
+                return None, None, str(exc)  # (a returned exception would be re-raised by the worker)
+            return result, overlay, None
 
         self.labels_layer = labels_layer
         self._image_for_overlay = (image, channels) if image is not None else None
@@ -307,8 +313,14 @@ class InspectorWidget(QWidget):
             self._say(f"Unexpected error ({type(exc).__name__}): {exc}", error=True)
 
     def _on_done(self, value) -> None:
-        result, overlay = value
+        result, overlay, error = value
+        if error is not None:
+            self._say(error, error=True)
+            return
         self.result = result
+        for stale in (SELECTION_LAYER, SIMILARITY_LAYER):
+            if stale in self.viewer.layers:
+                self.viewer.layers.remove(stale)
         if result.tiled:
             self.labels_layer = self._set_layer(TILES_LAYER, result.labels, "labels", opacity=0.2)
         self.labels_layer.features = result.features
@@ -439,3 +451,17 @@ class InspectorWidget(QWidget):
     def _say(self, text: str, error: bool = False) -> None:
         self.status.setText(text)
         self.status.setStyleSheet("color: #e06060;" if error else "")
+
+
+def _disconnector(viewer, refresh, on_mouse):
+    """A callback for ``destroyed`` that unhooks a closed widget from the viewer it watched."""
+
+    def disconnect(*_):
+        viewer.layers.events.inserted.disconnect(refresh)
+        viewer.layers.events.removed.disconnect(refresh)
+        for layer in viewer.layers:
+            layer.events.name.disconnect(refresh)
+        if on_mouse in viewer.mouse_drag_callbacks:
+            viewer.mouse_drag_callbacks.remove(on_mouse)
+
+    return disconnect

@@ -206,6 +206,16 @@ def test_inspector_messages_leave_the_viewer_unchanged(make_napari_viewer, qtbot
     assert "missing.pt" in widget.status.text()
     assert not widget.run()  # nothing loaded: a message, not a traceback
 
+    # a mistake found in the worker (an embeddings file without label ids) is a message too
+    import anndata
+
+    bad = tmp_path / "bad.h5ad"
+    anndata.AnnData(X=np.zeros((3, 4), np.float32), obs=pd.DataFrame({"path": ["a"] * 3})).write_h5ad(bad)
+    assert widget.load_source(str(bad)) and widget.run()
+    _wait(qtbot, widget)
+    assert "no column with the cells' label ids" in widget.status.text() and widget.result is None
+    assert [layer.name for layer in viewer.layers] == before
+
     for i, name in enumerate(CHANNELS):
         viewer.layers[name].name = f"ch{i}"
     assert widget.load_source(str(checkpoint))
