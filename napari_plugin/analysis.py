@@ -248,7 +248,8 @@ def feature_overlay(encoder, image: np.ndarray, channels: Sequence[str], region:
     factor = min(encoder.input_size / encoder.crop_size, max_side / max(h, w))
     stride = max(1, int(1 / (2 * factor)))  # read big views with a stride before resizing
     crop = np.asarray(image[:, y0 : y0 + h : stride, x0 : x0 + w : stride], np.float32)
-    size = (max(encoder.patch_size, round(h * factor)), max(encoder.patch_size, round(w * factor)))
+    p = encoder.patch_size  # a whole number of patches: no zero-padded edge patches in the overlay
+    size = (max(1, round(h * factor / p)) * p, max(1, round(w * factor / p)) * p)
     feats = np.asarray(encoder.patch_features(crop[None], channels, size=size, allow_missing=True))[0]
     rgb = pca_rgb(feats)
     scale = (encoder.patch_size * h / size[0], encoder.patch_size * w / size[1])

@@ -370,7 +370,10 @@ class InspectorWidget(QWidget):
     def _select(self, ids: np.ndarray, from_plot: bool) -> None:
         self.selected_ids = np.unique(ids)
         highlight = keep_labels(self.result.labels, self.selected_ids)
-        layer = self._set_layer(SELECTION_LAYER, highlight, "labels", opacity=0.9)
+        from napari.utils.colormaps import DirectLabelColormap
+
+        layer = self._set_layer(SELECTION_LAYER, highlight, "labels", opacity=1.0)
+        layer.colormap = DirectLabelColormap(color_dict={None: "yellow", 0: "transparent"})
         layer.contour = 2
         if not from_plot:
             self.plot.select_rows(self.result.rows_of(self.selected_ids), emit=False)
