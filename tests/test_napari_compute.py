@@ -5,6 +5,7 @@ import pandas as pd
 import pytest
 
 from cellvit_ssl.errors import DataError
+from napari_plugin.analysis import build_features
 from napari_plugin.channel_map import LEAVE_OUT, UNMAPPED, resolve_mapping, source_channel, suggest_mapping
 from napari_plugin.compute import (
     cosine_similarity_to,
@@ -127,3 +128,17 @@ def test_export_selection_csv_and_anndata(tmp_path):
         export_selection(table, [], tmp_path / "x.csv")
     with pytest.raises(DataError, match=r"\.csv or \.h5ad"):
         export_selection(table, [3], tmp_path / "x.xlsx")
+
+
+def test_features_table_rows_follow_labels_and_keep_other_columns():
+    labels = np.zeros((4, 4), np.int32)
+    labels[:2, :2], labels[2:, 2:] = 5, 2
+    image = np.stack([labels * 1.0, np.ones((4, 4))])
+    existing = pd.DataFrame({"index": [2, 5], "area": [4, 4], "PCA_0": [9.0, 9.0]})
+    table = build_features(np.array([2, 5]), np.eye(2, 3, dtype=np.float32), np.array([[0.0, 1.0], [2.0, 3.0]]),
+                           "PCA", np.array([1, 0]), image, ["nucleus", "er"], labels, existing)
+    assert table["index"].tolist() == [2, 5] and table["area"].tolist() == [4, 4]
+    assert table["PCA_0"].tolist() == [0.0, 2.0]  # ours replace stale map columns
+    assert table["mean_nucleus"].tolist() == [2.0, 5.0] and table["mean_er"].tolist() == [1.0, 1.0]
+    assert table[["embedding_0", "embedding_1", "embedding_2"]].to_numpy().tolist() == [[1, 0, 0], [0, 1, 0]]
+    assert table["KMEANS_CLUSTER_ID"].tolist() == [1, 0]

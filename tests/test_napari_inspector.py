@@ -114,6 +114,7 @@ def test_analysis_on_tiles_and_precomputed_embeddings(checkpoint, sample_dir, tm
 def test_inspector_runs_on_sample_and_links_map_and_image(make_napari_viewer, qtbot, checkpoint, sample_dir,
                                                          tmp_path):
     viewer = make_napari_viewer(show=True)
+    viewer.window.resize(1600, 1000)
     viewer.open_sample("cellvit-ssl", "demo")
     assert [layer.name for layer in viewer.layers] == [*CHANNELS, "cells"]
     _, widget = viewer.window.add_plugin_dock_widget("cellvit-ssl", "Embedding inspector")
@@ -145,6 +146,22 @@ def test_inspector_runs_on_sample_and_links_map_and_image(make_napari_viewer, qt
     (y0, x0), (y1, x1) = overlay.extent.world[:, -2:]
     assert -1 <= y0 and -1 <= x0 and y1 <= cells.data.shape[0] + 8 and x1 <= cells.data.shape[1] + 8
     assert y1 - y0 > 100 and overlay.data.std() > 0.05
+
+    # zoomed in, the overlay is recomputed for the visible part only
+    viewer.camera.center = (64, 64)
+    viewer.camera.zoom *= 4
+
+    def visible():
+        return np.asarray(viewer.layers["nucleus"].corner_pixels)[:, -2:]
+
+    qtbot.waitUntil(lambda: (np.diff(visible(), axis=0) < 150).all(), timeout=10_000)
+    visible = visible()
+    assert widget.update_overlay()
+    (zy0, zx0), (zy1, zx1) = overlay.extent.world[:, -2:]
+    assert zy1 - zy0 < 0.7 * (y1 - y0) and zx1 - zx0 < 0.7 * (x1 - x0)
+    assert visible[0, 0] - 8 <= zy0 and zy1 <= visible[1, 0] + 8
+    assert visible[0, 1] - 8 <= zx0 and zx1 <= visible[1, 1] + 8
+    viewer.reset_view()
 
     # plot → image: a selection in the map highlights exactly those cells
     rows = np.array([0, 2, 5])
@@ -187,8 +204,10 @@ def test_inspector_runs_on_sample_and_links_map_and_image(make_napari_viewer, qt
     assert pd.read_csv(tmp_path / "sel.csv")["index"].tolist() == expected
 
     viewer.layers["cosine similarity"].visible = False  # the picture shows image, overlay, selection, map
-    viewer.window.resize(1600, 1000)
     viewer.reset_view()
+    qtbot.waitUntil(lambda: (np.diff(np.asarray(viewer.layers["nucleus"].corner_pixels), axis=0) > 200).all(),
+                    timeout=10_000)
+    assert widget.update_overlay()
     ARTIFACT.parent.mkdir(exist_ok=True)
     viewer.screenshot(str(ARTIFACT), canvas_only=False)
     print(f"screenshot: {ARTIFACT}")
