@@ -61,6 +61,7 @@ class InspectorWidget(QWidget):
         self._channel_key = None
         self.selected_ids = np.zeros(0, np.int64)
         self._image_for_overlay: tuple[np.ndarray, list[str]] | None = None
+        self._pending = (None, None)  # labels layer and image of the run in flight
 
         self.path_edit = QLineEdit()
         self.path_edit.setPlaceholderText("checkpoint.pt / teacher.pt, or embeddings .h5ad / .zarr")
@@ -222,6 +223,17 @@ class InspectorWidget(QWidget):
         """The current model channel → source choices."""
         return {c: box.currentText() for c, box in self.channel_boxes.items()}
 
+    def _image_name(self, labels_layer) -> str:
+        """The name of the image file the cells come from (to pick its rows from an embeddings file)."""
+        from napari.layers import Image
+
+        candidates = [labels_layer.source.path]
+        for layer in self.viewer.layers:
+            if isinstance(layer, Image):
+                candidates += [layer.source.path, layer.metadata.get("source_path")]
+        path = next((c for c in candidates if c), labels_layer.name)
+        return Path(str(path)).name.split(".")[0]
+
     def _gather_image(self) -> tuple[np.ndarray, list[str], str]:
         sources = self.image_sources()
         names, channels = resolve_mapping(self.encoder.channels, self.mapping(), list(sources))
@@ -262,8 +274,8 @@ class InspectorWidget(QWidget):
             if labels is not None and labels.ndim != 2:
                 raise DataError(f"Labels layer {labels_name!r} is {labels.ndim}-D; the inspector needs a 2-D "
                                 "segmentation")
-            if image_name is None and labels_layer is not None:
-                image_name = Path(str(labels_layer.source.path or labels_layer.name)).name.split(".")[0]
+            if self.encoder is None:
+                image_name = self._image_name(labels_layer)
         except CellVitSSLError as exc:
             self._say(str(exc), error=True)
             return False
@@ -281,8 +293,7 @@ class InspectorWidget(QWidget):
                 return None, None, str(exc)  # (a returned exception would be re-raised by the worker)
             return result, overlay, None
 
-        self.labels_layer = labels_layer
-        self._image_for_overlay = (image, channels) if image is not None else None
+        self._pending = (labels_layer, (image, channels) if image is not None else None)
         self.worker = work()
         self.worker.yielded.connect(lambda p: self.progress.setValue(int(round(100 * p))))
         self.worker.returned.connect(self._on_done)
@@ -318,6 +329,7 @@ class InspectorWidget(QWidget):
             self._say(error, error=True)
             return
         self.result = result
+        self.labels_layer, self._image_for_overlay = self._pending
         for stale in (SELECTION_LAYER, SIMILARITY_LAYER):
             if stale in self.viewer.layers:
                 self.viewer.layers.remove(stale)

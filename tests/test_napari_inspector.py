@@ -259,3 +259,21 @@ def test_inspector_messages_leave_the_viewer_unchanged(make_napari_viewer, qtbot
     _wait(qtbot, widget)
     assert "Cancelled" in widget.status.text() and widget.result is None
     assert len(viewer.layers) == len(before)
+
+    # a precomputed embeddings file (rows of two images) runs without a model
+    cells = viewer.layers["cells"]
+    ids = np.unique(cells.data)[1:]
+    x = np.random.default_rng(0).normal(size=(len(ids) + 1, 6)).astype(np.float32)
+    obs = pd.DataFrame({"path": ["images/field_000.ome.zarr"] * len(ids) + ["images/field_001.ome.zarr"],
+                        "cell_id": [*ids.tolist(), 1]})
+    good = tmp_path / "good.h5ad"
+    anndata.AnnData(X=x, obs=obs).write_h5ad(good)
+    assert widget.load_source(str(good)) and not widget.run()  # tiles are still picked
+    assert "need a Labels layer" in widget.status.text()
+    widget.labels_box.setCurrentText("cells")
+    assert widget.run()
+    _wait(qtbot, widget)
+    assert widget.result is not None, widget.status.text()
+    assert cells.features["index"].tolist() == ids.tolist()
+    np.testing.assert_allclose(cells.features[widget.result.embedding_columns].to_numpy(), x[:-1])
+    assert len(viewer.layers) == len(before)  # no overlay without a model
