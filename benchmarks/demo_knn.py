@@ -5,6 +5,10 @@ resized to the global crop size, standardised when ``views.standardize``), fits 
 neighbour classifier (cosine) on the ``train`` split and reports macro-F1 on ``test``.
 
     python benchmarks/demo_knn.py runs/demo/teacher.pt [--k 5] [--json out.json]
+
+The run's own demo set is small (a few dozen test cells); ``--eval-images N --eval-cache DIR``
+scores on a larger demo set from the same generator and seed instead (its first images are
+the training ones, the rest are new).
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from sklearn.metrics import f1_score
 from sklearn.neighbors import KNeighborsClassifier
 
 from cellvit_ssl.checkpoint import load_checkpoint
-from cellvit_ssl.config import config_from_dict
+from cellvit_ssl.config import config_from_dict, config_to_dict
 from cellvit_ssl.data.dataset import IndexDataset
 from cellvit_ssl.embed import load_encoder
 from cellvit_ssl.models.channels import build_model
@@ -56,9 +60,17 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=5)
     parser.add_argument("--seed", type=int, default=0, help="seed of the random-init model")
     parser.add_argument("--json", help="also write the figures here")
+    parser.add_argument("--eval-images", type=int, help="score on a demo set of this many fields")
+    parser.add_argument("--eval-cache", help="cache folder for that larger demo set")
     args = parser.parse_args()
     trained = load_encoder(args.checkpoint, device="cpu").model
     cfg = config_from_dict(load_checkpoint(args.checkpoint)["config"])
+    if args.eval_images:
+        if not args.eval_cache:
+            parser.error("--eval-images needs --eval-cache")
+        data = config_to_dict(cfg)
+        data["data"]["demo"].update(n_images=args.eval_images, cache_dir=args.eval_cache)
+        cfg = config_from_dict(data)
     x, ids, labels, split = cell_inputs(cfg)
     torch.manual_seed(args.seed)
     random_init = build_model(cfg.model, list(cfg.data.channels)).eval()

@@ -21,12 +21,13 @@ from tqdm import tqdm
 
 from cellvit_ssl.checkpoint import ENCODER_FORMAT, TRAINING_FORMAT, load_checkpoint
 from cellvit_ssl.config import config_from_dict
-from cellvit_ssl.crops import box_around, cell_table, read_box
+from cellvit_ssl.crops import CropBox, box_around, cell_table, read_box
 from cellvit_ssl.data.channels import canonical_name
 from cellvit_ssl.data.channels import channel_ids as names_to_ids
 from cellvit_ssl.data.dataset import normalize_percentiles
 from cellvit_ssl.errors import CheckpointError, DataError
 from cellvit_ssl.models.channels import ChannelAdaptiveViT, build_model
+from cellvit_ssl.transforms import PerChannelStandardize
 
 #: ``progress`` argument: False, True (a tqdm bar on stderr) or a callable ``(done, total)``
 #: called after every batch (raise from it to cancel).
@@ -68,6 +69,8 @@ class _Batches:
         shape = tuple(int(n) for n in images.shape)
         if len(shape) not in (3, 4):
             raise DataError(f"expected images shaped (C, H, W) or (B, C, H, W), got shape {shape}")
+        if 0 in shape:
+            raise DataError(f"the images are empty: shape {shape}")
         self.single = len(shape) == 3
         self.images = images
         self.shape = (1, *shape) if self.single else shape
@@ -104,10 +107,11 @@ class Encoder:
         crop_size: Default side of cell crops in :meth:`embed_cells` (``data.sample_size``).
     """
 
-    def __init__(self, model: ChannelAdaptiveViT, config, device: torch.device, source: str | None = None) -> None:
-        self.model = model.eval().to(device)
+    def __init__(self, model: ChannelAdaptiveViT, config, device: str | torch.device,
+                 source: str | None = None) -> None:
+        self.device = torch.device(device)
+        self.model = model.eval().to(self.device)
         self.config = config
-        self.device = device
         self.source = source
         self.channels = list(model.channels)
         self.output_dim = int(model.output_dim)
@@ -194,16 +198,21 @@ class Encoder:
         return torch.cat(out).numpy()
 
     # ----------------------------------------------------------------- image embeddings
+    def _standardized(self, t: torch.Tensor) -> torch.Tensor:
+        """Per-image, per-channel zero mean / unit variance when the run trained on such views."""
+        return PerChannelStandardize()(t) if self.config.views.standardize else t
+
     def _embed_forward(self, t: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        return self.model.embed(self._resized(t, self.input_size), ids)
+        return self.model.embed(self._standardized(self._resized(t, self.input_size)), ids)
 
     def embed(self, images, channels: Sequence[str], batch_size: int = 64, progress: Progress = False,
               allow_missing: bool = False) -> np.ndarray:
         """One embedding per image.
 
-        Images are normalised per image and channel as in training (percentile clip) and
-        resized to the training crop size (:attr:`input_size`). Channels are matched to the
-        model by name, so their order does not matter.
+        Images are normalised per image and channel as in training (percentile clip), resized
+        to the training crop size (:attr:`input_size`) and, when the run used
+        ``views.standardize``, standardised per channel. Channels are matched to the model by
+        name, so their order does not matter.
 
         Args:
             images: ``(C, H, W)`` or ``(B, C, H, W)``: numpy, torch, or a lazy Zarr / dask
@@ -259,7 +268,8 @@ class Encoder:
         ``(D, h, w)`` grid is placed at the channel's position in :attr:`channels`, giving
         ``D_total = len(channels) · D`` (channel-major: features ``[k·D, (k+1)·D)`` belong to
         ``channels[k]``); a channel absent from the input is an all-zero block. Models whose
-        samples are whole images give ``D_total = D``.
+        samples are whole images (``fixed``; ``hierarchical`` and ``channelvit``, whose patch
+        tokens are pooled over the present channels) give ``D_total = D``.
 
         Args:
             images: ``(C, H, W)`` or ``(B, C, H, W)`` array (numpy, torch, Zarr, dask).
@@ -284,14 +294,15 @@ class Encoder:
                 t = torch.from_numpy(self._normalize(src.read(s, s + batch_size)))
                 if size is not None:
                     t = self._resized(t, size)
+                t = self._standardized(t)
                 pad_h, pad_w = -t.shape[-2] % p, -t.shape[-1] % p
                 yield F.pad(t, (0, pad_w, 0, pad_h)).numpy()
 
         return self._run(batches(), len(src), ids, self._patch_forward, progress, "patch features")
 
     # ----------------------------------------------------------------- cells
-    def cell_crops(self, image, labels, crop_size: int | None = None,
-                   mask_background: bool = False) -> Iterator[tuple[int, np.ndarray]]:
+    def cell_crops(self, image, labels, crop_size: int | None = None, mask_background: bool = False,
+                   cells: tuple[np.ndarray, np.ndarray] | None = None) -> Iterator[tuple[int, np.ndarray]]:
         """Normalised ``(C, s, s)`` crops around each labelled cell, in ascending label order.
 
         Args:
@@ -301,6 +312,8 @@ class Encoder:
                 the training ``data.sample_size``); zero-padded at the image border.
             mask_background: Zero every pixel of the crop that is not this cell's (after
                 normalisation); False keeps the neighbourhood, as in training.
+            cells: ``(label ids, centroids)`` of ``labels`` when already computed
+                (:func:`cellvit_ssl.crops.cell_table`).
 
         Yields:
             ``(label_id, crop)`` pairs.
@@ -312,7 +325,7 @@ class Encoder:
             raise DataError(f"the label mask has shape {labels.shape} but the image is {tuple(image.shape[-2:])}")
         size = _positive(crop_size or self.crop_size)
         low, high = self.config.data.normalize_percentiles
-        ids, centres = cell_table(labels)
+        ids, centres = cells if cells is not None else cell_table(labels)
         for label_id, centre in zip(ids, centres):
             box = box_around(centre, size)
             crop = normalize_percentiles(read_box(image, box), low, high, source=f"cell {label_id}")
@@ -354,8 +367,11 @@ class Encoder:
         ids = self.resolve_channels(channels, int(image.shape[0]), allow_missing)
         labels = np.asarray(labels)
         label_ids: list[int] = []
-        crops = self.cell_crops(image, labels, crop_size, mask_background)
-        n_cells = len(cell_table(labels)[0])
+        if labels.shape != tuple(image.shape[-2:]):
+            raise DataError(f"the label mask has shape {labels.shape} but the image is {tuple(image.shape[-2:])}")
+        cells = cell_table(labels)
+        crops = self.cell_crops(image, labels, crop_size, mask_background, cells)
+        n_cells = len(cells[0])
 
         def batches() -> Iterator[np.ndarray]:
             batch: list[np.ndarray] = []
@@ -369,10 +385,48 @@ class Encoder:
                 yield np.stack(batch)
 
         if n_cells == 0:
-            list(crops)  # still checks the mask against the image
             return np.zeros((0, self.output_dim), np.float32), np.zeros(0, np.int64)
         z = self._run(batches(), n_cells, ids, self._embed_forward, progress, "embed cells")
         return z, np.asarray(label_ids, dtype=np.int64)
+
+    def embed_tiles(self, image, channels: Sequence[str], tile_size: int | None = None,
+                    batch_size: int = 64, progress: Progress = False,
+                    allow_missing: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """One embedding per square tile of a field of view (for images without a segmentation).
+
+        Tiles cover the image row by row without overlap; the last row / column is zero-padded
+        at the border. Each tile is normalised and embedded like :meth:`embed`.
+
+        Args:
+            image: ``(C, H, W)`` field of view (numpy, torch, Zarr, dask; read tile by tile).
+            channels: Name of each channel, in the order of the channel axis.
+            tile_size: Tile side in pixels (default :attr:`crop_size`).
+            batch_size: Tiles per forward pass.
+            progress: True for a progress bar, or a callable ``(done, total)``.
+            allow_missing: See :meth:`resolve_channels`.
+
+        Returns:
+            ``(embeddings (n_tiles, output_dim) float32, boxes (n_tiles, 4) int64)`` with each
+            tile's ``(y0, x0, height, width)`` in pixels.
+        """
+        if isinstance(image, torch.Tensor):
+            image = image.detach().cpu().numpy()
+        if len(image.shape) != 3:
+            raise DataError(f"embed_tiles expects one (C, H, W) image, got shape {tuple(image.shape)}")
+        ids = self.resolve_channels(channels, int(image.shape[0]), allow_missing)
+        size = _positive(tile_size or self.crop_size)
+        height, width = (int(n) for n in image.shape[-2:])
+        boxes = np.array([(y, x, size, size) for y in range(0, height, size) for x in range(0, width, size)],
+                         dtype=np.int64)
+        low, high = self.config.data.normalize_percentiles
+
+        def batches() -> Iterator[np.ndarray]:
+            for s in range(0, len(boxes), _positive(batch_size)):
+                tiles = [read_box(image, CropBox(int(y), int(x), size)) for y, x, _, _ in boxes[s : s + batch_size]]
+                yield np.stack([normalize_percentiles(t, low, high, source=f"tile at ({y}, {x})")
+                                for t, (y, x, _, _) in zip(tiles, boxes[s : s + batch_size])])
+
+        return self._run(batches(), len(boxes), ids, self._embed_forward, progress, "embed tiles"), boxes
 
 
 def _positive(n: int) -> int:

@@ -42,7 +42,7 @@ from cellvit_ssl.errors import CellVitSSLError, DataError
 
 def build_parser() -> argparse.ArgumentParser:
     """The command-line interface of ``python -m cellvit_ssl.embed``."""
-    p = argparse.ArgumentParser(prog="python -m cellvit_ssl.embed", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="python -m cellvit_ssl.embed", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoint", help="teacher.pt export or training checkpoint.pt")
     src = p.add_mutually_exclusive_group(required=True)
@@ -58,6 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-missing", action="store_true", help="embed images that lack some model channels")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--chunk-rows", type=int, default=512, help="rows per saved chunk (the unit of resuming)")
+    p.add_argument("--workers", type=int, default=0, help="processes reading crops (0: read in the main process)")
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: CUDA when available)")
     p.add_argument("--overwrite", action="store_true", help="replace an output made from other inputs")
     p.add_argument("--no-progress", action="store_true")
@@ -140,7 +141,7 @@ def run(args: argparse.Namespace) -> Path | None:
         for start in starts:
             stop = min(start + args.chunk_rows, len(table))
             if not writer.done(start):
-                x, boxes = featurize_rows(reader, range(start, stop), featurize)
+                x, boxes = featurize_rows(reader, range(start, stop), featurize, args.workers)
                 writer.save(start, x, boxes)
             bar.update(stop - start)
     uns = provenance(encoder, args.checkpoint, sha)

@@ -47,16 +47,32 @@ def read_labels(path: str | Path) -> np.ndarray:
         else:
             import zarr
 
-            node = zarr.open(str(p), mode="r")
-            if not hasattr(node, "shape"):
-                node = node["0"]
-            mask = node[...]
+            mask = _zarr_level0(zarr.open(str(p), mode="r"))[...]
     except Exception as exc:
         raise DataError(f"label mask {str(p)!r} could not be read ({type(exc).__name__}: {exc})") from exc
     mask = np.squeeze(np.asarray(mask))
     if mask.ndim != 2:
         raise DataError(f"label mask {str(p)!r} has shape {mask.shape}; expected a 2-D (Y, X) mask")
     return mask
+
+
+def _zarr_level0(node):
+    """The full-resolution array of a Zarr array, OME-Zarr label image, ``labels`` group or image."""
+    for _ in range(3):
+        if hasattr(node, "shape"):
+            return node
+        attrs = dict(node.attrs)
+        attrs = attrs.get("ome", attrs)
+        is_image_with_labels = "image-label" not in attrs and "labels" in node
+        if "multiscales" in attrs and not is_image_with_labels:
+            return node[attrs["multiscales"][0]["datasets"][0]["path"]]
+        if "labels" in attrs:  # the labels group: its first label image
+            node = node[attrs["labels"][0]]
+        elif "labels" in node:  # an OME-Zarr image with a labels group
+            node = node["labels"]
+        else:
+            break
+    raise ValueError("no label array found (expected a Zarr array, an OME-Zarr label image or a labels group)")
 
 
 class RowReader:
@@ -170,20 +186,48 @@ def order_channels(crop: np.ndarray, names: Sequence[str], wanted: Sequence[str]
     return out
 
 
+def read_rows(reader: RowReader, rows: Sequence[int], workers: int = 0) -> list:
+    """``reader.read`` of each row, in order; ``workers`` > 0 reads in DataLoader worker processes."""
+    if workers <= 0 or len(rows) < 2:
+        return [reader.read(i) for i in rows]
+    from torch.utils.data import DataLoader
+
+    loader = DataLoader(_RowDataset(reader, rows), batch_size=None, num_workers=min(workers, len(rows)),
+                        collate_fn=_identity)
+    return list(loader)
+
+
+def _identity(item):
+    return item
+
+
+class _RowDataset:
+    def __init__(self, reader: RowReader, rows: Sequence[int]) -> None:
+        self.reader, self.rows = reader, list(rows)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, k: int):
+        return self.reader.read(self.rows[k])
+
+
 def featurize_rows(reader: RowReader, rows: Iterable[int],
-                   featurize: Callable[[np.ndarray, list[str]], np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+                   featurize: Callable[[np.ndarray, list[str]], np.ndarray],
+                   workers: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Features of several rows in order; rows sharing channel names and crop shape share a call.
 
     Args:
         reader: Where the crops come from.
         rows: Row numbers.
         featurize: ``(crops (b, C, h, w), channel names) -> (b, D)``.
+        workers: Reader processes (0: read in this process).
 
     Returns:
         ``(features (n, D) float32, boxes (n, 4) int64)`` in the order of ``rows``.
     """
     rows = list(rows)
-    crops = [reader.read(i) for i in rows]
+    crops = read_rows(reader, rows, workers)
     groups: dict[tuple, list[int]] = {}
     for k, (crop, names, _) in enumerate(crops):
         groups.setdefault((tuple(names), crop.shape), []).append(k)
@@ -313,7 +357,8 @@ class ResumableWriter:
         if self.out.suffix == ".h5ad":
             adata.write_h5ad(tmp)
         else:
-            adata.write_zarr(tmp)
+            with anndata.settings.override(zarr_write_format=3):  # the Zarr format the package reads and writes
+                adata.write_zarr(tmp)
         if self.out.is_dir():
             shutil.rmtree(self.out)
         os.replace(tmp, self.out)

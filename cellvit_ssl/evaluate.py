@@ -309,9 +309,20 @@ def format_table(results: Sequence[Result]) -> str:
     return "\n".join(lines)
 
 
+def summarize(results: Sequence[Result], classifier: str) -> dict:
+    """Macro-F1 of one classifier per task and feature set: the trained model's lift at a glance."""
+    table: dict[str, dict[str, float]] = {}
+    for r in results:
+        if r.classifier == classifier:
+            table.setdefault(f"{r.dataset}/{r.task}" if r.dataset else r.task, {})[r.features] = r.macro_f1
+    lines = [f"{classifier} macro-F1, {task}: " + " | ".join(f"{name} {f1:.3f}" for name, f1 in row.items())
+             for task, row in table.items()]
+    return {"classifier": classifier, "macro_f1": table, "lines": lines}
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command-line interface of ``python -m cellvit_ssl.evaluate``."""
-    p = argparse.ArgumentParser(prog="python -m cellvit_ssl.evaluate", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="python -m cellvit_ssl.evaluate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("embeddings", help="OUT.h5ad or OUT.zarr written by python -m cellvit_ssl.embed")
     p.add_argument("--label-key", required=True, help="obs column with the class labels")
@@ -360,12 +371,15 @@ def run(args: argparse.Namespace) -> dict:
     for name, x in feature_sets.items():
         results += evaluate_features(name, x, labels, tasks, args.k, args.seed)
     print(format_table(results))
+    summary = summarize(results, f"{args.k}nn_cosine" if args.k > 1 else "1nn_cosine")
+    for line in summary["lines"]:
+        print(line)
     model = {k: (v.tolist() if hasattr(v, "tolist") else v) for k, v in dict(adata.uns.get("model", {})).items()}
     report = {"embeddings": str(Path(args.embeddings).resolve()), "label_key": args.label_key,
               "split_key": args.split_key, "group_key": args.group_key, "k": args.k, "model": model,
               "tasks": [{"dataset": t.dataset, "task": t.name, "protocol": t.kind, "folds": len(t.folds)}
                         for t in tasks],
-              "results": [asdict(r) for r in results]}
+              "summary": summary["macro_f1"], "results": [asdict(r) for r in results]}
     out = Path(args.json) if args.json else Path(args.embeddings).with_suffix(".eval.json")
     out.write_text(json.dumps(report, indent=2))
     print(f"wrote {out}", file=sys.stderr)

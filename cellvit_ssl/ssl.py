@@ -23,7 +23,6 @@ import torch
 from lightly.loss import DINOLoss, IBOTPatchLoss, KoLeoLoss
 from lightly.models.modules import DINOProjectionHead
 from lightly.models.utils import random_block_mask, update_momentum
-from lightly.utils.scheduler import linear_warmup_schedule
 from torch import Tensor, nn
 
 from cellvit_ssl.centering import sinkhorn_knopp
@@ -138,9 +137,15 @@ class DINOMetaArch(nn.Module):
         return self
 
     def teacher_temperature(self, epoch: int) -> float:
-        """Teacher temperature: linear warm-up from ``warmup_teacher_temp`` over the first epochs."""
+        """Teacher temperature at ``epoch``: DINO's (and lightly ``DINOLoss``'s) warm-up.
+
+        ``linspace(warmup_teacher_temp, teacher_temp, warmup_teacher_temp_epochs)[epoch]``,
+        then ``teacher_temp``; the same value drives the DINO and the iBOT term.
+        """
         c = self.cfg
-        return linear_warmup_schedule(epoch, c.warmup_teacher_temp_epochs, c.warmup_teacher_temp, c.teacher_temp)
+        if epoch < c.warmup_teacher_temp_epochs:
+            return float(torch.linspace(c.warmup_teacher_temp, c.teacher_temp, c.warmup_teacher_temp_epochs)[epoch])
+        return float(c.teacher_temp)
 
     def _masks(self, view: Tensor, channel_ids: Tensor, present: Tensor) -> Tensor:
         """Block masks ``(S, N)`` for iBOT on one global view (lightly ``random_block_mask``)."""

@@ -67,6 +67,8 @@ def test_channel_name_errors_list_what_the_model_knows(encoder, images):
         encoder.embed(images, None)
     with pytest.raises(DataError, match=r"\(C, H, W\) or \(B, C, H, W\)"):
         encoder.embed(images[0, 0], CHANNELS)
+    with pytest.raises(DataError, match="empty"):
+        encoder.embed(images[:0], CHANNELS)
 
 
 def test_allow_missing_leaves_the_absent_channel_block_zero(encoder, images):
@@ -186,3 +188,68 @@ def test_load_encoder_from_export_keeps_weights_and_provenance(encoder, tiny_cfg
     loaded = load_encoder(path, device="cpu")
     assert loaded.source == str(path) and loaded.channels == CHANNELS
     np.testing.assert_allclose(loaded.embed(images, CHANNELS), encoder.embed(images, CHANNELS), atol=1e-6, rtol=0)
+
+
+def test_standardize_views_are_matched_at_inference(tiny_overrides, images):
+    from cellvit_ssl.config import load_config
+
+    cfg = load_config(None, tiny_overrides + ["views.standardize=true"])
+    torch.manual_seed(0)
+    enc = Encoder(build_model(cfg.model, CHANNELS), cfg, torch.device("cpu"))
+    z = enc.embed(images[:2], CHANNELS)
+    norm = np.stack([normalize_percentiles(im, *cfg.data.normalize_percentiles) for im in images[:2]])
+    t = torch.nn.functional.interpolate(torch.from_numpy(norm), size=32, mode="bilinear", antialias=True,
+                                        align_corners=False)
+    t = (t - t.mean(dim=(-2, -1), keepdim=True)) / t.std(dim=(-2, -1), keepdim=True, unbiased=False)
+    with torch.inference_mode():
+        ref = enc.model.embed(t, torch.tensor([channel_ids(CHANNELS)] * 2)).numpy()
+    np.testing.assert_allclose(z, ref, atol=1e-5, rtol=0)
+    grid = enc.patch_features(images[:1, :, :32, :32], CHANNELS)
+    enc.config = load_config(None, tiny_overrides)  # same weights, no standardisation
+    assert not np.allclose(enc.patch_features(images[:1, :, :32, :32], CHANNELS), grid, atol=1e-3)
+
+
+@pytest.mark.gpu
+def test_cuda_bf16_embeddings_match_cpu(encoder, images):
+    z_cpu = encoder.embed(images, CHANNELS)
+    cuda = Encoder(encoder.model, encoder.config, torch.device("cuda"))
+    z = cuda.embed(images, CHANNELS)
+    assert z.dtype == np.float32
+    cos = (z * z_cpu).sum(1) / (np.linalg.norm(z, axis=1) * np.linalg.norm(z_cpu, axis=1))
+    assert cos.min() > 0.99
+    grid = cuda.patch_features(images, CHANNELS)
+    assert grid.dtype == np.float32 and grid.shape == (5, cuda.patch_dim, 5, 5)
+
+
+def test_embed_tiles_cover_the_image_in_row_major_order(encoder):
+    image, _ = _cells_image(np.random.default_rng(4), size=56)
+    z, boxes = encoder.embed_tiles(image, CHANNELS, tile_size=24, batch_size=4)
+    assert boxes.tolist() == [[y, x, 24, 24] for y in (0, 24, 48) for x in (0, 24, 48)]
+    assert z.shape == (9, encoder.output_dim)
+    last = np.zeros((4, 24, 24), np.float32)
+    last[:, :8, :8] = image[:, 48:, 48:]  # the corner tile is zero-padded past the border
+    np.testing.assert_allclose(z[8], encoder.embed(last, CHANNELS)[0], atol=1e-5, rtol=0)
+    np.testing.assert_allclose(z[1], encoder.embed(image[:, :24, 24:48], CHANNELS)[0], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("variant", ["fixed", "hierarchical", "channelvit"])
+def test_other_variants_embed_and_give_one_patch_grid_per_image(tiny_overrides, images, variant):
+    from cellvit_ssl.config import load_config
+
+    cfg = load_config(None, tiny_overrides + [f"model.variant={variant}"])
+    torch.manual_seed(0)
+    enc = Encoder(build_model(cfg.model, CHANNELS), cfg, torch.device("cpu"))
+    z = enc.embed(images[:3], CHANNELS)
+    assert z.shape == (3, enc.output_dim)
+    np.testing.assert_allclose(enc.embed(images[:3], CHANNELS, batch_size=1), z, atol=1e-5, rtol=0)
+    perm = [1, 3, 0, 2]
+    np.testing.assert_allclose(enc.embed(images[:3, perm], [CHANNELS[i] for i in perm]), z, atol=1e-5, rtol=0)
+    grid = enc.patch_features(images[:2], CHANNELS)
+    assert enc.patch_dim == enc.model.embed_dim and grid.shape == (2, enc.patch_dim, 5, 5)
+    np.testing.assert_allclose(enc.patch_features(images[:2], CHANNELS, batch_size=1), grid, atol=1e-5, rtol=0)
+    # the grid is the model's own per-image patch tokens
+    norm = np.stack([normalize_percentiles(im, *cfg.data.normalize_percentiles) for im in images[:2]])
+    with torch.inference_mode():
+        tokens = enc.model.forward_features(torch.from_numpy(norm), torch.tensor([channel_ids(CHANNELS)] * 2))
+    ref = tokens["x_norm_patchtokens"].transpose(1, 2).reshape(2, -1, 5, 5).numpy()
+    np.testing.assert_allclose(grid, ref, atol=1e-5, rtol=0)

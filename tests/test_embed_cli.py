@@ -94,7 +94,8 @@ def test_interrupted_run_resumes_without_duplicates(checkpoint, dataset, tmp_pat
 
     embedded = []
     real_featurize = cli.featurize_rows
-    monkeypatch.setattr(cli, "featurize_rows", lambda r, rows, f: embedded.extend(rows) or real_featurize(r, rows, f))
+    monkeypatch.setattr(cli, "featurize_rows",
+                        lambda r, rows, f, w: embedded.extend(rows) or real_featurize(r, rows, f, w))
     assert cli.main(args + ["--out", str(out)]) == 0
     assert embedded == [3, 4, 5, 6, 7]  # only the rows the first run had not saved
     a, b = anndata.read_h5ad(out), anndata.read_h5ad(full)
@@ -107,6 +108,15 @@ def test_interrupted_run_resumes_without_duplicates(checkpoint, dataset, tmp_pat
     assert cli.main(args + ["--out", str(out)]) == 0  # complete: nothing appended, nothing recomputed
     assert embedded == [] and out.stat().st_mtime_ns == mtime
     assert anndata.read_h5ad(out).n_obs == 8
+
+
+def test_reader_workers_give_the_same_rows(checkpoint, dataset, tmp_path):
+    a, b = tmp_path / "a.h5ad", tmp_path / "b.h5ad"
+    base = [str(checkpoint), "--index", str(dataset), "--no-progress", "--chunk-rows", "5"]
+    assert cli.main(base + ["--out", str(a)]) == 0
+    assert cli.main(base + ["--out", str(b), "--workers", "2"]) == 0
+    np.testing.assert_array_equal(anndata.read_h5ad(a).X, anndata.read_h5ad(b).X)
+    assert anndata.read_h5ad(b).obs.equals(anndata.read_h5ad(a).obs)
 
 
 def test_changed_inputs_do_not_mix_with_an_existing_output(checkpoint, dataset, tmp_path, capsys):
@@ -149,3 +159,19 @@ def test_whole_images_and_user_errors(checkpoint, dataset, tmp_path, capsys):
     assert "nope.csv" in capsys.readouterr().err
     assert cli.main([str(checkpoint), "--index", str(dataset), "--out", str(tmp_path / "x.csv")]) == 2
     assert ".h5ad or .zarr" in capsys.readouterr().err
+
+
+def test_ome_zarr_label_images_are_found(tmp_path):
+    import zarr
+    from ome_zarr.format import FormatV05
+    from ome_zarr.writer import write_image, write_labels
+
+    from cellvit_ssl.embed_io import read_labels
+
+    labels = np.zeros((32, 32), np.int32)
+    labels[4:10, 4:10] = 5
+    root = zarr.open_group(str(tmp_path / "img.ome.zarr"), mode="w", zarr_format=3)
+    write_image(np.zeros((2, 32, 32), np.uint16), root, axes="cyx", fmt=FormatV05())
+    write_labels(labels, root, name="cells", axes="yx", fmt=FormatV05())
+    for path in ("img.ome.zarr", "img.ome.zarr/labels", "img.ome.zarr/labels/cells"):
+        np.testing.assert_array_equal(read_labels(tmp_path / path), labels)

@@ -59,6 +59,10 @@ def test_leave_one_group_out_holds_each_group_out(tmp_path, capsys):
     assert "leave-one-plate-out" in table and "1nn_cosine" in table
     report = json.loads(path.with_suffix(".eval.json").read_text())
     assert all(r["macro_f1"] == 1.0 and r["n_test"] == 12 for r in report["results"])
+    zarr_path = tmp_path / "emb.zarr"
+    anndata.read_h5ad(path).write_zarr(zarr_path)  # the Zarr flavour of the same content
+    assert ev.main([str(zarr_path), "--label-key", "label", "--group-key", "plate", "--no-baselines"]) == 0
+    assert json.loads(zarr_path.with_suffix(".eval.json").read_text())["results"][0]["n_test"] == 12
 
 
 def test_chammi_protocol_task_columns_and_leave_out():
@@ -112,6 +116,8 @@ def test_baselines_reread_the_same_crops(demo_embeddings, tmp_path):
     trained = {r["classifier"]: r["macro_f1"] for r in report["results"] if r["features"] == "trained"}
     random_init = {r["classifier"]: r["macro_f1"] for r in report["results"] if r["features"] == "random-init"}
     assert trained == random_init
+    summary = report["summary"]["leave-one-image_id-out"]
+    assert set(summary) == {"trained", "random-init", "raw-pixels"} and summary["trained"] == trained["3nn_cosine"]
 
 
 def test_user_errors_name_the_problem(tmp_path, capsys):

@@ -1,13 +1,7 @@
-"""Channel-adaptive wrappers around the ViT backbone.
+"""Channel-adaptive models: ``fixed`` and ``boc`` here, and :func:`build_model` for every variant.
 
-Every variant takes images ``(B, C, H, W)`` with ``channel_ids (B, C)`` (global vocabulary ids,
-see :mod:`cellvit_ssl.data.channels`) and an optional ``channel_mask (B, C)`` (True = present).
-Two entry points:
-
-- ``forward_features`` gives the *training samples* the SSL objective works on: a dict with
-  ``x_norm_clstoken (S, D)`` and ``x_norm_patchtokens (S, N, D)``. For ``boc`` each present
-  channel of each image is its own sample (S = number of present channels in the batch).
-- ``embed`` gives one image embedding ``(B, output_dim)`` per image.
+See :mod:`cellvit_ssl.models.base` for the shared interface, :mod:`~cellvit_ssl.models.hierarchical`
+and :mod:`~cellvit_ssl.models.channelvit` for the other two variants.
 """
 
 from __future__ import annotations
@@ -15,45 +9,67 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from cellvit_ssl.data.channels import channel_ids as names_to_ids
-from cellvit_ssl.models.vit import VisionTransformer
+from cellvit_ssl.errors import ConfigError
+from cellvit_ssl.models.base import ChannelAdaptiveViT, cls_embedding, present_mask
+from cellvit_ssl.models.channelvit import ChannelViT
+from cellvit_ssl.models.hierarchical import HierarchicalViT
+from cellvit_ssl.models.layers import ATTN_BACKENDS, FFN_LAYERS
+from cellvit_ssl.models.vit import ARCHS, VisionTransformer, build_vit
 
+__all__ = ["BagOfChannelsViT", "ChannelAdaptiveViT", "FixedChannelViT", "VARIANTS", "build_model"]
 
-class ChannelAdaptiveViT(nn.Module):
-    """Base class: holds the model's channel vocabulary (the channels it was trained on)."""
-
-    def __init__(self, channels: Sequence[str]) -> None:
-        super().__init__()
-        self.channels = list(channels)
-        ids = names_to_ids(self.channels)
-        self.register_buffer("vocab_ids", torch.tensor(ids, dtype=torch.long), persistent=False)
-        slot = torch.full((max(ids) + 1,), -1, dtype=torch.long)
-        slot[torch.tensor(ids)] = torch.arange(len(ids))
-        self.register_buffer("_slot_of_id", slot, persistent=False)
-
-    def slots(self, channel_ids: Tensor) -> Tensor:
-        """Position of each channel id in the model's channel list.
-
-        Raises:
-            ValueError: If an id is not one of the model's channels.
-        """
-        ids = channel_ids.long()
-        inside = (ids >= 0) & (ids < self._slot_of_id.numel())
-        slots = torch.where(inside, self._slot_of_id[ids.clamp(0, self._slot_of_id.numel() - 1)], -1)
-        if (slots < 0).any():
-            raise ValueError(
-                f"channel ids {sorted(set(ids[slots < 0].tolist()))} are not among the model's "
-                f"channels {self.channels}"
-            )
-        return slots
+#: Model variants by config name.
+VARIANTS = ("fixed", "boc", "hierarchical", "channelvit")
 
 
-def _present(channel_ids: Tensor, channel_mask: Tensor | None) -> Tensor:
-    if channel_mask is None:
-        return torch.ones_like(channel_ids, dtype=torch.bool)
-    return channel_mask.bool()
+class FixedChannelViT(ChannelAdaptiveViT):
+    """Plain ViT with ``in_chans = len(channels)``: the baseline that cannot change channel sets.
+
+    Input channels are put into the model's channel order by their ids; a channel that is
+    absent (masked or not in the input) is fed as zeros.
+
+    Args:
+        backbone: A ViT with ``in_chans == len(channels)``.
+        channels: The model's channel names, in the order of the backbone's input channels.
+        pool_patch_tokens: Append the mean patch token to the CLS token in :meth:`embed`.
+    """
+
+    def __init__(self, backbone: VisionTransformer, channels: Sequence[str], pool_patch_tokens: bool = False) -> None:
+        super().__init__(channels)
+        if backbone.spec.in_chans != len(self.channels):
+            raise ValueError(f"fixed needs a backbone with in_chans={len(self.channels)}, got {backbone.spec.in_chans}")
+        self.backbone = backbone
+        self.pool_patch_tokens = pool_patch_tokens
+        self.embed_dim = backbone.embed_dim
+        self.output_dim = self.embed_dim * (2 if pool_patch_tokens else 1)
+
+    def arrange(self, x: Tensor, channel_ids: Tensor, channel_mask: Tensor | None = None) -> Tensor:
+        """``x`` rearranged to the model's channel order ``(B, len(channels), H, W)``, zeros where absent."""
+        present = present_mask(channel_ids, channel_mask)
+        slots = self.slots(channel_ids)
+        out = x.new_zeros(x.shape[0], len(self.channels), *x.shape[2:])
+        rows = torch.arange(x.shape[0], device=x.device).unsqueeze(1).expand_as(slots)
+        return out.index_put((rows[present], slots[present]), x[present])
+
+    def sample_shape(self, x: Tensor, channel_ids: Tensor, channel_mask: Tensor | None = None) -> tuple[int, int]:
+        """``(S, N)``: images and patch tokens per image, the shape of iBOT ``masks``."""
+        return x.shape[0], self.grid_size(x)
+
+    def forward_features(
+        self,
+        x: Tensor,
+        channel_ids: Tensor,
+        channel_mask: Tensor | None = None,
+        masks: Tensor | None = None,
+    ) -> dict[str, Tensor]:
+        """Features of every image (one sample per image)."""
+        return self.backbone.forward_features(self.arrange(x, channel_ids, channel_mask), masks=masks)
+
+    def embed(self, x: Tensor, channel_ids: Tensor, channel_mask: Tensor | None = None) -> Tensor:
+        """Image embeddings ``(B, output_dim)``."""
+        return cls_embedding(self.forward_features(x, channel_ids, channel_mask), self.pool_patch_tokens)
 
 
 class BagOfChannelsViT(ChannelAdaptiveViT):
@@ -87,8 +103,7 @@ class BagOfChannelsViT(ChannelAdaptiveViT):
 
         This is the shape of its iBOT ``masks`` argument.
         """
-        grid = (x.shape[-2] // self.backbone.patch_size) * (x.shape[-1] // self.backbone.patch_size)
-        return int(_present(channel_ids, channel_mask).sum()), grid
+        return int(present_mask(channel_ids, channel_mask).sum()), self.grid_size(x)
 
     def forward_features(
         self,
@@ -102,7 +117,7 @@ class BagOfChannelsViT(ChannelAdaptiveViT):
         ``masks``, when given, is boolean ``(S, N)`` (see :meth:`sample_shape`); True patches
         are replaced by the mask token (iBOT).
         """
-        present = _present(channel_ids, channel_mask)
+        present = present_mask(channel_ids, channel_mask)
         singles = x[present].unsqueeze(1)  # (S, 1, H, W)
         return self.backbone.forward_features(singles, masks=masks)
 
@@ -110,30 +125,60 @@ class BagOfChannelsViT(ChannelAdaptiveViT):
         self, x: Tensor, channel_ids: Tensor, channel_mask: Tensor | None = None
     ) -> Tensor:
         """Image embeddings ``(B, len(channels) · block_dim)`` in the model's channel order."""
-        present = _present(channel_ids, channel_mask)
+        present = present_mask(channel_ids, channel_mask)
         slots = self.slots(channel_ids)
-        feats = self.forward_features(x, channel_ids, present)
-        block = feats["x_norm_clstoken"]
-        if self.pool_patch_tokens:
-            block = torch.cat([block, feats["x_norm_patchtokens"].mean(dim=1)], dim=-1)
+        block = cls_embedding(self.forward_features(x, channel_ids, present), self.pool_patch_tokens)
         out = block.new_zeros(x.shape[0], len(self.channels), self.block_dim)
         rows = torch.arange(x.shape[0], device=x.device).unsqueeze(1).expand_as(slots)
         out[rows[present], slots[present]] = block
         return out.flatten(1)
 
 
-def build_model(model_cfg, channels: Sequence[str]) -> ChannelAdaptiveViT:
+def _check(model_cfg) -> None:
+    choices = {
+        "variant": VARIANTS,
+        "ffn_layer": FFN_LAYERS,
+        "attn_backend": ATTN_BACKENDS,
+        "arch": tuple(ARCHS) + ("custom",),
+    }
+    for key, allowed in choices.items():
+        value = getattr(model_cfg, key)
+        if value not in allowed:
+            raise ConfigError(f"model.{key}={value!r}; expected one of {list(allowed)}")
+    if model_cfg.img_size % model_cfg.patch_size:
+        raise ConfigError(
+            f"model.img_size={model_cfg.img_size} is not a multiple of model.patch_size={model_cfg.patch_size}"
+        )
+    if model_cfg.arch == "custom" and model_cfg.embed_dim % model_cfg.num_heads:
+        raise ConfigError(
+            f"model.embed_dim={model_cfg.embed_dim} is not divisible by model.num_heads={model_cfg.num_heads}"
+        )
+
+
+def build_model(model_cfg, channels: Sequence[str], *, load_pretrained: bool = True) -> ChannelAdaptiveViT:
     """Build the channel-adaptive model a config's ``model`` section describes.
+
+    When ``model.pretrained`` names a local DINOv2-layout checkpoint, its weights are loaded
+    into the backbone (see :func:`cellvit_ssl.models.pretrained.load_pretrained`).
 
     Args:
         model_cfg: The ``model`` section of a :class:`cellvit_ssl.config.Config`.
         channels: The model's channel names (``data.channels``).
-    """
-    from cellvit_ssl.models.vit import build_vit
+        load_pretrained: Load ``model.pretrained``; pass False when trained weights are
+            loaded right after (e.g. rebuilding an encoder from its checkpoint).
 
-    kwargs = dict(
+    Raises:
+        ConfigError: On an unknown variant, arch, FFN or attention backend, or inconsistent sizes.
+        CheckpointError: When ``model.pretrained`` cannot be read or does not fit the model.
+    """
+    _check(model_cfg)
+    variant = model_cfg.variant
+    pool = bool(model_cfg.pool_patch_tokens)
+    backbone = build_vit(
+        model_cfg.arch,
         patch_size=model_cfg.patch_size,
         img_size=model_cfg.img_size,
+        in_chans=len(channels) if variant == "fixed" else 1,
         embed_dim=model_cfg.embed_dim,
         depth=model_cfg.depth,
         num_heads=model_cfg.num_heads,
@@ -141,9 +186,21 @@ def build_model(model_cfg, channels: Sequence[str]) -> ChannelAdaptiveViT:
         drop_path_rate=model_cfg.drop_path_rate,
         layerscale_init=model_cfg.layerscale_init,
         num_register_tokens=model_cfg.num_register_tokens,
+        qkv_bias=model_cfg.qkv_bias,
+        ffn_layer=model_cfg.ffn_layer,
+        attn_backend=model_cfg.attn_backend,
+        interpolate_offset=model_cfg.interpolate_offset,
+        interpolate_antialias=model_cfg.interpolate_antialias,
     )
-    if model_cfg.variant == "boc":
-        return BagOfChannelsViT(build_vit(model_cfg.arch, in_chans=1, **kwargs), channels)
-    raise NotImplementedError(
-        f"model.variant={model_cfg.variant!r} is not available yet; use 'boc'"
-    )
+    wrapper = {
+        "fixed": FixedChannelViT,
+        "boc": BagOfChannelsViT,
+        "hierarchical": HierarchicalViT,
+        "channelvit": ChannelViT,
+    }[variant]
+    model = wrapper(backbone, channels, pool_patch_tokens=pool)
+    if load_pretrained and model_cfg.pretrained:
+        from cellvit_ssl.models.pretrained import load_pretrained as load
+
+        load(model, model_cfg.pretrained, strict=model_cfg.pretrained_strict)
+    return model

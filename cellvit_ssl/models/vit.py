@@ -1,32 +1,53 @@
 """DINOv2-style Vision Transformer backbone.
 
 Parameter names follow the official DINOv2 layout (``cls_token``, ``pos_embed``,
-``patch_embed.proj``, ``blocks.N.attn.qkv``, ``blocks.N.ls1.gamma``, ``norm``, ...) so that
-published checkpoints map onto it with few renames. Attention goes through
-:func:`torch.nn.functional.scaled_dot_product_attention`.
+``register_tokens``, ``mask_token``, ``patch_embed.proj``, ``blocks.N.attn.qkv``,
+``blocks.N.ls1.gamma``, ``norm``, ...) so published checkpoints map onto it with few renames
+(see :mod:`cellvit_ssl.models.pretrained`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-#: Backbone sizes by name: (embed_dim, depth, num_heads).
+from cellvit_ssl.models.layers import (
+    Attention,
+    DropPath,
+    LayerScale,
+    build_ffn,
+    resolve_attn_backend,
+)
+
+#: Backbone sizes by name: (embed_dim, depth, num_heads). ``vit_giant2`` is DINOv2's ViT-g
+#: (use it with ``ffn_layer="swiglu"`` for the official weights).
 ARCHS: dict[str, tuple[int, int, int]] = {
     "vit_tiny": (192, 12, 3),
     "vit_small": (384, 12, 6),
     "vit_base": (768, 12, 12),
     "vit_large": (1024, 24, 16),
     "vit_giant": (1536, 40, 24),
+    "vit_giant2": (1536, 40, 24),
 }
 
 
 @dataclass(frozen=True)
 class ViTSpec:
-    """Everything needed to build a :class:`VisionTransformer`."""
+    """Everything needed to build a :class:`VisionTransformer`.
+
+    Attributes:
+        interpolate_offset: 0 resizes the position embedding to exactly the patch grid; a
+            positive value (DINOv2 uses 0.1) resizes by the scale factor
+            ``(grid + offset) / native_grid`` instead, as DINOv2 does, which matters for
+            reproducing DINOv2 features bit for bit.
+        interpolate_antialias: Antialias the bicubic position-embedding resize (DINOv2 option).
+        ffn_layer: ``mlp`` or ``swiglu`` (see :data:`cellvit_ssl.models.layers.FFN_LAYERS`).
+        attn_backend: ``sdpa`` (default) or ``xformers`` (only used when installed, on CUDA).
+    """
 
     embed_dim: int = 384
     depth: int = 12
@@ -39,6 +60,45 @@ class ViTSpec:
     layerscale_init: float | None = 1e-5
     num_register_tokens: int = 0
     qkv_bias: bool = True
+    ffn_layer: str = "mlp"
+    attn_backend: str = "sdpa"
+    interpolate_offset: float = 0.0
+    interpolate_antialias: bool = False
+
+
+def resample_grid(
+    patch_pos: Tensor,
+    old_grid: tuple[int, int],
+    new_grid: tuple[int, int],
+    offset: float = 0.0,
+    antialias: bool = False,
+) -> Tensor:
+    """Bicubic resize of patch position embeddings ``(1, gh·gw, D)`` to ``new_grid``.
+
+    Args:
+        patch_pos: Position embeddings of the patch tokens only (no CLS), row-major.
+        old_grid: Their grid ``(gh, gw)``.
+        new_grid: Target grid ``(h, w)``; rectangles are fine.
+        offset: 0 = resize to exactly ``new_grid``; > 0 = DINOv2's scale-factor resize
+            ``(new + offset) / old``.
+        antialias: Antialias the resize (useful when shrinking a lot).
+
+    Returns:
+        ``(1, h·w, D)``; the input itself when the grids are equal.
+    """
+    old_grid, new_grid = tuple(old_grid), tuple(new_grid)
+    if old_grid == new_grid:
+        return patch_pos
+    dim = patch_pos.shape[-1]
+    grid = patch_pos.reshape(1, old_grid[0], old_grid[1], dim).permute(0, 3, 1, 2).float()
+    if offset:
+        scale = ((new_grid[0] + offset) / old_grid[0], (new_grid[1] + offset) / old_grid[1])
+        grid = F.interpolate(grid, scale_factor=scale, mode="bicubic", antialias=antialias)
+    else:
+        grid = F.interpolate(grid, size=new_grid, mode="bicubic", antialias=antialias, align_corners=False)
+    if tuple(grid.shape[-2:]) != new_grid:
+        raise ValueError(f"position-embedding resize gave grid {tuple(grid.shape[-2:])}, expected {new_grid}")
+    return grid.permute(0, 2, 3, 1).reshape(1, new_grid[0] * new_grid[1], dim).to(patch_pos.dtype)
 
 
 class PatchEmbed(nn.Module):
@@ -50,67 +110,12 @@ class PatchEmbed(nn.Module):
         self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
 
     def forward(self, x: Tensor) -> tuple[Tensor, tuple[int, int]]:
+        h, w = x.shape[-2:]
+        if h % self.patch_size or w % self.patch_size:
+            raise ValueError(f"input size {h}x{w} is not a multiple of the patch size {self.patch_size}")
         x = self.proj(x)
         grid = (x.shape[-2], x.shape[-1])
         return x.flatten(2).transpose(1, 2), grid
-
-
-class LayerScale(nn.Module):
-    """Per-channel learnable scale of a residual branch (DINOv2's ``ls1`` / ``ls2``)."""
-
-    def __init__(self, dim: int, init_value: float) -> None:
-        super().__init__()
-        self.gamma = nn.Parameter(torch.full((dim,), float(init_value)))
-
-    def forward(self, x: Tensor) -> Tensor:
-        return x * self.gamma
-
-
-class DropPath(nn.Module):
-    """Stochastic depth: drops the whole residual branch per sample while training."""
-
-    def __init__(self, p: float) -> None:
-        super().__init__()
-        self.p = p
-
-    def forward(self, x: Tensor) -> Tensor:
-        if self.p == 0.0 or not self.training:
-            return x
-        keep = 1.0 - self.p
-        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
-        return x * mask / keep
-
-
-class Attention(nn.Module):
-    """Multi-head self-attention on SDPA; ``attn_mask`` is passed through to SDPA."""
-
-    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True) -> None:
-        super().__init__()
-        if dim % num_heads:
-            raise ValueError(f"embed_dim={dim} is not divisible by num_heads={num_heads}")
-        self.num_heads = num_heads
-        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
-        self.proj = nn.Linear(dim, dim)
-
-    def forward(self, x: Tensor, attn_mask: Tensor | None = None) -> Tensor:
-        b, n, d = x.shape
-        qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, d // self.num_heads)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
-        x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
-        return self.proj(x.transpose(1, 2).reshape(b, n, d))
-
-
-class Mlp(nn.Module):
-    """Two-layer GELU MLP (DINOv2's ``mlp.fc1`` / ``mlp.fc2``)."""
-
-    def __init__(self, dim: int, hidden_dim: int) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden_dim)
-        self.act = nn.GELU()
-        self.fc2 = nn.Linear(hidden_dim, dim)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.fc2(self.act(self.fc1(x)))
 
 
 class Block(nn.Module):
@@ -120,9 +125,9 @@ class Block(nn.Module):
         super().__init__()
         dim = spec.embed_dim
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
-        self.attn = Attention(dim, spec.num_heads, spec.qkv_bias)
+        self.attn = Attention(dim, spec.num_heads, spec.qkv_bias, spec.attn_backend)
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
-        self.mlp = Mlp(dim, int(dim * spec.mlp_ratio))
+        self.mlp = build_ffn(spec.ffn_layer, dim, spec.mlp_ratio)
         init = spec.layerscale_init
         self.ls1 = LayerScale(dim, init) if init is not None else nn.Identity()
         self.ls2 = LayerScale(dim, init) if init is not None else nn.Identity()
@@ -149,6 +154,7 @@ class VisionTransformer(nn.Module):
 
     def __init__(self, spec: ViTSpec) -> None:
         super().__init__()
+        spec = ViTSpec(**{**spec.__dict__, "attn_backend": resolve_attn_backend(spec.attn_backend)})
         self.spec = spec
         dim = spec.embed_dim
         self.embed_dim = dim
@@ -181,35 +187,53 @@ class VisionTransformer(nn.Module):
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
 
-    def interpolate_pos_encoding(self, grid: tuple[int, int]) -> Tensor:
-        """Position embedding (1, 1 + h·w, D) resampled to a patch grid of size ``grid``.
+    @property
+    def num_prefix_tokens(self) -> int:
+        """CLS plus register tokens, which precede the patch tokens."""
+        return 1 + self.num_register_tokens
 
-        At the native grid this returns the stored embedding unchanged.
+    def patch_grid(self, height: int, width: int) -> tuple[int, int]:
+        """Patch grid ``(h, w)`` of an input of ``height x width`` pixels."""
+        return height // self.patch_size, width // self.patch_size
+
+    def interpolate_pos_encoding(self, grid: tuple[int, int]) -> Tensor:
+        """Position embedding ``(1, 1 + h·w, D)`` resampled to the patch grid ``grid``.
+
+        At the native grid this returns the stored embedding unchanged. The resize follows
+        ``spec.interpolate_offset`` / ``spec.interpolate_antialias`` (see :class:`ViTSpec`).
         """
+        grid = tuple(grid)
         if grid == self.native_grid:
             return self.pos_embed
-        cls_pos, patch_pos = self.pos_embed[:, :1], self.pos_embed[:, 1:]
-        gh, gw = self.native_grid
-        patch_pos = patch_pos.reshape(1, gh, gw, -1).permute(0, 3, 1, 2)
-        patch_pos = F.interpolate(
-            patch_pos.float(), size=grid, mode="bicubic", align_corners=False
-        ).to(self.pos_embed.dtype)
-        patch_pos = patch_pos.permute(0, 2, 3, 1).reshape(1, grid[0] * grid[1], -1)
-        return torch.cat([cls_pos, patch_pos], dim=1)
+        patch_pos = resample_grid(
+            self.pos_embed[:, 1:], self.native_grid, grid,
+            offset=self.spec.interpolate_offset, antialias=self.spec.interpolate_antialias,
+        )
+        return torch.cat([self.pos_embed[:, :1], patch_pos], dim=1)
+
+    def embed_patches(self, x: Tensor, masks: Tensor | None = None) -> tuple[Tensor, tuple[int, int]]:
+        """Patch tokens ``(B, h·w, D)`` of ``x``, True entries of ``masks`` replaced by the mask token.
+
+        No position embedding is added.
+        """
+        tokens, grid = self.patch_embed(x)
+        if masks is not None:
+            if masks.shape != tokens.shape[:2]:
+                raise ValueError(f"masks of shape {tuple(masks.shape)}, expected {tuple(tokens.shape[:2])}")
+            tokens = torch.where(masks.unsqueeze(-1), self.mask_token.to(tokens.dtype), tokens)
+        return tokens, grid
 
     def prepare_tokens(self, x: Tensor, masks: Tensor | None = None) -> tuple[Tensor, tuple[int, int]]:
         """Patch-embed ``x`` and add CLS, position embedding and register tokens.
 
         Args:
-            x: Images ``(B, in_chans, H, W)``.
+            x: Images ``(B, in_chans, H, W)``; H and W multiples of the patch size.
             masks: Optional boolean ``(B, h·w)``; True patches are replaced by the mask token.
 
         Returns:
             Tokens ``(B, 1 + R + h·w, D)`` and the patch grid ``(h, w)``.
         """
-        tokens, grid = self.patch_embed(x)
-        if masks is not None:
-            tokens = torch.where(masks.unsqueeze(-1), self.mask_token.to(tokens.dtype), tokens)
+        tokens, grid = self.embed_patches(x, masks)
         cls = self.cls_token.expand(tokens.shape[0], -1, -1)
         tokens = torch.cat([cls, tokens], dim=1) + self.interpolate_pos_encoding(grid)
         if self.register_tokens is not None:
@@ -217,18 +241,77 @@ class VisionTransformer(nn.Module):
             tokens = torch.cat([tokens[:, :1], regs, tokens[:, 1:]], dim=1)
         return tokens, grid
 
-    def forward_features(self, x: Tensor, masks: Tensor | None = None) -> dict[str, Tensor]:
-        """Run the ViT and split the normalised output into CLS, register and patch tokens."""
-        tokens, _ = self.prepare_tokens(x, masks)
-        for block in self.blocks:
-            tokens = block(tokens)
+    def split_tokens(self, tokens: Tensor) -> dict[str, Tensor]:
+        """Normalise a token sequence and split it into CLS, register and patch tokens."""
         tokens = self.norm(tokens)
-        r = 1 + self.num_register_tokens
+        r = self.num_prefix_tokens
         return {
             "x_norm_clstoken": tokens[:, 0],
             "x_norm_regtokens": tokens[:, 1:r],
             "x_norm_patchtokens": tokens[:, r:],
         }
+
+    def forward_features(
+        self, x: Tensor | Sequence[Tensor], masks: Tensor | Sequence[Tensor | None] | None = None
+    ) -> dict[str, Tensor] | list[dict[str, Tensor]]:
+        """Run the ViT and split the normalised output into CLS, register and patch tokens.
+
+        Args:
+            x: Images ``(B, in_chans, H, W)``, or a list of such batches of different sizes
+                (e.g. global and local crops), which gives a list of outputs.
+            masks: Boolean ``(B, h·w)`` iBOT masks (True = replaced by the mask token), or one
+                per batch (or None) when ``x`` is a list.
+        """
+        if not isinstance(x, Tensor):
+            crops = list(x)
+            crop_masks = [None] * len(crops) if masks is None else list(masks)
+            if len(crop_masks) != len(crops):
+                raise ValueError(f"{len(crops)} crop batches but {len(crop_masks)} masks")
+            return [self.forward_features(c, m) for c, m in zip(crops, crop_masks)]
+        tokens, _ = self.prepare_tokens(x, masks)
+        for block in self.blocks:
+            tokens = block(tokens)
+        return self.split_tokens(tokens)
+
+    def get_intermediate_layers(
+        self,
+        x: Tensor,
+        n: int | Sequence[int] = 1,
+        reshape: bool = False,
+        return_class_token: bool = False,
+        norm: bool = True,
+    ) -> tuple:
+        """Patch tokens (and optionally CLS tokens) after some blocks, as in DINOv2.
+
+        Args:
+            x: Images ``(B, in_chans, H, W)``.
+            n: The last ``n`` blocks, or explicit block indices.
+            reshape: Return patch tokens as feature maps ``(B, D, h, w)`` instead of ``(B, h·w, D)``.
+            return_class_token: Return ``(patch_tokens, cls_token)`` pairs.
+            norm: Apply the final norm to each output.
+
+        Returns:
+            A tuple with one entry per selected block, in block order.
+        """
+        depth = len(self.blocks)
+        take = list(range(depth - n, depth)) if isinstance(n, int) else [int(i) for i in n]
+        bad = [i for i in take if not 0 <= i < depth]
+        if bad:
+            raise ValueError(f"block indices {bad} out of range for depth {depth}")
+        tokens, grid = self.prepare_tokens(x)
+        outputs = []
+        for i, block in enumerate(self.blocks):
+            tokens = block(tokens)
+            if i in take:
+                outputs.append(self.norm(tokens) if norm else tokens)
+        r = self.num_prefix_tokens
+        cls = [o[:, 0] for o in outputs]
+        patches = [o[:, r:] for o in outputs]
+        if reshape:
+            patches = [p.reshape(p.shape[0], grid[0], grid[1], -1).permute(0, 3, 1, 2).contiguous() for p in patches]
+        if return_class_token:
+            return tuple(zip(patches, cls))
+        return tuple(patches)
 
     def forward(self, x: Tensor) -> Tensor:
         """Return the CLS embedding ``(B, D)``."""
@@ -246,7 +329,10 @@ def build_vit(
     num_heads: int | None = None,
     **kwargs: object,
 ) -> VisionTransformer:
-    """Build a ViT by size name (``vit_small`` ...) or ``custom`` with explicit sizes."""
+    """Build a ViT by size name (``vit_small`` ...) or ``custom`` with explicit sizes.
+
+    Extra keyword arguments are :class:`ViTSpec` fields (``ffn_layer``, ``num_register_tokens``, ...).
+    """
     if arch == "custom":
         if None in (embed_dim, depth, num_heads):
             raise ValueError("arch='custom' needs embed_dim, depth and num_heads")
@@ -267,4 +353,3 @@ def build_vit(
         **kwargs,  # type: ignore[arg-type]
     )
     return VisionTransformer(spec)
-

@@ -1,0 +1,110 @@
+"""The interface every channel-adaptive model shares, and channel bookkeeping helpers.
+
+Every variant takes images ``(B, C, H, W)`` with ``channel_ids (B, C)`` (global vocabulary ids,
+see :mod:`cellvit_ssl.data.channels`) and an optional ``channel_mask (B, C)`` (True = present).
+Three entry points:
+
+- ``forward_features`` gives the *training samples* the SSL objective works on: a dict with
+  ``x_norm_clstoken (S, D)`` and ``x_norm_patchtokens (S, N, D)``.
+- ``sample_shape`` gives ``(S, N)`` for an input, the shape of iBOT ``masks``.
+- ``embed`` gives one image embedding ``(B, output_dim)`` per image.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from cellvit_ssl.data.channels import channel_ids as names_to_ids
+
+
+class ChannelAdaptiveViT(nn.Module):
+    """Base class: holds the model's channel vocabulary (the channels it was trained on).
+
+    Subclasses set ``backbone`` (a :class:`~cellvit_ssl.models.vit.VisionTransformer`),
+    ``embed_dim`` (width of a training sample's CLS token) and ``output_dim`` (width of
+    :meth:`embed`).
+    """
+
+    def __init__(self, channels: Sequence[str]) -> None:
+        super().__init__()
+        self.channels = list(channels)
+        ids = names_to_ids(self.channels)
+        self.register_buffer("vocab_ids", torch.tensor(ids, dtype=torch.long), persistent=False)
+        slot = torch.full((max(ids) + 1,), -1, dtype=torch.long)
+        slot[torch.tensor(ids)] = torch.arange(len(ids))
+        self.register_buffer("_slot_of_id", slot, persistent=False)
+
+    def slots(self, channel_ids: Tensor) -> Tensor:
+        """Position of each channel id in the model's channel list.
+
+        Raises:
+            ValueError: If an id is not one of the model's channels.
+        """
+        ids = channel_ids.long()
+        inside = (ids >= 0) & (ids < self._slot_of_id.numel())
+        slots = torch.where(inside, self._slot_of_id[ids.clamp(0, self._slot_of_id.numel() - 1)], -1)
+        if (slots < 0).any():
+            raise ValueError(
+                f"channel ids {sorted(set(ids[slots < 0].tolist()))} are not among the model's "
+                f"channels {self.channels}"
+            )
+        return slots
+
+    def grid_size(self, x: Tensor) -> int:
+        """Patch tokens per channel for images shaped like ``x``."""
+        h, w = self.backbone.patch_grid(x.shape[-2], x.shape[-1])
+        return h * w
+
+
+def present_mask(channel_ids: Tensor, channel_mask: Tensor | None) -> Tensor:
+    """Boolean ``(B, C)`` mask of present channels (all True when ``channel_mask`` is None)."""
+    if channel_mask is None:
+        return torch.ones_like(channel_ids, dtype=torch.bool)
+    if channel_mask.shape != channel_ids.shape:
+        raise ValueError(f"channel_mask of shape {tuple(channel_mask.shape)}, expected {tuple(channel_ids.shape)}")
+    return channel_mask.bool()
+
+
+def require_a_channel(present: Tensor) -> None:
+    """Raise ValueError when an image has no present channel."""
+    has_one = present.any(dim=1)
+    if not bool(has_one.all()):
+        empty = (~has_one).nonzero().flatten().tolist()
+        raise ValueError(f"images {empty} of the batch have no present channel")
+
+
+def compact_channels(x: Tensor, channel_ids: Tensor, present: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Move each image's present channels first and drop channel columns absent everywhere.
+
+    Models whose cost grows with the number of channels run on the shortest channel axis that
+    holds every present channel (e.g. after :func:`sample_channel_subsets`).
+
+    Returns:
+        ``x (B, K, H, W)``, ``channel_ids (B, K)``, ``present (B, K)`` and ``order (B, K)``, the
+        original channel index of each kept column; ``K`` is the most channels any image has.
+    """
+    if bool(present.all()):
+        order = torch.arange(present.shape[1], device=present.device).expand_as(present)
+        return x, channel_ids, present, order
+    order = torch.argsort((~present).to(torch.int8), dim=1, stable=True)
+    k = int(present.sum(dim=1).max())
+    order = order[:, :k]
+    rows = torch.arange(x.shape[0], device=x.device).unsqueeze(1)
+    return x[rows, order], channel_ids.gather(1, order), present.gather(1, order), order
+
+
+def pool_over_channels(values: Tensor, present: Tensor) -> Tensor:
+    """Mean over the present channels: ``(B, C, ...)`` → ``(B, ...)``."""
+    weights = present.to(values.dtype).reshape(present.shape + (1,) * (values.ndim - 2))
+    return (values * weights).sum(dim=1) / weights.sum(dim=1)
+
+
+def cls_embedding(feats: dict[str, Tensor], pool_patch_tokens: bool) -> Tensor:
+    """CLS token of each sample, optionally followed by its mean patch token."""
+    cls = feats["x_norm_clstoken"]
+    if pool_patch_tokens:
+        cls = torch.cat([cls, feats["x_norm_patchtokens"].mean(dim=1)], dim=-1)
+    return cls
