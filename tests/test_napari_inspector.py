@@ -277,3 +277,30 @@ def test_inspector_messages_leave_the_viewer_unchanged(make_napari_viewer, qtbot
     assert cells.features["index"].tolist() == ids.tolist()
     np.testing.assert_allclose(cells.features[widget.result.embedding_columns].to_numpy(), x[:-1])
     assert len(viewer.layers) == len(before)  # no overlay without a model
+
+
+def test_map_plot_density_view_lasso_and_colour_columns(qtbot):
+    from napari_plugin.plot import DENSITY_THRESHOLD, MapPlot
+
+    rng = np.random.default_rng(0)
+    coords = rng.normal(size=(DENSITY_THRESHOLD + 500, 2)).astype(np.float32)
+    n = len(coords)
+    table = pd.DataFrame({"index": np.arange(n), "KMEANS_CLUSTER_ID": pd.Categorical(rng.integers(0, 3, n)),
+                          "mean_er": rng.random(n), "path": ["a"] * n, "embedding_0": 0.0})
+    plot = MapPlot()
+    qtbot.addWidget(plot)
+    plot.set_data(coords, table, "PCA", colour="mean_er")
+    assert plot.density.isChecked()  # many points: density image, not a scatter
+    assert [plot.colour_by.itemText(i) for i in range(plot.colour_by.count())] == [
+        "(none)", "KMEANS_CLUSTER_ID", "mean_er"]
+    square = [(-0.5, -0.5), (0.5, -0.5), (0.5, 0.5), (-0.5, 0.5)]
+    with qtbot.waitSignal(plot.selection_changed) as signal:
+        plot._on_lasso(square)
+    inside = np.flatnonzero((np.abs(coords) < 0.5).all(axis=1))
+    assert signal.args[0].tolist() == inside.tolist() and plot.info.text() == f"{len(inside)} selected"
+    plot.set_data(coords[:50], table.iloc[:50], "PCA")
+    assert not plot.density.isChecked()
+    with qtbot.waitSignal(plot.selection_changed) as signal:
+        plot._on_lasso([tuple(coords[7] + 1e-4)])  # a click selects the nearest point
+    assert signal.args[0].tolist() == [7]
+    qtbot.wait(50)  # let the canvas's queued redraw run before the widget is deleted
