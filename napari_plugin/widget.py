@@ -22,6 +22,7 @@ from qtpy.QtWidgets import (
 )
 
 from cellvit_ssl.errors import CellVitSSLError, DataError
+from napari_plugin._llvm import keep_triton_out_if_llvm_loaded
 from napari_plugin.analysis import Analysis, analyse, feature_overlay
 from napari_plugin.channel_map import LEAVE_OUT, UNMAPPED, resolve_mapping, suggest_mapping
 from napari_plugin.compute import cosine_similarity_to, fov_region, keep_labels, label_at, paint_values
@@ -51,6 +52,7 @@ class InspectorWidget(QWidget):
 
     def __init__(self, napari_viewer) -> None:
         super().__init__()
+        keep_triton_out_if_llvm_loaded()  # before anything imports torch's stack (see napari_plugin._llvm)
         self.viewer = napari_viewer
         self.encoder = None
         self.embeddings_path: Path | None = None

@@ -142,3 +142,21 @@ def test_features_table_rows_follow_labels_and_keep_other_columns():
     assert table["mean_nucleus"].tolist() == [2.0, 5.0] and table["mean_er"].tolist() == [1.0, 1.0]
     assert table[["embedding_0", "embedding_1", "embedding_2"]].to_numpy().tolist() == [[1, 0, 0], [0, 1, 0]]
     assert table["KMEANS_CLUSTER_ID"].tolist() == [1, 0]
+
+
+def test_triton_is_kept_out_only_when_llvm_is_already_loaded(tmp_path, monkeypatch):
+    import sys
+
+    from napari_plugin._llvm import keep_triton_out_if_llvm_loaded
+
+    monkeypatch.setitem(sys.modules, "triton", None)  # so that teardown restores the real state
+    monkeypatch.delitem(sys.modules, "triton")
+    plain = tmp_path / "plain_maps"
+    plain.write_text("7f00-7f10 r-xp 0 08:01 1 /usr/lib/libc.so.6\n")
+    assert not keep_triton_out_if_llvm_loaded(plain) and "triton" not in sys.modules
+    gl = tmp_path / "gl_maps"
+    gl.write_text("7f00-7f10 r-xp 0 08:01 1 /usr/lib/x86_64-linux-gnu/libLLVM-15.so.1\n")
+    assert keep_triton_out_if_llvm_loaded(gl)
+    with pytest.raises(ImportError):
+        import triton  # noqa: F401
+    assert not keep_triton_out_if_llvm_loaded(gl)  # already decided
