@@ -123,7 +123,9 @@ def run(args: argparse.Namespace) -> Path | None:
     encoder = load_encoder(args.checkpoint, device=args.device)
     crop_size = args.crop_size or encoder.crop_size
     sha = file_sha256(args.checkpoint)
-    fingerprint = {"checkpoint_sha256": sha, "index_sha256": table_sha256(table), "root": str(root.resolve()),
+    # --images rows hold absolute paths: the working folder does not change what is read
+    fingerprint = {"checkpoint_sha256": sha, "index_sha256": table_sha256(table),
+                   "root": str(root.resolve()) if args.index else "",
                    "crop_size": crop_size, "mask_background": args.mask_background,
                    "allow_missing": args.allow_missing, "chunk_rows": args.chunk_rows}
     writer = ResumableWriter(args.out, fingerprint, overwrite=args.overwrite)

@@ -199,7 +199,7 @@ def _split_tasks(obs: pd.DataFrame, in_ds: np.ndarray, dataset: str, split_key: 
 
 @dataclass
 class Result:
-    """One row of the results table."""
+    """One row of the results table (``n_train``: the largest fold's training rows)."""
 
     features: str
     dataset: str
@@ -250,7 +250,7 @@ def _reader_and_config(adata, root: str | None):
 
 
 def random_init_features(adata, root: str | None = None, seed: int = 0, batch_size: int = 64,
-                         device: str | None = None) -> np.ndarray:
+                         device: str | None = None, workers: int = 0) -> np.ndarray:
     """Embeddings of the same crops by the same architecture with random weights (seeded)."""
     import torch
 
@@ -264,12 +264,13 @@ def random_init_features(adata, root: str | None = None, seed: int = 0, batch_si
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     enc = Encoder(model, config, dev)
     x, _ = featurize_rows(reader, range(len(reader)),
-                          lambda crops, names: enc.embed(crops, names, batch_size, allow_missing=allow_missing))
+                          lambda crops, names: enc.embed(crops, names, batch_size, allow_missing=allow_missing),
+                          workers)
     return x
 
 
 def raw_pixel_features(adata, root: str | None = None, pixel_size: int = 8, pca: int = 64,
-                       seed: int = 0) -> np.ndarray:
+                       seed: int = 0, workers: int = 0) -> np.ndarray:
     """Raw-pixel baseline: each crop normalised, area-resized to ``pixel_size``², flattened, PCA."""
     import torch
     import torch.nn.functional as F
@@ -292,7 +293,7 @@ def raw_pixel_features(adata, root: str | None = None, pixel_size: int = 8, pca:
             out.append(small.flatten().numpy())
         return np.stack(out)
 
-    x, _ = featurize_rows(reader, range(len(reader)), pixels)
+    x, _ = featurize_rows(reader, range(len(reader)), pixels, workers)
     n = min(pca, x.shape[0], x.shape[1])
     return PCA(n_components=n, random_state=seed).fit_transform(x).astype(np.float32)
 
@@ -340,6 +341,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pca", type=int, default=64, help="raw-pixel baseline: PCA dimensions")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", help="device of the random-init baseline (default: CUDA when available)")
+    p.add_argument("--workers", type=int, default=0, help="processes reading crops for the baselines")
     p.add_argument("--json", help="results JSON path (default: next to the embeddings, *.eval.json)")
     return p
 
@@ -365,8 +367,10 @@ def run(args: argparse.Namespace) -> dict:
     feature_sets = {"trained": np.asarray(adata.X, dtype=np.float32)}
     if not args.no_baselines:
         print("computing baselines: random-init encoder, raw pixels ...", file=sys.stderr)
-        feature_sets["random-init"] = random_init_features(adata, args.root, args.seed, device=args.device)
-        feature_sets["raw-pixels"] = raw_pixel_features(adata, args.root, args.pixel_size, args.pca, args.seed)
+        feature_sets["random-init"] = random_init_features(adata, args.root, args.seed, device=args.device,
+                                                           workers=args.workers)
+        feature_sets["raw-pixels"] = raw_pixel_features(adata, args.root, args.pixel_size, args.pca, args.seed,
+                                                        args.workers)
     results = []
     for name, x in feature_sets.items():
         results += evaluate_features(name, x, labels, tasks, args.k, args.seed)
