@@ -88,23 +88,24 @@ def embed_cells_chunked(encoder, image: np.ndarray, labels: np.ndarray, channels
 
 def embed_tiles_chunked(encoder, image: np.ndarray, channels: Sequence[str], tile: int, chunk: int = 64,
                         batch_size: int = 32) -> Generator[float, None, tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """Embed the full ``tile × tile`` tiles of ``image`` with ``encoder.embed``.
+    """Embed the ``tile × tile`` tiles of ``image`` with ``encoder.embed_tiles``, a strip of rows at a time.
+
+    Strips start on tile rows, so their tiles are the whole image's tiles.
 
     Returns:
         ``(embeddings (n, D), tile ids (n,), tile label image (H, W))``.
     """
     labels = tile_label_image(image.shape[-2:], tile)
-    nx = image.shape[-1] // tile
-    ids = np.unique(labels)
-    ids = ids[ids != 0]
+    ny, nx = -(-image.shape[-2] // tile), -(-image.shape[-1] // tile)
+    rows = max(1, chunk // nx)
     out = []
-    for start in range(0, ids.size, chunk):
-        part = ids[start : start + chunk]
-        tiles = np.stack([image[:, (i - 1) // nx * tile : (i - 1) // nx * tile + tile,
-                                (i - 1) % nx * tile : (i - 1) % nx * tile + tile] for i in part])
-        out.append(np.asarray(encoder.embed(tiles, channels, batch_size=batch_size, allow_missing=True), np.float32))
-        yield min(1.0, (start + part.size) / ids.size)
-    return np.concatenate(out), ids, labels
+    for r0 in range(0, ny, rows):
+        r1 = min(ny, r0 + rows)
+        emb, _ = encoder.embed_tiles(image[:, r0 * tile : r1 * tile], channels, tile_size=tile,
+                                     batch_size=batch_size, allow_missing=True)
+        out.append(np.asarray(emb, np.float32))
+        yield r1 / ny
+    return np.concatenate(out), np.arange(1, ny * nx + 1), labels
 
 
 def read_precomputed(path: str | Path, labels: np.ndarray, image_name: str | None = None

@@ -206,15 +206,14 @@ def _grow(lo: int, hi: int, size: int, limit: int) -> tuple[int, int]:
 
 
 def tile_label_image(shape: tuple[int, int], tile: int) -> np.ndarray:
-    """Label image of the full ``tile × tile`` tiles of an image (ids from 1, row-major).
+    """Label image of the ``tile × tile`` tiles covering an image (ids from 1, row-major).
 
-    The strip at the right/bottom edge narrower than one tile gets label 0.
+    Tiles start at the top-left corner; those of the last row / column are cut by the image
+    border (as :meth:`cellvit_ssl.Encoder.embed_tiles` pads them).
     """
     height, width = shape
-    if tile <= 0 or tile > min(height, width):
-        raise DataError(f"tile size {tile} px does not fit the image of {height}x{width} px")
-    ny, nx = height // tile, width // tile
-    labels = np.zeros((height, width), np.int32)
+    if tile <= 0:
+        raise DataError(f"tile size {tile} px; expected at least 1 px")
+    ny, nx = -(-height // tile), -(-width // tile)
     ids = np.arange(1, ny * nx + 1, dtype=np.int32).reshape(ny, nx)
-    labels[: ny * tile, : nx * tile] = np.kron(ids, np.ones((tile, tile), np.int32))
-    return labels
+    return np.kron(ids, np.ones((tile, tile), np.int32))[:height, :width]

@@ -93,10 +93,12 @@ def test_field_of_view_and_tiles():
     assert fov_region(np.array([[40, 40], [45, 45]]), (100, 80), 32) == (27, 27, 32, 32)
     assert fov_region(np.array([[-50, -50], [500, 500]]), (100, 80), 32) == (0, 0, 100, 80)
     tiles = tile_label_image((70, 50), 16)
-    assert tiles.max() == 4 * 3 and tiles[0, 0] == 1 and tiles[0, 16] == 2 and tiles[16, 0] == 4
-    assert (tiles[64:] == 0).all() and (tiles[:, 48:] == 0).all()
-    with pytest.raises(DataError, match="tile size 99"):
-        tile_label_image((70, 50), 99)
+    assert tiles.shape == (70, 50) and tiles.max() == 5 * 4 and tiles.min() == 1  # border tiles are cut, not dropped
+    assert tiles[0, 0] == 1 and tiles[0, 16] == 2 and tiles[16, 0] == 5 and tiles[69, 49] == 20
+    assert np.bincount(tiles.ravel())[1:].tolist() == [256] * 3 + [32] + ([256] * 3 + [32]) * 3 + [96] * 3 + [12]
+    assert (tile_label_image((70, 50), 99) == 1).all()
+    with pytest.raises(DataError, match="tile size 0"):
+        tile_label_image((70, 50), 0)
 
 
 def test_channel_names_are_matched_by_name_and_alias():

@@ -19,7 +19,7 @@ from cellvit_ssl.config import load_config
 from cellvit_ssl.errors import DataError
 from cellvit_ssl.train import run
 from napari_plugin import sample
-from napari_plugin.analysis import analyse, read_precomputed
+from napari_plugin.analysis import analyse, embed_tiles_chunked, read_precomputed
 
 pytest.importorskip("napari")
 pytest.importorskip("pytestqt")
@@ -81,8 +81,13 @@ def test_analysis_on_tiles_and_precomputed_embeddings(checkpoint, sample_dir, tm
     enc = load_encoder(checkpoint, device="cpu")
     (image, _, _), (labels, _, _) = sample.demo_sample()
     tiles = _finish(analyse(enc, image, CHANNELS, tile_size=64))
-    assert tiles.tiled and tiles.labels.max() == 16 and len(tiles.label_ids) == 16
+    assert tiles.tiled and tiles.labels.max() == 16 and tiles.label_ids.tolist() == list(range(1, 17))
     np.testing.assert_allclose(tiles.embeddings[5], enc.embed(image[:, 64:128, 64:128], CHANNELS)[0], atol=1e-5)
+    # 100-px tiles: 3 x 3, cut at the border; strips of rows give the tiles of the whole field
+    strips = _finish(embed_tiles_chunked(enc, image, CHANNELS, 100, chunk=3))
+    whole, _ = enc.embed_tiles(image, CHANNELS, tile_size=100)
+    assert strips[1].tolist() == list(range(1, 10)) and (strips[2] > 0).all()
+    np.testing.assert_allclose(strips[0], whole, atol=1e-5)
 
     # an embeddings file written by the embed CLI is read back cell by cell
     from cellvit_ssl.embed_cli import main as embed_main
