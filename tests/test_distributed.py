@@ -38,7 +38,10 @@ D.cleanup()
 
 def test_slurm_environment_becomes_torch_environment(monkeypatch):
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        monkeypatch.delenv(key, raising=False)
+        # setenv first so monkeypatch records the original state and undoes what
+        # _env_from_slurm writes; a leaked WORLD_SIZE=8 makes later tests wait for 8 ranks.
+        monkeypatch.setenv(key, "")
+        monkeypatch.delenv(key)
     monkeypatch.setenv("SLURM_PROCID", "5")
     monkeypatch.setenv("SLURM_NTASKS", "8")
     monkeypatch.setenv("SLURM_LOCALID", "1")
