@@ -49,7 +49,8 @@ from cellvit_ssl.checkpoint import (
     set_rng_state,
 )
 from cellvit_ssl.config import config_to_dict, load_config
-from cellvit_ssl.data.dataset import IndexDataset
+from cellvit_ssl.data.collate import collate_channels
+from cellvit_ssl.data.dataset import build_dataset as build_index_dataset
 from cellvit_ssl.data.synthetic import DemoSpec, generate_demo
 from cellvit_ssl.errors import CellVitSSLError, CheckpointError, DataError
 from cellvit_ssl.models.channels import build_model
@@ -125,15 +126,7 @@ class SeededViews(Dataset):
 def build_dataset(cfg: DictConfig) -> SeededViews:
     """The run's dataset of multichannel DINO views (generating the demo data if enabled)."""
     index, root = resolve_index(cfg)
-    dataset = IndexDataset(
-        index,
-        channels=list(cfg.data.channels),
-        root=root,
-        sample_size=cfg.data.sample_size,
-        transform=MultichannelDINOTransform(cfg.views),
-        channel_map=dict(cfg.data.channel_map),
-        percentiles=list(cfg.data.normalize_percentiles),
-    )
+    dataset = build_index_dataset(cfg.data, MultichannelDINOTransform(cfg.views), index=index, root=root)
     return SeededViews(dataset, cfg.train.seed)
 
 
@@ -169,6 +162,7 @@ def build_loader(cfg: DictConfig, info: D.DistInfo | None = None,
         batch_size=cfg.data.batch_size,
         sampler=sampler,
         drop_last=True,
+        collate_fn=collate_channels,  # pads mixed channel sets and adds channel_mask
         num_workers=cfg.data.num_workers,
         persistent_workers=cfg.data.num_workers > 0,
         worker_init_fn=_ignore_stop_signals,
@@ -468,6 +462,16 @@ class Trainer:
             stop.restore()
             log.close()
 
+    def _end_epoch(self, epoch: int, losses: list[float], seconds: float) -> None:
+        inner = getattr(self.loader.dataset, "dataset", self.loader.dataset)
+        end = getattr(inner, "end_epoch", None)  # IndexDataset logs the bad samples skip_bad skipped
+        skipped = end() if end is not None else 0
+        if self.info.is_main and losses:
+            rate = len(losses) * self.global_batch / max(seconds, 1e-9)
+            note = f", {skipped} bad samples skipped" if skipped else ""
+            tqdm.write(f"epoch {epoch + 1}/{self.cfg.train.epochs}  loss {np.mean(losses):.4f}  "
+                       f"({rate:.1f} images/s{note})")
+
     def _loop(self, log: MetricsLog, stop: StopRequest, bar: tqdm) -> Path:
         t = self.cfg.train
         self.model.train()
@@ -476,6 +480,7 @@ class Trainer:
             epoch, within = divmod(self.step, self.steps_per_epoch)
             self.sampler.set_position(epoch, within * self.micro_batch * t.accumulate_steps)
             batches = iter(self.loader)
+            epoch_losses, epoch_start = [], time.perf_counter()
             for _ in range(within, self.steps_per_epoch):
                 if self.step >= self.total_steps:
                     break
@@ -488,6 +493,7 @@ class Trainer:
                         f"{kept}. Lower train.base_lr, raise train.warmup_epochs or check the data."
                     )
                 self.step += 1
+                epoch_losses.append(record["loss"])
                 now = time.perf_counter()
                 rate = (self.step - tick_step) * self.global_batch / max(now - tick, 1e-9)
                 bar.update(1)
@@ -500,6 +506,8 @@ class Trainer:
                                **extra})
                     tick, tick_step = now, self.step
                 end_of_epoch = self.step % self.steps_per_epoch == 0
+                if end_of_epoch:
+                    self._end_epoch(epoch, epoch_losses, time.perf_counter() - epoch_start)
                 due = self.step % t.checkpoint_every == 0 if t.checkpoint_every else end_of_epoch
                 if record["stop"]:
                     path = self.save()
