@@ -177,11 +177,12 @@ def wrap_model(meta: nn.Module, info: DistInfo, strategy: str = "ddp", bf16: boo
     """Wrap the student/teacher meta-architecture for data-parallel training.
 
     Args:
-        meta: The :class:`~cellvit_ssl.ssl.DINOMetaArch` (on ``info.device``), with
-            ``student``, ``teacher``, ``student_head`` and ``teacher_head``.
+        meta: The :class:`~cellvit_ssl.ssl.DINOMetaArch` (on ``info.device``): backbones
+            ``student`` and ``teacher``, and heads as its other children.
         info: From :func:`init_distributed`.
         strategy: ``ddp`` (replicated weights, averaged gradients) or ``fsdp`` (FSDP2: each
-            transformer block, each backbone and each head sharded over the ranks).
+            transformer block, each backbone and each head sharded over the ranks; the teacher
+            is sharded like the student, so the EMA update runs shard by shard).
         bf16: Under FSDP, compute in bf16 and reduce gradients in fp32.
 
     Returns:
@@ -208,7 +209,8 @@ def wrap_model(meta: nn.Module, info: DistInfo, strategy: str = "ddp", bf16: boo
     mesh = init_device_mesh(info.device.type, (info.world_size,))
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else None
     kwargs = {"mesh": mesh, **({"mp_policy": policy} if policy is not None else {})}
-    for net in (meta.student, meta.teacher):
+    backbones = (meta.student, meta.teacher)
+    for net in backbones:
         for block in transformer_blocks(net):
             fully_shard(block, **kwargs)
         fully_shard(net, **kwargs)
@@ -216,8 +218,9 @@ def wrap_model(meta: nn.Module, info: DistInfo, strategy: str = "ddp", bf16: boo
         for method in ("forward_features", "embed"):
             if hasattr(net, method):
                 register_fsdp_forward_method(net, method)
-    for head in (meta.student_head, meta.teacher_head):
-        fully_shard(head, **kwargs)
+    for child in meta.children():  # the heads (DINO, iBOT, ...), each its own shard group
+        if all(child is not net for net in backbones) and any(True for _ in child.parameters()):
+            fully_shard(child, **kwargs)
     fully_shard(meta, **kwargs)
     return meta
 

@@ -241,3 +241,14 @@ def test_resumed_log_drops_the_records_a_killed_run_wrote_past_its_checkpoint(tm
     log.close()
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [(r["step"], r["loss"]) for r in records] == [(1, 1.0), (2, 1.0), (3, 1.0), (4, 0.5)]
+
+
+@pytest.mark.slow
+def test_compiled_blocks_train_like_eager_ones(tmp_path):
+    common = ["train.epochs=2", "train.base_lr=0.05", "train.tensorboard=false"]
+    run(load_config(None, _overrides(tmp_path, "eager", *common)))
+    run(load_config(None, _overrides(tmp_path, "compiled", "train.compile=true", *common)))
+    eager, compiled = _model_state(tmp_path, "eager"), _model_state(tmp_path, "compiled")
+    assert eager.keys() == compiled.keys(), "compiling keeps parameter names (checkpoints stay portable)"
+    for key, value in eager.items():
+        torch.testing.assert_close(compiled[key], value, atol=1e-4, rtol=0, msg=key)
