@@ -53,17 +53,21 @@ class DistInfo:
 
 
 def _env_from_slurm() -> None:
-    """Translate ``srun``'s task variables into torch's (RANK, WORLD_SIZE, ...) if absent."""
+    """Translate ``srun``'s task variables into torch's (RANK, WORLD_SIZE, ...) if absent.
+
+    Only a job step started by ``srun`` counts (``SLURM_STEP_NUM_TASKS``): a batch script
+    that runs python directly in an allocation of N tasks is one process, not N.
+    """
     if "RANK" in os.environ or "SLURM_PROCID" not in os.environ:
         return
-    ntasks = int(os.environ.get("SLURM_NTASKS", "1"))
+    ntasks = int(os.environ.get("SLURM_STEP_NUM_TASKS", "1"))
     if ntasks <= 1:
         return
     os.environ["RANK"] = os.environ["SLURM_PROCID"]
     os.environ["WORLD_SIZE"] = str(ntasks)
     os.environ["LOCAL_RANK"] = os.environ.get("SLURM_LOCALID", "0")
     if "MASTER_ADDR" not in os.environ:
-        nodes = os.environ.get("SLURM_JOB_NODELIST", os.environ.get("SLURM_NODELIST", "127.0.0.1"))
+        nodes = os.environ.get("SLURM_STEP_NODELIST", os.environ.get("SLURM_JOB_NODELIST", "127.0.0.1"))
         os.environ["MASTER_ADDR"] = _first_host(nodes)
     if "MASTER_PORT" not in os.environ:
         job = int(os.environ.get("SLURM_JOB_ID", "0"))
@@ -83,7 +87,7 @@ def init_distributed(device: str = "auto", backend: str = "auto", timeout_minute
     """Join the process group the launcher describes, or run as a single process.
 
     Reads ``RANK`` / ``WORLD_SIZE`` / ``LOCAL_RANK`` (torchrun) or ``SLURM_PROCID`` /
-    ``SLURM_NTASKS`` / ``SLURM_LOCALID`` (srun). Under CUDA each process takes the GPU
+    ``SLURM_STEP_NUM_TASKS`` / ``SLURM_LOCALID`` (srun). Under CUDA each process takes the GPU
     ``LOCAL_RANK``.
 
     Args:

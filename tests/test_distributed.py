@@ -40,9 +40,9 @@ def test_slurm_environment_becomes_torch_environment(monkeypatch):
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(key, raising=False)
     monkeypatch.setenv("SLURM_PROCID", "5")
-    monkeypatch.setenv("SLURM_NTASKS", "8")
+    monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "8")
     monkeypatch.setenv("SLURM_LOCALID", "1")
-    monkeypatch.setenv("SLURM_JOB_NODELIST", "gpu[012-015,020],cpu1")
+    monkeypatch.setenv("SLURM_STEP_NODELIST", "gpu[012-015,020],cpu1")
     monkeypatch.setenv("SLURM_JOB_ID", "123456")
     D._env_from_slurm()
     assert (os.environ["RANK"], os.environ["WORLD_SIZE"], os.environ["LOCAL_RANK"]) == ("5", "8", "1")
@@ -56,13 +56,22 @@ def test_torchrun_environment_wins_over_slurm(monkeypatch):
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", "1")
     monkeypatch.setenv("SLURM_PROCID", "3")
-    monkeypatch.setenv("SLURM_NTASKS", "4")
+    monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "4")
     D._env_from_slurm()
     assert os.environ["RANK"] == "0" and os.environ["WORLD_SIZE"] == "1"
 
 
+def test_a_batch_script_in_a_multi_task_allocation_is_one_process(monkeypatch):
+    for key in ("RANK", "WORLD_SIZE", "SLURM_STEP_NUM_TASKS"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("SLURM_PROCID", "0")
+    monkeypatch.setenv("SLURM_NTASKS", "8")  # the allocation, not an srun step
+    D._env_from_slurm()
+    assert "RANK" not in os.environ and "WORLD_SIZE" not in os.environ
+
+
 def test_single_process_needs_no_process_group(monkeypatch):
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_NTASKS"):
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_STEP_NUM_TASKS"):
         monkeypatch.delenv(key, raising=False)
     info = D.init_distributed("cpu")
     assert (info.rank, info.world_size, info.is_main, info.distributed) == (0, 1, True, False)
