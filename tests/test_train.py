@@ -252,3 +252,25 @@ def test_compiled_blocks_train_like_eager_ones(tmp_path):
     assert eager.keys() == compiled.keys(), "compiling keeps parameter names (checkpoints stay portable)"
     for key, value in eager.items():
         torch.testing.assert_close(compiled[key], value, atol=1e-4, rtol=0, msg=key)
+
+
+def test_sigusr1_checkpoints_at_the_next_step_boundary_and_returns(tmp_path, monkeypatch):
+    import os
+    import signal
+
+    from cellvit_ssl.train import Trainer
+
+    real_step = Trainer._train_step
+
+    def step(self, *args, **kwargs):
+        record = real_step(self, *args, **kwargs)
+        if self.step == 1:  # during the second step
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return record
+
+    monkeypatch.setattr(Trainer, "_train_step", step)
+    before = signal.getsignal(signal.SIGUSR1)
+    path = run(load_config(None, _overrides(tmp_path, "run", "train.epochs=6", "train.tensorboard=false")))
+    assert path.name == "checkpoint_00000003.pt" and load_checkpoint(path)["step"] == 3
+    assert not (tmp_path / "run" / "teacher.pt").exists()
+    assert signal.getsignal(signal.SIGUSR1) is before, "the handler is removed when training ends"
