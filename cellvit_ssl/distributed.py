@@ -292,6 +292,12 @@ def load_full_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer | No
         # head's last layer while frozen) has no optimizer state to restore.
         set_optimizer_state_dict(unwrap(model), optimizer, optim_state,
                                  options=StateDictOptions(full_state_dict=True, strict=False))
+        # Loading first initialises the state of every parameter (a zero-lr step); a parameter
+        # without saved state must start fresh as in the uninterrupted run (Adam's step count).
+        saved = optim_state.get("state", {})
+        for name, param in unwrap(model).named_parameters():
+            if name not in saved:
+                optimizer.state.pop(param, None)
 
 
 def _is_fsdp(model: nn.Module) -> bool:

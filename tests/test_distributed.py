@@ -38,7 +38,10 @@ D.cleanup()
 
 def test_slurm_environment_becomes_torch_environment(monkeypatch):
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        monkeypatch.delenv(key, raising=False)
+        # setenv first so monkeypatch records the original state and undoes what
+        # _env_from_slurm writes; a leaked WORLD_SIZE=8 makes later tests wait for 8 ranks.
+        monkeypatch.setenv(key, "")
+        monkeypatch.delenv(key)
     monkeypatch.setenv("SLURM_PROCID", "5")
     monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "8")
     monkeypatch.setenv("SLURM_LOCALID", "1")
@@ -138,10 +141,14 @@ def _single_process(overrides):
 
 
 def test_two_gloo_processes_match_one_process_on_the_same_global_batch(tmp_path):
-    """DDP (2 x batch 2) and FSDP2 (2 x batch 2) end where one process with batch 4 ends."""
+    """DDP (2 x batch 2), FSDP2 (2 x batch 2) and FSDP2 resumed from a DDP checkpoint end where one
+    process with batch 4 ends."""
     resolve_index(load_config(None, _overrides(tmp_path, "x", 4)))  # demo data made once
     runs = [_overrides(tmp_path, "ddp", 2, ["train.strategy=ddp"]),
-            _overrides(tmp_path, "fsdp", 2, ["train.strategy=fsdp"])]
+            _overrides(tmp_path, "fsdp", 2, ["train.strategy=fsdp"]),
+            # FSDP resuming from the DDP run's epoch-1 checkpoint (checkpoints are portable)
+            _overrides(tmp_path, "fsdp_resumed", 2, ["train.strategy=fsdp",
+                                                      f"train.resume={tmp_path / 'ddp' / 'checkpoint_00000003.pt'}"])]
     spec = tmp_path / "runs.json"
     spec.write_text(json.dumps(runs))
     worker = tmp_path / "worker.py"
@@ -157,7 +164,7 @@ def test_two_gloo_processes_match_one_process_on_the_same_global_batch(tmp_path)
 
     reference = load_checkpoint(tmp_path / "single" / "checkpoint.pt")
     assert reference["step"] == 6
-    for name in ("ddp", "fsdp"):
+    for name in ("ddp", "fsdp", "fsdp_resumed"):
         ckpt = load_checkpoint(tmp_path / name / "checkpoint.pt")
         assert ckpt["step"] == 6 and ckpt["world_size"] == 2 and len(ckpt["rng"]) == 2
         assert ckpt["model"].keys() == reference["model"].keys()
