@@ -274,3 +274,11 @@ def test_sigusr1_checkpoints_at_the_next_step_boundary_and_returns(tmp_path, mon
     assert path.name == "checkpoint_00000003.pt" and load_checkpoint(path)["step"] == 3
     assert not (tmp_path / "run" / "teacher.pt").exists()
     assert signal.getsignal(signal.SIGUSR1) is before, "the handler is removed when training ends"
+
+
+def test_missing_data_leaves_no_run_folder(tmp_path, capsys):
+    out = tmp_path / "run"
+    code = main([_config_file(tmp_path), *_overrides(tmp_path), "data.demo.enabled=false",
+                 f"data.index={tmp_path / 'none.csv'}"])
+    assert code == 2 and "none.csv" in capsys.readouterr().err
+    assert not out.exists()
