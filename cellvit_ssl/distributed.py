@@ -53,17 +53,21 @@ class DistInfo:
 
 
 def _env_from_slurm() -> None:
-    """Translate ``srun``'s task variables into torch's (RANK, WORLD_SIZE, ...) if absent."""
+    """Translate ``srun``'s task variables into torch's (RANK, WORLD_SIZE, ...) if absent.
+
+    Only a job step started by ``srun`` counts (``SLURM_STEP_NUM_TASKS``): a batch script
+    that runs python directly in an allocation of N tasks is one process, not N.
+    """
     if "RANK" in os.environ or "SLURM_PROCID" not in os.environ:
         return
-    ntasks = int(os.environ.get("SLURM_NTASKS", "1"))
+    ntasks = int(os.environ.get("SLURM_STEP_NUM_TASKS", "1"))
     if ntasks <= 1:
         return
     os.environ["RANK"] = os.environ["SLURM_PROCID"]
     os.environ["WORLD_SIZE"] = str(ntasks)
     os.environ["LOCAL_RANK"] = os.environ.get("SLURM_LOCALID", "0")
     if "MASTER_ADDR" not in os.environ:
-        nodes = os.environ.get("SLURM_JOB_NODELIST", os.environ.get("SLURM_NODELIST", "127.0.0.1"))
+        nodes = os.environ.get("SLURM_STEP_NODELIST", os.environ.get("SLURM_JOB_NODELIST", "127.0.0.1"))
         os.environ["MASTER_ADDR"] = _first_host(nodes)
     if "MASTER_PORT" not in os.environ:
         job = int(os.environ.get("SLURM_JOB_ID", "0"))
@@ -83,7 +87,7 @@ def init_distributed(device: str = "auto", backend: str = "auto", timeout_minute
     """Join the process group the launcher describes, or run as a single process.
 
     Reads ``RANK`` / ``WORLD_SIZE`` / ``LOCAL_RANK`` (torchrun) or ``SLURM_PROCID`` /
-    ``SLURM_NTASKS`` / ``SLURM_LOCALID`` (srun). Under CUDA each process takes the GPU
+    ``SLURM_STEP_NUM_TASKS`` / ``SLURM_LOCALID`` (srun). Under CUDA each process takes the GPU
     ``LOCAL_RANK``.
 
     Args:
@@ -177,11 +181,12 @@ def wrap_model(meta: nn.Module, info: DistInfo, strategy: str = "ddp", bf16: boo
     """Wrap the student/teacher meta-architecture for data-parallel training.
 
     Args:
-        meta: The :class:`~cellvit_ssl.ssl.DINOMetaArch` (on ``info.device``), with
-            ``student``, ``teacher``, ``student_head`` and ``teacher_head``.
+        meta: The :class:`~cellvit_ssl.ssl.DINOMetaArch` (on ``info.device``): backbones
+            ``student`` and ``teacher``, and heads as its other children.
         info: From :func:`init_distributed`.
         strategy: ``ddp`` (replicated weights, averaged gradients) or ``fsdp`` (FSDP2: each
-            transformer block, each backbone and each head sharded over the ranks).
+            transformer block, each backbone and each head sharded over the ranks; the teacher
+            is sharded like the student, so the EMA update runs shard by shard).
         bf16: Under FSDP, compute in bf16 and reduce gradients in fp32.
 
     Returns:
@@ -208,7 +213,8 @@ def wrap_model(meta: nn.Module, info: DistInfo, strategy: str = "ddp", bf16: boo
     mesh = init_device_mesh(info.device.type, (info.world_size,))
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else None
     kwargs = {"mesh": mesh, **({"mp_policy": policy} if policy is not None else {})}
-    for net in (meta.student, meta.teacher):
+    backbones = (meta.student, meta.teacher)
+    for net in backbones:
         for block in transformer_blocks(net):
             fully_shard(block, **kwargs)
         fully_shard(net, **kwargs)
@@ -216,8 +222,9 @@ def wrap_model(meta: nn.Module, info: DistInfo, strategy: str = "ddp", bf16: boo
         for method in ("forward_features", "embed"):
             if hasattr(net, method):
                 register_fsdp_forward_method(net, method)
-    for head in (meta.student_head, meta.teacher_head):
-        fully_shard(head, **kwargs)
+    for child in meta.children():  # the heads (DINO, iBOT, ...), each its own shard group
+        if all(child is not net for net in backbones) and any(True for _ in child.parameters()):
+            fully_shard(child, **kwargs)
     fully_shard(meta, **kwargs)
     return meta
 
@@ -285,6 +292,12 @@ def load_full_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer | No
         # head's last layer while frozen) has no optimizer state to restore.
         set_optimizer_state_dict(unwrap(model), optimizer, optim_state,
                                  options=StateDictOptions(full_state_dict=True, strict=False))
+        # Loading first initialises the state of every parameter (a zero-lr step); a parameter
+        # without saved state must start fresh as in the uninterrupted run (Adam's step count).
+        saved = optim_state.get("state", {})
+        for name, param in unwrap(model).named_parameters():
+            if name not in saved:
+                optimizer.state.pop(param, None)
 
 
 def _is_fsdp(model: nn.Module) -> bool:

@@ -292,10 +292,6 @@ class Trainer:
         self.cfg, self.info = cfg, info
         t = cfg.train
         self.out = Path(t.output_dir).expanduser()
-        if info.is_main:
-            self.out.mkdir(parents=True, exist_ok=True)
-            remove_stale_temporaries(self.out)
-            OmegaConf.save(cfg, self.out / "config.yaml", resolve=True)
         if t.deterministic:
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it to be deterministic
             torch.use_deterministic_algorithms(True)
@@ -303,6 +299,10 @@ class Trainer:
         seed_everything(t.seed)
         # Rank 0 generates demo data / opens the index first; the others then reuse it.
         dataset = build_dataset(cfg) if info.is_main else None
+        if info.is_main:  # only once the data is there: a data error leaves no empty run folder
+            self.out.mkdir(parents=True, exist_ok=True)
+            remove_stale_temporaries(self.out)
+            OmegaConf.save(cfg, self.out / "config.yaml", resolve=True)
         D.barrier()
         self.loader = build_loader(cfg, info, dataset if dataset is not None else build_dataset(cfg))
         self.sampler: D.ShardedSampler = self.loader.sampler

@@ -43,9 +43,9 @@ def test_slurm_environment_becomes_torch_environment(monkeypatch):
         monkeypatch.setenv(key, "")
         monkeypatch.delenv(key)
     monkeypatch.setenv("SLURM_PROCID", "5")
-    monkeypatch.setenv("SLURM_NTASKS", "8")
+    monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "8")
     monkeypatch.setenv("SLURM_LOCALID", "1")
-    monkeypatch.setenv("SLURM_JOB_NODELIST", "gpu[012-015,020],cpu1")
+    monkeypatch.setenv("SLURM_STEP_NODELIST", "gpu[012-015,020],cpu1")
     monkeypatch.setenv("SLURM_JOB_ID", "123456")
     D._env_from_slurm()
     assert (os.environ["RANK"], os.environ["WORLD_SIZE"], os.environ["LOCAL_RANK"]) == ("5", "8", "1")
@@ -59,13 +59,22 @@ def test_torchrun_environment_wins_over_slurm(monkeypatch):
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", "1")
     monkeypatch.setenv("SLURM_PROCID", "3")
-    monkeypatch.setenv("SLURM_NTASKS", "4")
+    monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "4")
     D._env_from_slurm()
     assert os.environ["RANK"] == "0" and os.environ["WORLD_SIZE"] == "1"
 
 
+def test_a_batch_script_in_a_multi_task_allocation_is_one_process(monkeypatch):
+    for key in ("RANK", "WORLD_SIZE", "SLURM_STEP_NUM_TASKS"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("SLURM_PROCID", "0")
+    monkeypatch.setenv("SLURM_NTASKS", "8")  # the allocation, not an srun step
+    D._env_from_slurm()
+    assert "RANK" not in os.environ and "WORLD_SIZE" not in os.environ
+
+
 def test_single_process_needs_no_process_group(monkeypatch):
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_NTASKS"):
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_STEP_NUM_TASKS"):
         monkeypatch.delenv(key, raising=False)
     info = D.init_distributed("cpu")
     assert (info.rank, info.world_size, info.is_main, info.distributed) == (0, 1, True, False)
@@ -132,10 +141,14 @@ def _single_process(overrides):
 
 
 def test_two_gloo_processes_match_one_process_on_the_same_global_batch(tmp_path):
-    """DDP (2 x batch 2) and FSDP2 (2 x batch 2) end where one process with batch 4 ends."""
+    """DDP (2 x batch 2), FSDP2 (2 x batch 2) and FSDP2 resumed from a DDP checkpoint end where one
+    process with batch 4 ends."""
     resolve_index(load_config(None, _overrides(tmp_path, "x", 4)))  # demo data made once
     runs = [_overrides(tmp_path, "ddp", 2, ["train.strategy=ddp"]),
-            _overrides(tmp_path, "fsdp", 2, ["train.strategy=fsdp"])]
+            _overrides(tmp_path, "fsdp", 2, ["train.strategy=fsdp"]),
+            # FSDP resuming from the DDP run's epoch-1 checkpoint (checkpoints are portable)
+            _overrides(tmp_path, "fsdp_resumed", 2, ["train.strategy=fsdp",
+                                                      f"train.resume={tmp_path / 'ddp' / 'checkpoint_00000003.pt'}"])]
     spec = tmp_path / "runs.json"
     spec.write_text(json.dumps(runs))
     worker = tmp_path / "worker.py"
@@ -151,7 +164,7 @@ def test_two_gloo_processes_match_one_process_on_the_same_global_batch(tmp_path)
 
     reference = load_checkpoint(tmp_path / "single" / "checkpoint.pt")
     assert reference["step"] == 6
-    for name in ("ddp", "fsdp"):
+    for name in ("ddp", "fsdp", "fsdp_resumed"):
         ckpt = load_checkpoint(tmp_path / name / "checkpoint.pt")
         assert ckpt["step"] == 6 and ckpt["world_size"] == 2 and len(ckpt["rng"]) == 2
         assert ckpt["model"].keys() == reference["model"].keys()

@@ -241,3 +241,44 @@ def test_resumed_log_drops_the_records_a_killed_run_wrote_past_its_checkpoint(tm
     log.close()
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [(r["step"], r["loss"]) for r in records] == [(1, 1.0), (2, 1.0), (3, 1.0), (4, 0.5)]
+
+
+@pytest.mark.slow
+def test_compiled_blocks_train_like_eager_ones(tmp_path):
+    common = ["train.epochs=2", "train.base_lr=0.05", "train.tensorboard=false"]
+    run(load_config(None, _overrides(tmp_path, "eager", *common)))
+    run(load_config(None, _overrides(tmp_path, "compiled", "train.compile=true", *common)))
+    eager, compiled = _model_state(tmp_path, "eager"), _model_state(tmp_path, "compiled")
+    assert eager.keys() == compiled.keys(), "compiling keeps parameter names (checkpoints stay portable)"
+    for key, value in eager.items():
+        torch.testing.assert_close(compiled[key], value, atol=1e-4, rtol=0, msg=key)
+
+
+def test_sigusr1_checkpoints_at_the_next_step_boundary_and_returns(tmp_path, monkeypatch):
+    import os
+    import signal
+
+    from cellvit_ssl.train import Trainer
+
+    real_step = Trainer._train_step
+
+    def step(self, *args, **kwargs):
+        record = real_step(self, *args, **kwargs)
+        if self.step == 1:  # during the second step
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return record
+
+    monkeypatch.setattr(Trainer, "_train_step", step)
+    before = signal.getsignal(signal.SIGUSR1)
+    path = run(load_config(None, _overrides(tmp_path, "run", "train.epochs=6", "train.tensorboard=false")))
+    assert path.name == "checkpoint_00000003.pt" and load_checkpoint(path)["step"] == 3
+    assert not (tmp_path / "run" / "teacher.pt").exists()
+    assert signal.getsignal(signal.SIGUSR1) is before, "the handler is removed when training ends"
+
+
+def test_missing_data_leaves_no_run_folder(tmp_path, capsys):
+    out = tmp_path / "run"
+    code = main([_config_file(tmp_path), *_overrides(tmp_path), "data.demo.enabled=false",
+                 f"data.index={tmp_path / 'none.csv'}"])
+    assert code == 2 and "none.csv" in capsys.readouterr().err
+    assert not out.exists()

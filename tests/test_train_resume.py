@@ -102,7 +102,7 @@ def _assert_same_run(a: dict, b: dict) -> None:
                                        msg=f"optimizer {name} {key}")
 
 
-@pytest.mark.parametrize("at", ["step", pytest.param("write", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("at", ["step", "write"])
 def test_sigkill_at_a_random_step_then_resume_equals_the_uninterrupted_run(tmp_path, reference, at):
     demo, expected = reference
     rng = random.Random()
