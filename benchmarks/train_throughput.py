@@ -73,7 +73,7 @@ except ImportError:  # run as a script: benchmarks/ itself is on sys.path
 
 from cellvit_ssl.config import VARIANTS, load_config
 from cellvit_ssl.data.channels import VOCABULARY, channel_ids
-from cellvit_ssl.gpu_views import GPUMultiCrop
+from cellvit_ssl.gpu_views import GPU_VIEWS_OVERRIDES, GPUMultiCrop
 from cellvit_ssl.models import build_model
 from cellvit_ssl.ssl import DINOMetaArch
 from cellvit_ssl.transforms import MultichannelDINOTransform
@@ -314,6 +314,8 @@ def _delivered_per_s(loader: DataLoader, deliver: Callable, batches: int, batch:
 def views_rows(args: argparse.Namespace, device: torch.device) -> dict:
     """Samples/s of multi-crop views delivered to ``device``: CPU transform in workers vs GPU views."""
     c = max(args.channels)
+    # Both paths make the same views: the CPU transform's extra ops are off (see GPU_VIEWS_OVERRIDES).
+    args = argparse.Namespace(**{**vars(args), "override": [*args.override, *GPU_VIEWS_OVERRIDES]})
     cfg = ours_config(args, "boc", c).views
     pin = device.type == "cuda"
     n = args.views_batch * (args.views_batches + 1)

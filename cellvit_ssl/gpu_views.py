@@ -23,10 +23,41 @@ import torch
 from torch import Tensor
 from torchvision.ops import roi_align
 
+from cellvit_ssl.errors import ConfigError
+
 #: torchvision RandomResizedCrop's default aspect-ratio range (the CPU transform uses it).
 RATIO = (3.0 / 4.0, 4.0 / 3.0)
 #: Attempts before the central-crop fallback, as in torchvision.
 ATTEMPTS = 10
+
+#: Overrides that switch off the CPU transform's ops this module does not implement (gamma,
+#: blur, noise, standardisation, channel drop, per-channel crops), so both paths make the same views.
+GPU_VIEWS_OVERRIDES: tuple[str, ...] = (
+    "views.gamma=0",
+    "views.blur_prob=[0,0,0]",
+    "views.noise=none",
+    "views.standardize=false",
+    "views.channel_drop_prob=0",
+    "views.channel_mode=joint",
+)
+
+
+def unsupported_view_settings(cfg) -> list[str]:
+    """The ``views`` settings that are on but not implemented here, as the overrides that turn them off."""
+    on = []
+    if float(cfg.get("gamma", 0.0)) > 0:
+        on.append("views.gamma=0")
+    if any(float(p) > 0 for p in cfg.get("blur_prob", ())):
+        on.append("views.blur_prob=[0,0,0]")
+    if cfg.get("noise", "none") != "none" and float(cfg.get("noise_prob", 0.0)) > 0:
+        on.append("views.noise=none")
+    if cfg.get("standardize", False):
+        on.append("views.standardize=false")
+    if float(cfg.get("channel_drop_prob", 0.0)) > 0:
+        on.append("views.channel_drop_prob=0")
+    if cfg.get("channel_mode", "joint") != "joint":
+        on.append("views.channel_mode=joint")
+    return on
 
 
 def _rand(shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device) -> Tensor:
@@ -186,7 +217,8 @@ class GPUMultiCrop:
 
     Examples:
         >>> from cellvit_ssl.config import load_config
-        >>> crops = GPUMultiCrop(load_config(None, ["views.n_local_views=2"]).views)
+        >>> cfg = load_config(None, ["views.n_local_views=2", *GPU_VIEWS_OVERRIDES])
+        >>> crops = GPUMultiCrop(cfg.views)
         >>> g = torch.Generator().manual_seed(0)
         >>> views = crops(torch.rand(8, 4, 256, 256), generator=g)
         >>> [tuple(v.shape) for v in views]
@@ -196,6 +228,13 @@ class GPUMultiCrop:
     n_global_views = 2
 
     def __init__(self, cfg) -> None:
+        missing = unsupported_view_settings(cfg)
+        if missing:
+            raise ConfigError(
+                "GPUMultiCrop makes random resized crops, flips, 90° rotations and per-channel "
+                "brightness / contrast only; these views settings are on and would be silently "
+                f"left out: set {' '.join(missing)} (or use the CPU transform)"
+            )
         self.global_size = int(cfg.global_crop_size)
         self.local_size = int(cfg.local_crop_size)
         self.global_scale = (float(cfg.global_crop_scale[0]), float(cfg.global_crop_scale[1]))

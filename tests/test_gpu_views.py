@@ -19,12 +19,15 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
 from cellvit_ssl.config import load_config
+from cellvit_ssl.errors import ConfigError
 from cellvit_ssl.gpu_views import (
+    GPU_VIEWS_OVERRIDES,
     GPUMultiCrop,
     crop_resize,
     flip_rotate,
     jitter_params,
     sample_crop_boxes,
+    unsupported_view_settings,
 )
 from cellvit_ssl.transforms import MultichannelDINOTransform
 
@@ -34,7 +37,8 @@ P_FLOOR = 1e-3
 
 
 def views_cfg(*overrides: str):
-    base = ["views.global_crop_size=32", "views.local_crop_size=16", "views.n_local_views=4", "model.patch_size=8"]
+    base = ["views.global_crop_size=32", "views.local_crop_size=16", "views.n_local_views=4", "model.patch_size=8",
+            *GPU_VIEWS_OVERRIDES]
     return load_config(None, base + list(overrides)).views
 
 
@@ -373,3 +377,10 @@ def test_cuda_views_have_the_cpu_law(geometry):
             assert stats.ks_2samp(geometry["cpu"][kind][stat], got[stat]).pvalue > P_FLOOR, (kind, stat)
         cpu = np.bincount(geometry["cpu"][kind]["code"], minlength=8)
         assert stats.chi2_contingency(np.stack([cpu, np.bincount(got["code"], minlength=8)])).pvalue > P_FLOOR
+
+
+def test_settings_the_gpu_path_lacks_are_refused_by_name():
+    cfg = load_config(None, ["views.gamma=0.2", "views.noise=gaussian", "views.noise_prob=0.5"]).views
+    with pytest.raises(ConfigError, match=r"views\.gamma=0 .*views\.noise=none"):
+        GPUMultiCrop(cfg)
+    assert unsupported_view_settings(views_cfg()) == []
