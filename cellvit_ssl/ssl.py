@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from cellvit_ssl.centering import sinkhorn_knopp
 from cellvit_ssl.models.channels import ChannelAdaptiveViT
-from cellvit_ssl.transforms import sample_channel_subsets
+from cellvit_ssl.models.sampling import sample_channel_subsets
 
 
 def _head(input_dim: int, output_dim: int, cfg) -> DINOProjectionHead:
