@@ -90,5 +90,7 @@ def test_full_objective_on_the_demo_data_for_hundreds_of_steps(tmp_path):
         "data.batch_size=16",
     ])
     losses, spread0, spread = train(cfg, steps=300)
+    print(f"loss first 20 steps {np.mean(losses[:20]):.3f}, last 20 {np.mean(losses[-20:]):.3f}; "
+          f"teacher spread {spread0:.3f} at init, {spread:.3f} after {len(losses)} steps")
     assert np.mean(losses[-20:]) < np.mean(losses[:20]) - 0.3
     assert spread > 0.5 * spread0
