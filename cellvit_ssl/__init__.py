@@ -1,7 +1,9 @@
 """cellvit_ssl: self-supervised DINO-style learning for multichannel fluorescence microscopy.
 
 Public API:
-    load_encoder, Encoder: embed images with a trained checkpoint.
+    load_encoder, Encoder: embed images, cells and patch grids with a trained checkpoint
+        (``python -m cellvit_ssl.embed`` / ``python -m cellvit_ssl.evaluate`` for batch jobs).
+    read_embeddings: open an embeddings file (.h5ad / .zarr) written by the embed CLI.
     load_config: the typed run configuration.
     open_stack: lazy multichannel image reader.
     DataError, ConfigError, CheckpointError: the errors users catch.
@@ -9,10 +11,23 @@ Public API:
 
 from cellvit_ssl.config import load_config
 from cellvit_ssl.data.readers import ChannelStack, open_stack
-from cellvit_ssl.embed import Encoder, load_encoder
 from cellvit_ssl.errors import CheckpointError, ConfigError, DataError
 
 __version__ = "0.1.0"
+
+# Imported on first use, so that ``python -m cellvit_ssl.embed`` does not find the module
+# already imported by the package (runpy warns about that) and ``import cellvit_ssl`` stays light.
+_LAZY = {"Encoder": "cellvit_ssl.embed", "load_encoder": "cellvit_ssl.embed",
+         "read_embeddings": "cellvit_ssl.embed_io"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'cellvit_ssl' has no attribute {name!r}")
+
 
 __all__ = [
     "ChannelStack",
@@ -23,4 +38,5 @@ __all__ = [
     "load_config",
     "load_encoder",
     "open_stack",
+    "read_embeddings",
 ]

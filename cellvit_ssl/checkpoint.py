@@ -1,17 +1,25 @@
-"""Atomic checkpoint files, loaded safely.
+"""Atomic checkpoint files, loaded safely, and the bookkeeping of a run's checkpoints.
 
 A checkpoint is a plain dict of tensors and Python primitives, written to a temporary file in
 the target folder, flushed to disk and renamed over the final name, so a crash never leaves a
-half-written file under that name. Loading uses ``torch.load(weights_only=True)``.
+half-written file under that name. Loading uses ``torch.load(weights_only=True)``; random
+states are therefore stored as tensors and lists (:func:`rng_state`), never NumPy objects.
+
+A training run keeps ``checkpoint_<step>.pt`` files (the last K) and ``checkpoint.pt``, the
+newest of them, which ``train.resume=auto`` continues from.
 """
 
 from __future__ import annotations
 
 import os
+import random
+import re
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from cellvit_ssl.errors import CheckpointError
@@ -68,3 +76,106 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu",
             f"(format key: {fmt!r})"
         )
     return payload
+
+
+LATEST = "checkpoint.pt"
+_STEP_NAME = re.compile(r"^checkpoint_(\d{8,})\.pt$")
+
+
+def step_checkpoints(folder: str | Path) -> list[Path]:
+    """The ``checkpoint_<step>.pt`` files of a run folder, oldest step first."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := _STEP_NAME.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def save_training_checkpoint(payload: dict[str, Any], folder: str | Path, step: int, keep_last: int = 3) -> Path:
+    """Write ``checkpoint_<step>.pt`` atomically, point ``checkpoint.pt`` at it, keep the last K.
+
+    ``checkpoint.pt`` is replaced atomically by a hard link to the new file (a copy where the
+    file system has no hard links), so it is always a complete checkpoint of the newest step.
+
+    Args:
+        payload: The training state (``format`` = :data:`TRAINING_FORMAT`).
+        folder: The run's output folder.
+        step: Optimiser steps done; names the file.
+        keep_last: How many ``checkpoint_<step>.pt`` files to keep (older ones are deleted).
+
+    Returns:
+        The path of the step file.
+    """
+    folder = Path(folder)
+    path = save_checkpoint(payload, folder / f"checkpoint_{step:08d}.pt")
+    tmp = folder / f".{LATEST}.{os.getpid()}.link"
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(path, tmp)
+    except OSError:
+        shutil.copyfile(path, tmp)
+    os.replace(tmp, folder / LATEST)
+    for old in step_checkpoints(folder)[:-keep_last] if keep_last > 0 else []:
+        old.unlink(missing_ok=True)
+    return path
+
+
+def find_resume_checkpoint(resume: str, folder: str | Path) -> Path | None:
+    """The checkpoint a run should resume from, or None to start fresh.
+
+    Args:
+        resume: ``auto`` (``folder/checkpoint.pt`` when it exists), ``none`` (never), or a
+            path to a training checkpoint.
+        folder: The run's output folder.
+
+    Raises:
+        CheckpointError: If an explicit path does not exist.
+    """
+    if resume in ("none", "", "false"):
+        return None
+    if resume == "auto":
+        latest = Path(folder) / LATEST
+        return latest if latest.is_file() else None
+    path = Path(resume).expanduser()
+    if not path.is_file():
+        raise CheckpointError(f"train.resume={resume!r}: checkpoint {str(path)!r} does not exist")
+    return path
+
+
+def rng_state() -> dict[str, Any]:
+    """The random state of Python, NumPy and torch (CPU and CUDA) as plain tensors and lists.
+
+    Stored this way so that ``torch.load(weights_only=True)`` can read it back.
+    """
+    _, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "gauss": float(gauss)},
+        "python": {"version": int(version), "state": torch.tensor(internal, dtype=torch.int64),
+                   "gauss_next": gauss_next},
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what :func:`rng_state` returned."""
+    torch.set_rng_state(state["torch"].cpu())
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    p = state["python"]
+    random.setstate((p["version"], tuple(int(v) for v in p["state"].tolist()), p["gauss_next"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+
+
+def remove_stale_temporaries(folder: str | Path) -> list[Path]:
+    """Delete half-written checkpoint temporaries a killed run left in ``folder``; returns them."""
+    folder = Path(folder)
+    stale = [p for p in folder.glob(".checkpoint*") if p.suffix in (".tmp", ".link")] if folder.is_dir() else []
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale

@@ -37,12 +37,27 @@ class DemoConfig:
 class DataConfig:
     """Where samples come from and how they are cut and normalised."""
 
-    index: str | None = None  # CSV index: one row per image or per cell crop
+    index: str | None = None  # CSV / parquet index: one row per image or per cell crop
     root: str | None = None  # base folder for relative paths in the index
     channels: list[str] = field(default_factory=lambda: ["nucleus", "microtubules", "er", "protein"])
     channel_map: dict[str, str] = field(default_factory=dict)  # your names -> vocabulary
     sample_size: int = 64  # side of the square cut around a cell / from an image, in px
     normalize_percentiles: list[float] = field(default_factory=lambda: [1.0, 99.8])
+    mode: str = "auto"  # auto | cells (centroid crops) | tiles (random tiles) | image (whole image, resized)
+    normalize: str = "percentile"  # percentile (per sample) | dataset (cached per-channel stats) | none
+    stats_cache: str | None = None  # JSON for dataset stats; default ~/.cache/cellvit_ssl/stats/<hash>.json
+    stats_samples: int = 256  # rows sampled to compute dataset stats
+    foreground_threshold: float = 0.1  # tiles: a pixel is foreground above this (image-scaled to [0, 1])
+    min_foreground: float = 0.0  # tiles: redraw tiles with a smaller foreground fraction (0 = off)
+    tile_attempts: int = 10  # tiles: draws per sample before keeping the best
+    missing_channels: str = "error"  # error | pad (zeros + channel_mask False)
+    skip_bad: bool = False  # log and skip unreadable / corrupt samples, counted per epoch
+    missing_chunks: str = "error"  # error | fill: a chunk absent from a Zarr store
+    level: int = 0  # pyramid level (OME-Zarr, pyramidal TIFF)
+    z_projection: str = "max"  # max | slice (then z_slice)
+    z_slice: int = 0
+    t_frame: int = 0
+    metadata_columns: list[str] = field(default_factory=list)  # index columns returned with each sample
     batch_size: int = 32  # per process
     num_workers: int = 2
     demo: DemoConfig = field(default_factory=DemoConfig)
@@ -132,19 +147,33 @@ class SSLConfig:
 
 @dataclass
 class TrainConfig:
-    """Optimisation loop, checkpoints and logging."""
+    """Optimisation loop, distribution, checkpoints and logging."""
 
     output_dir: str = "runs/default"
     epochs: int = 100
-    base_lr: float = 5.0e-4  # per 256 images of global batch
+    base_lr: float = 5.0e-4  # per `lr_reference_batch` images of global batch
+    lr_reference_batch: int = 256  # lr = base_lr * global batch / this
     min_lr: float = 1.0e-6
     warmup_epochs: int = 10
     weight_decay: float = 0.04
-    clip_grad: float = 3.0
+    weight_decay_end: float = 0.4  # cosine schedule from weight_decay to this
+    layer_decay: float = 1.0  # layer-wise lr decay (1 = off; 0.65-0.9 for fine-tuning)
+    clip_grad: float = 3.0  # max total grad norm (0 = off)
+    accumulate_steps: int = 1  # micro-batches per optimiser step
     seed: int = 0
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    log_every: int = 10
+    device: str = "auto"  # auto | cpu | cuda | cuda:N (under torchrun: cuda:LOCAL_RANK)
+    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
+    strategy: str = "ddp"  # ddp | fsdp (FSDP2, fully_shard per transformer block)
+    dist_backend: str = "auto"  # auto (nccl on GPU, gloo on CPU) | nccl | gloo
+    compile: bool = False  # torch.compile each transformer block
+    activation_checkpointing: bool = False  # recompute student blocks in backward
+    deterministic: bool = False  # deterministic kernels (slower; for exact reproducibility)
+    log_every: int = 10  # steps between JSONL / TensorBoard records
+    tensorboard: bool = True
+    progress: bool = True  # progress bar on rank 0
     checkpoint_every: int = 0  # steps; 0 = only at each epoch end
+    keep_last: int = 3  # step checkpoints kept (checkpoint.pt always points at the newest)
+    resume: str = "auto"  # auto (latest in output_dir) | none | path to a checkpoint
     max_steps: int = 0  # stop early after this many steps (0 = run all epochs)
 
 
@@ -209,8 +238,34 @@ def _validate(cfg: DictConfig) -> None:
         raise ConfigError(f"data.batch_size={cfg.data.batch_size}; expected >= 1")
     if not cfg.data.channels:
         raise ConfigError("data.channels is empty; name the channels of your images in order")
+    _validate_train(cfg.train)
     _validate_views(cfg)
     _validate_ssl(cfg)
+
+
+_CHOICES = {
+    "precision": ("auto", "bf16", "fp32"),
+    "strategy": ("ddp", "fsdp"),
+    "dist_backend": ("auto", "nccl", "gloo"),
+}
+
+
+def _validate_train(train: DictConfig) -> None:
+    for key, choices in _CHOICES.items():
+        if train[key] not in choices:
+            raise ConfigError(f"train.{key}={train[key]!r}; expected one of {list(choices)}")
+    positive = ("epochs", "accumulate_steps", "lr_reference_batch", "keep_last")
+    for key in positive:
+        if train[key] < 1:
+            raise ConfigError(f"train.{key}={train[key]}; expected >= 1")
+    for key in ("warmup_epochs", "log_every", "checkpoint_every", "max_steps", "clip_grad", "base_lr",
+                "min_lr", "weight_decay", "weight_decay_end"):
+        if train[key] < 0:
+            raise ConfigError(f"train.{key}={train[key]}; expected >= 0")
+    if not 0 < train.layer_decay <= 1:
+        raise ConfigError(f"train.layer_decay={train.layer_decay}; expected 0 < layer_decay <= 1")
+    if not (train.device in ("auto", "cpu", "cuda") or train.device.startswith("cuda:")):
+        raise ConfigError(f"train.device={train.device!r}; expected auto, cpu, cuda or cuda:N")
 
 
 def _validate_views(cfg: DictConfig) -> None:

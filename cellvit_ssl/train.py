@@ -1,36 +1,64 @@
 """Training entry point: ``python -m cellvit_ssl.train CONFIG [key=value ...]``.
 
-Loads the config (code defaults ← YAML ← overrides), builds data, model and the
-student/teacher objective, trains with AdamW under a warm-up + cosine learning rate and a
-cosine teacher momentum, and writes atomic checkpoints plus a teacher export for inference
-into ``train.output_dir`` beside the resolved ``config.yaml``.
+The same command runs on one CPU, one GPU, or under ``torchrun`` on many GPUs and nodes
+(``torchrun --nproc_per_node 8 -m cellvit_ssl.train CONFIG``; SLURM ``srun`` works too).
+It loads the config (code defaults ← YAML ← overrides), builds data, model and the
+student/teacher objective, trains with AdamW under warm-up + cosine learning rate, cosine
+weight decay and cosine teacher momentum, and writes into ``train.output_dir``:
+
+- ``config.yaml``: the resolved config;
+- ``checkpoint_<step>.pt`` (last ``train.keep_last``) and ``checkpoint.pt`` (the newest):
+  everything needed to continue the run exactly (``train.resume=auto`` does so);
+- ``teacher.pt``: the teacher backbone alone, for :func:`cellvit_ssl.load_encoder`;
+- ``metrics.jsonl`` and TensorBoard scalars under ``tb/``.
+
+SIGTERM or SIGUSR1 (cluster preemption) write a checkpoint at the next step boundary and
+exit cleanly; a NaN / Inf loss stops the run and keeps the last good checkpoint.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
-import math
+import os
 import random
+import signal
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
 import torch
-from lightly.utils.scheduler import cosine_schedule
 from omegaconf import DictConfig, OmegaConf
-from torch.utils.data import DataLoader
+from torch.utils.checkpoint import checkpoint as recompute
+from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from cellvit_ssl.checkpoint import ENCODER_FORMAT, TRAINING_FORMAT, save_checkpoint
+from cellvit_ssl import distributed as D
+from cellvit_ssl.checkpoint import (
+    ENCODER_FORMAT,
+    TRAINING_FORMAT,
+    find_resume_checkpoint,
+    load_checkpoint,
+    remove_stale_temporaries,
+    rng_state,
+    save_checkpoint,
+    save_training_checkpoint,
+    set_rng_state,
+)
 from cellvit_ssl.config import config_to_dict, load_config
 from cellvit_ssl.data.dataset import IndexDataset
 from cellvit_ssl.data.synthetic import DemoSpec, generate_demo
-from cellvit_ssl.errors import CellVitSSLError, DataError
+from cellvit_ssl.errors import CellVitSSLError, CheckpointError, DataError
 from cellvit_ssl.models.channels import build_model
+from cellvit_ssl.optim import Schedules, apply_schedules, param_groups
 from cellvit_ssl.ssl import DINOMetaArch
 from cellvit_ssl.transforms import MultichannelDINOTransform
+
+EXIT_ERROR = 2
+EXIT_DIVERGED = 3
 
 
 def resolve_index(cfg: DictConfig) -> tuple[Path, Path | None]:
@@ -56,13 +84,6 @@ def resolve_index(cfg: DictConfig) -> tuple[Path, Path | None]:
     return index, root
 
 
-def select_device(name: str) -> torch.device:
-    """``auto`` → CUDA when available, else CPU."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 def seed_everything(seed: int) -> None:
     """Seed Python, NumPy and torch."""
     random.seed(seed)
@@ -70,25 +91,39 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def param_groups(module: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """AdamW groups: no weight decay on biases, norms and tokens (1-D parameters)."""
-    decay, no_decay = [], []
-    for name, p in module.named_parameters():
-        if not p.requires_grad:
-            continue
-        (no_decay if p.ndim <= 1 or name.endswith(("token", "tokens", "pos_embed")) else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+def item_seed(seed: int, epoch: int, index: int) -> int:
+    """Seed of one sample's augmentations: a well-mixed function of (run seed, epoch, index)."""
+    return int(np.random.SeedSequence([seed, epoch, index]).generate_state(1, dtype=np.uint64)[0] >> 1)
 
 
-def lr_at(step: int, total: int, warmup: int, peak: float, floor: float) -> float:
-    """Linear warm-up to ``peak`` over ``warmup`` steps, then cosine down to ``floor``."""
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    return floor + (peak - floor) * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(total - warmup, 1)))
+class SeededViews(Dataset):
+    """A dataset whose item ``(epoch, i)`` draws its random crops from its own seed.
+
+    The augmentations of sample ``i`` in epoch ``e`` then depend on neither the rank, the
+    data-loader worker nor what was loaded before, so a run gives the same batches on any
+    number of processes, and a resumed run the same batches as an uninterrupted one.
+
+    Args:
+        dataset: The underlying dataset (its transforms use torch's global RNG).
+        seed: The run seed.
+    """
+
+    def __init__(self, dataset: Dataset, seed: int) -> None:
+        self.dataset = dataset
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int] | int) -> dict:
+        epoch, index = key if isinstance(key, tuple) else (0, key)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(item_seed(self.seed, epoch, index))
+            return self.dataset[index]
 
 
-def build_loader(cfg: DictConfig) -> DataLoader:
-    """DataLoader of multichannel DINO views over the configured index."""
+def build_dataset(cfg: DictConfig) -> SeededViews:
+    """The run's dataset of multichannel DINO views (generating the demo data if enabled)."""
     index, root = resolve_index(cfg)
     dataset = IndexDataset(
         index,
@@ -99,93 +134,403 @@ def build_loader(cfg: DictConfig) -> DataLoader:
         channel_map=dict(cfg.data.channel_map),
         percentiles=list(cfg.data.normalize_percentiles),
     )
-    generator = torch.Generator().manual_seed(cfg.train.seed)
+    return SeededViews(dataset, cfg.train.seed)
+
+
+def _ignore_stop_signals(_worker_id: int) -> None:
+    # Preemption signals reach the whole process group; only the main process checkpoints, and
+    # a data worker dying of SIGTERM first would abort the run before it can.
+    for name in StopRequest.SIGNALS:
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), signal.SIG_IGN)
+
+
+def build_loader(cfg: DictConfig, info: D.DistInfo | None = None,
+                 dataset: SeededViews | None = None) -> DataLoader:
+    """DataLoader over this rank's shard of the index (see :class:`~cellvit_ssl.distributed.ShardedSampler`).
+
+    Its sampler is ``loader.sampler``; call ``set_position(epoch, skip)`` before each epoch.
+
+    Raises:
+        DataError: If the index has fewer samples than one global batch.
+    """
+    info = info or D.DistInfo(0, 1, 0, torch.device("cpu"))
+    dataset = dataset if dataset is not None else build_dataset(cfg)
+    per_step = cfg.data.batch_size * info.world_size
+    if len(dataset) < per_step:
+        raise DataError(
+            f"the index has {len(dataset)} samples, fewer than one global batch "
+            f"(data.batch_size={cfg.data.batch_size} x {info.world_size} processes)"
+        )
+    sampler = D.ShardedSampler(dataset, info, seed=cfg.train.seed)
+    sampler.set_position(0)
     return DataLoader(
         dataset,
         batch_size=cfg.data.batch_size,
-        shuffle=True,
-        drop_last=len(dataset) >= cfg.data.batch_size,
+        sampler=sampler,
+        drop_last=True,
         num_workers=cfg.data.num_workers,
         persistent_workers=cfg.data.num_workers > 0,
-        generator=generator,
+        worker_init_fn=_ignore_stop_signals,
+        pin_memory=info.device.type == "cuda",
+        # Its own generator: creating an iterator must not draw from the global RNG.
+        generator=torch.Generator().manual_seed(cfg.train.seed + info.rank),
     )
 
 
-def training_payload(cfg: DictConfig, meta: DINOMetaArch, opt: torch.optim.Optimizer,
-                     epoch: int, step: int) -> dict:
-    """Everything a checkpoint holds, as plain data."""
-    return {"format": TRAINING_FORMAT, "config": config_to_dict(cfg), "model": meta.state_dict(),
-            "optimizer": opt.state_dict(), "epoch": epoch, "step": step}
+def _checkpointed_forward(forward, *args, **kwargs):
+    if torch.is_grad_enabled():
+        return recompute(forward, *args, use_reentrant=False, **kwargs)
+    return forward(*args, **kwargs)
 
 
-def encoder_payload(cfg: DictConfig, meta: DINOMetaArch) -> dict:
-    """The teacher backbone alone, for inference (:func:`cellvit_ssl.load_encoder`)."""
-    return {"format": ENCODER_FORMAT, "config": config_to_dict(cfg), "backbone": meta.teacher.state_dict()}
+def enable_activation_checkpointing(net: torch.nn.Module) -> None:
+    """Recompute each transformer block of ``net`` in backward instead of storing activations.
+
+    Patches each block's ``forward`` on the instance, so parameter names (and checkpoints)
+    are unchanged.
+    """
+    for block in D.transformer_blocks(net):
+        block.forward = functools.partial(_checkpointed_forward, block.forward)
+
+
+def compile_blocks(meta: DINOMetaArch) -> None:
+    """``torch.compile`` every transformer block of student and teacher (names unchanged)."""
+    for net in (meta.student, meta.teacher):
+        for block in D.transformer_blocks(net):
+            block.compile()
+
+
+def use_bf16(precision: str, device: torch.device) -> bool:
+    """``auto`` → bf16 autocast on GPU, fp32 on CPU."""
+    if precision == "auto":
+        return device.type == "cuda"
+    return precision == "bf16"
+
+
+class StopRequest:
+    """Remembers SIGTERM / SIGUSR1 so the loop can checkpoint at the next step boundary."""
+
+    SIGNALS = ("SIGTERM", "SIGUSR1")
+
+    def __init__(self) -> None:
+        self.signal: str | None = None
+        self._previous = {}
+
+    def _handle(self, signum, _frame) -> None:
+        self.signal = signal.Signals(signum).name
+
+    def install(self) -> StopRequest:
+        for name in self.SIGNALS:
+            if hasattr(signal, name):
+                sig = getattr(signal, name)
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+
+def _drop_records_after(path: Path, step: int) -> None:
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line)
+        except (ValueError, KeyError, TypeError):
+            continue  # a line cut short by a kill
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    tmp.replace(path)
+
+
+class MetricsLog:
+    """JSONL records and TensorBoard scalars, written on rank 0 only."""
+
+    def __init__(self, folder: Path, enabled: bool, tensorboard: bool, resumed_step: int | None = None) -> None:
+        self.enabled = enabled
+        self.file = None
+        self.tb = None
+        if not enabled:
+            return
+        path = folder / "metrics.jsonl"
+        if resumed_step is not None and path.is_file():
+            _drop_records_after(path, resumed_step)  # steps a killed run did past its checkpoint
+        self.file = open(path, "a")
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as exc:
+                print(f"cellvit_ssl: TensorBoard logging is off ({exc}); `pip install tensorboard` "
+                      "to turn it on, or set train.tensorboard=false", file=sys.stderr)
+            else:
+                purge = resumed_step + 1 if resumed_step is not None else None
+                self.tb = SummaryWriter(str(folder / "tb"), purge_step=purge)
+
+    def write(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        if self.tb is not None:
+            for key, value in record.items():
+                if key not in ("step", "epoch") and isinstance(value, (int, float)):
+                    self.tb.add_scalar(f"train/{key}", value, record["step"])
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+class Trainer:
+    """One training run on this process (one rank of many under torchrun).
+
+    Args:
+        cfg: The loaded run config.
+        info: From :func:`cellvit_ssl.distributed.init_distributed`.
+    """
+
+    def __init__(self, cfg: DictConfig, info: D.DistInfo) -> None:
+        self.cfg, self.info = cfg, info
+        t = cfg.train
+        self.out = Path(t.output_dir).expanduser()
+        if info.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            remove_stale_temporaries(self.out)
+            OmegaConf.save(cfg, self.out / "config.yaml", resolve=True)
+        if t.deterministic:
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it to be deterministic
+            torch.use_deterministic_algorithms(True)
+            torch.backends.cudnn.benchmark = False
+        seed_everything(t.seed)
+        # Rank 0 generates demo data / opens the index first; the others then reuse it.
+        dataset = build_dataset(cfg) if info.is_main else None
+        D.barrier()
+        self.loader = build_loader(cfg, info, dataset if dataset is not None else build_dataset(cfg))
+        self.sampler: D.ShardedSampler = self.loader.sampler
+        self.meta = DINOMetaArch(build_model(cfg.model, list(cfg.data.channels)), cfg.ssl).to(info.device)
+        seed_everything(t.seed + info.rank)  # per-rank stream for stochastic layers (drop path)
+        if t.activation_checkpointing:
+            enable_activation_checkpointing(self.meta.student)
+        if t.compile:
+            compile_blocks(self.meta)
+        self.bf16 = use_bf16(t.precision, info.device)
+        self.model = D.wrap_model(self.meta, info, t.strategy, bf16=self.bf16)
+        self.optimizer = torch.optim.AdamW(param_groups(self.meta, t.weight_decay, t.layer_decay))
+        self.trainable = [p for p in self.meta.parameters() if p.requires_grad]
+
+        self.micro_batch = cfg.data.batch_size
+        self.global_batch = self.micro_batch * info.world_size * t.accumulate_steps
+        self.steps_per_epoch = self.sampler.num_samples // (self.micro_batch * t.accumulate_steps)
+        if self.steps_per_epoch == 0:
+            raise DataError(
+                f"the index has {len(self.loader.dataset)} samples, fewer than one optimiser step needs "
+                f"(data.batch_size={self.micro_batch} x {info.world_size} processes x "
+                f"train.accumulate_steps={t.accumulate_steps})"
+            )
+        total = t.epochs * self.steps_per_epoch
+        self.total_steps = min(total, t.max_steps) if t.max_steps else total
+        self.schedules = Schedules(
+            total_steps=self.total_steps,
+            warmup_steps=min(t.warmup_epochs * self.steps_per_epoch, self.total_steps),
+            peak_lr=t.base_lr * self.global_batch / t.lr_reference_batch,
+            min_lr=t.min_lr,
+            weight_decay=t.weight_decay,
+            weight_decay_end=t.weight_decay_end,
+            momentum_start=cfg.ssl.momentum_start,
+            momentum_end=cfg.ssl.momentum_end,
+        )
+        self.step = 0
+        self.last_checkpoint: Path | None = None
+        self.saved_step = -1
+
+    # -- checkpoints -------------------------------------------------------------------------
+
+    def _training_payload(self) -> dict:
+        model_state, optim_state = D.full_state_dict(self.model, self.optimizer)
+        rngs = D.gather_objects(rng_state())
+        return {"format": TRAINING_FORMAT, "config": config_to_dict(self.cfg), "model": model_state,
+                "optimizer": optim_state, "step": self.step, "epoch": self.step // self.steps_per_epoch,
+                "world_size": self.info.world_size, "global_batch": self.global_batch, "rng": rngs}
+
+    def save(self) -> Path:
+        """Checkpoint the current step (all ranks call; rank 0 writes)."""
+        payload = self._training_payload()
+        path = self.out / f"checkpoint_{self.step:08d}.pt"
+        if self.info.is_main:
+            path = save_training_checkpoint(payload, self.out, self.step, self.cfg.train.keep_last)
+        D.barrier()
+        self.last_checkpoint, self.saved_step = path, self.step
+        return path
+
+    def export_teacher(self) -> Path:
+        """Write ``teacher.pt``: the teacher backbone alone (all ranks call; rank 0 writes)."""
+        model_state = D.full_model_state_dict(self.model)
+        backbone = {k[len("teacher."):]: v for k, v in model_state.items() if k.startswith("teacher.")}
+        path = self.out / "teacher.pt"
+        if self.info.is_main:
+            save_checkpoint({"format": ENCODER_FORMAT, "config": config_to_dict(self.cfg),
+                             "backbone": backbone}, path)
+        D.barrier()
+        return path
+
+    def resume(self, path: Path) -> None:
+        """Restore model, optimizer, step and random state from a training checkpoint.
+
+        Raises:
+            CheckpointError: If the file is unreadable or does not fit this run's model.
+        """
+        payload = load_checkpoint(path, expect=(TRAINING_FORMAT,))
+        missing = [k for k in ("model", "optimizer", "step", "rng") if k not in payload]
+        if missing:
+            raise CheckpointError(f"checkpoint {str(path)!r} has no {missing}; it cannot be resumed from")
+        try:
+            D.load_full_state_dict(self.model, self.optimizer, payload["model"], payload["optimizer"])
+        except (RuntimeError, KeyError, ValueError) as exc:
+            raise CheckpointError(
+                f"checkpoint {str(path)!r} does not fit this run's model/optimizer "
+                f"(changed model or ssl settings?): {str(exc).splitlines()[0]}"
+            ) from exc
+        self.step = int(payload["step"])
+        rngs = payload["rng"]
+        if len(rngs) == self.info.world_size:
+            set_rng_state(rngs[self.info.rank])
+        elif self.info.is_main:
+            print(f"cellvit_ssl: the checkpoint was written by {len(rngs)} processes, this run has "
+                  f"{self.info.world_size}; it continues, but not bit-exactly", file=sys.stderr)
+        if payload.get("global_batch", self.global_batch) != self.global_batch and self.info.is_main:
+            print(f"cellvit_ssl: the checkpoint was trained with global batch {payload['global_batch']}, "
+                  f"this run has {self.global_batch}; the data order and schedules change from here",
+                  file=sys.stderr)
+        self.last_checkpoint, self.saved_step = path, self.step
+
+    # -- the loop ----------------------------------------------------------------------------
+
+    def _train_step(self, batches, epoch: int, stop_flag: bool) -> dict:
+        t, device = self.cfg.train, self.info.device
+        lr, wd, momentum = (self.schedules.lr(self.step), self.schedules.wd(self.step),
+                            self.schedules.momentum(self.step))
+        apply_schedules(self.optimizer, lr, wd)
+        self.optimizer.zero_grad(set_to_none=True)
+        terms: dict[str, torch.Tensor] = {}
+        autocast = torch.autocast(device.type, dtype=torch.bfloat16) if self.bf16 else nullcontext()
+        for micro in range(t.accumulate_steps):
+            batch = next(batches)
+            views = [v.to(device, non_blocking=True) for v in batch["views"]]
+            kwargs = {"channel_mask": batch["channel_mask"].to(device)} if "channel_mask" in batch else {}
+            with D.no_sync(self.model, micro < t.accumulate_steps - 1):
+                with autocast:
+                    out = self.model(views, batch["channel_ids"].to(device), epoch=epoch, **kwargs)
+                (out["loss"] / t.accumulate_steps).backward()
+            for key, value in out.items():
+                value = value.detach().float() / t.accumulate_steps
+                terms[key] = terms[key] + value if key in terms else value
+        keys = sorted(terms)
+        local = torch.stack([terms[k] for k in keys] + [torch.tensor(float(stop_flag), device=device)])
+        reduced = D.all_reduce_mean(local).tolist()
+        record = dict(zip(keys, reduced[:-1]))
+        record["stop"] = reduced[-1] > 0
+        if not np.isfinite(record["loss"]):
+            return record
+        self.meta.cancel_last_layer_gradients(epoch)
+        if t.clip_grad:
+            norm = torch.nn.utils.clip_grad_norm_(self.trainable, t.clip_grad)
+            record["grad_norm"] = float(D.grad_norm_value(norm))
+        self.optimizer.step()
+        self.meta.update_teacher(momentum)
+        record.update(lr=lr, wd=wd, momentum=momentum)
+        return record
+
+    def fit(self) -> Path:
+        """Train to the end (or to a stop signal); returns ``teacher.pt`` (or the checkpoint)."""
+        t, info = self.cfg.train, self.info
+        source = find_resume_checkpoint(t.resume, self.out)
+        if source is not None:
+            self.resume(source)
+        if info.is_main:
+            resumed = f", resumed at step {self.step} from {source}" if source is not None else ""
+            print(f"cellvit_ssl: {len(self.loader.dataset)} samples, {info.world_size} process(es) on "
+                  f"{info.device.type}, global batch {self.global_batch}, {self.steps_per_epoch} steps/epoch, "
+                  f"{self.total_steps} steps, model {self.cfg.model.variant}/{self.cfg.model.arch}, "
+                  f"{'bf16' if self.bf16 else 'fp32'}, {t.strategy}, output {self.out}{resumed}", flush=True)
+        log = MetricsLog(self.out, info.is_main, t.tensorboard, self.step if source is not None else None)
+        stop = StopRequest().install()
+        bar = tqdm(total=self.total_steps, initial=self.step, disable=not (info.is_main and t.progress),
+                   desc="train", dynamic_ncols=True)
+        try:
+            return self._loop(log, stop, bar)
+        finally:
+            bar.close()
+            stop.restore()
+            log.close()
+
+    def _loop(self, log: MetricsLog, stop: StopRequest, bar: tqdm) -> Path:
+        t = self.cfg.train
+        self.model.train()
+        tick, tick_step = time.perf_counter(), self.step
+        while self.step < self.total_steps:
+            epoch, within = divmod(self.step, self.steps_per_epoch)
+            self.sampler.set_position(epoch, within * self.micro_batch * t.accumulate_steps)
+            batches = iter(self.loader)
+            for _ in range(within, self.steps_per_epoch):
+                if self.step >= self.total_steps:
+                    break
+                record = self._train_step(batches, epoch, stop.signal is not None)
+                if not np.isfinite(record["loss"]):
+                    kept = f"the last good checkpoint is {self.last_checkpoint}" if self.last_checkpoint \
+                        else "no checkpoint was written yet"
+                    raise FloatingPointError(
+                        f"loss is {record['loss']} at step {self.step + 1} (epoch {epoch}); stopping. "
+                        f"{kept}. Lower train.base_lr, raise train.warmup_epochs or check the data."
+                    )
+                self.step += 1
+                now = time.perf_counter()
+                rate = (self.step - tick_step) * self.global_batch / max(now - tick, 1e-9)
+                bar.update(1)
+                bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{rate:.1f}", refresh=False)
+                if (t.log_every and self.step % t.log_every == 0) or self.step == self.total_steps:
+                    extra = {"images_per_s": rate}
+                    if self.info.device.type == "cuda":
+                        extra["max_memory_gib"] = torch.cuda.max_memory_allocated(self.info.device) / 2**30
+                    log.write({"step": self.step, "epoch": epoch, **{k: v for k, v in record.items() if k != "stop"},
+                               **extra})
+                    tick, tick_step = now, self.step
+                end_of_epoch = self.step % self.steps_per_epoch == 0
+                due = self.step % t.checkpoint_every == 0 if t.checkpoint_every else end_of_epoch
+                if record["stop"]:
+                    path = self.save()
+                    if self.info.is_main:
+                        print(f"cellvit_ssl: stop requested (SIGTERM/SIGUSR1): checkpoint at step {self.step} "
+                              f"written to {path}; run the same command again to resume", flush=True)
+                    return path
+                if due:
+                    self.save()
+        if self.saved_step != self.step:
+            self.save()
+        export = self.export_teacher()
+        if self.info.is_main:
+            print(f"done: checkpoint {self.out / 'checkpoint.pt'}, encoder {export}", flush=True)
+        return export
 
 
 def run(cfg: DictConfig) -> Path:
-    """Train with a loaded config; returns the path of the final teacher export."""
-    seed_everything(cfg.train.seed)
-    device = select_device(cfg.train.device)
-    out = Path(cfg.train.output_dir).expanduser()
-    out.mkdir(parents=True, exist_ok=True)
-    OmegaConf.save(cfg, out / "config.yaml", resolve=True)
-    loader = build_loader(cfg)
-    meta = DINOMetaArch(build_model(cfg.model, list(cfg.data.channels)), cfg.ssl).to(device)
-    opt = torch.optim.AdamW(param_groups(meta, cfg.train.weight_decay))
-    steps_per_epoch = len(loader)
-    total = cfg.train.epochs * steps_per_epoch
-    if cfg.train.max_steps:
-        total = min(total, cfg.train.max_steps)
-    peak_lr = cfg.train.base_lr * cfg.data.batch_size / 256
-    warmup = min(cfg.train.warmup_epochs * steps_per_epoch, total)
-    print(f"cellvit_ssl: {len(loader.dataset)} samples, {steps_per_epoch} steps/epoch, {total} steps, "
-          f"model {cfg.model.variant}/{cfg.model.arch} on {device}, output {out}")
-    step, epoch = 0, 0
-    metrics = open(out / "metrics.jsonl", "a")
-    for epoch in range(cfg.train.epochs):
-        if step >= total:
-            break
-        meta.train()
-        losses = []
-        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.train.epochs}", leave=False, disable=None)
-        t0 = time.perf_counter()
-        for batch in bar:
-            if step >= total:
-                break
-            lr = lr_at(step, total, warmup, peak_lr, cfg.train.min_lr)
-            for group in opt.param_groups:
-                group["lr"] = lr
-            views = [v.to(device, non_blocking=True) for v in batch["views"]]
-            out_dict = meta(views, batch["channel_ids"].to(device), epoch=epoch)
-            loss = out_dict["loss"]
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"loss is {loss.item()} at step {step}; stopping (last checkpoint kept)")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.train.clip_grad:
-                torch.nn.utils.clip_grad_norm_(meta.student.parameters(), cfg.train.clip_grad)
-            meta.cancel_last_layer_gradients(epoch)
-            opt.step()
-            meta.update_teacher(cosine_schedule(step, total, cfg.ssl.momentum_start, cfg.ssl.momentum_end))
-            step += 1
-            losses.append(loss.item())
-            bar.set_postfix(loss=f"{losses[-1]:.4f}", lr=f"{lr:.2e}")
-            if cfg.train.log_every and step % cfg.train.log_every == 0:
-                metrics.write(json.dumps({"step": step, "epoch": epoch, "loss": losses[-1], "lr": lr}) + "\n")
-            if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0:
-                save_checkpoint(training_payload(cfg, meta, opt, epoch, step), out / "checkpoint.pt")
-        seconds = time.perf_counter() - t0
-        n_images = len(losses) * cfg.data.batch_size
-        print(f"epoch {epoch + 1}/{cfg.train.epochs}  loss {np.mean(losses):.4f}  "
-              f"({n_images / max(seconds, 1e-9):.1f} images/s)", flush=True)
-        metrics.write(json.dumps({"epoch": epoch + 1, "step": step, "epoch_loss": float(np.mean(losses))}) + "\n")
-        metrics.flush()
-        save_checkpoint(training_payload(cfg, meta, opt, epoch + 1, step), out / "checkpoint.pt")
-    metrics.close()
-    export = save_checkpoint(encoder_payload(cfg, meta), out / "teacher.pt")
-    print(f"done: checkpoint {out / 'checkpoint.pt'}, encoder {export}")
-    return export
+    """Train with a loaded config on this process; returns ``teacher.pt``.
+
+    Under ``torchrun`` every process calls this; it joins the process group and leaves it
+    when done. When a stop signal arrives the returned path is the checkpoint written.
+
+    Raises:
+        FloatingPointError: On a NaN / Inf loss (the last good checkpoint is kept).
+    """
+    info = D.init_distributed(cfg.train.device, cfg.train.dist_backend)
+    try:
+        return Trainer(cfg, info).fit()
+    finally:
+        D.cleanup()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -199,7 +544,10 @@ def main(argv: list[str] | None = None) -> int:
         run(cfg)
     except CellVitSSLError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_ERROR
+    except FloatingPointError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_DIVERGED
     return 0
 
 

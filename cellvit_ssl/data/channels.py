@@ -4,6 +4,12 @@ Every channel that reaches a model is identified by a stable integer id from one
 vocabulary, so ``nucleus`` means the same thing in HPA, WTC-11 and Cell Painting and channels
 may arrive in any order or subset. New names are only ever appended, never reordered, so ids
 in old checkpoints stay valid.
+
+Names found in files or written by users are matched case-insensitively, with spaces,
+hyphens and underscores treated alike; common stain / dye names are aliases (``DAPI``,
+``Hoechst 33342`` → ``nucleus``); a user mapping (``data.channel_map``) is consulted first.
+Names always travel with the data (the index's ``channels`` column, OME metadata), never as
+positions alone: Broad has noted published Cell Painting data with mislabelled channels.
 """
 
 from __future__ import annotations
@@ -52,6 +58,19 @@ ALIASES: dict[str, str] = {
     "cell_membrane": "membrane",
     "cellmask": "membrane",
     "bf": "brightfield",
+    "hoechst_33342": "nucleus",
+    "draq5": "nucleus",
+    "h2b": "nucleus",
+    "alpha_tubulin": "microtubules",
+    "concanavalin_a": "er",
+    "cona": "er",
+    "calnexin": "er",
+    "syto_14": "rna",
+    "actin_golgi_plasma_membrane": "agp",
+    "mitotracker_deep_red": "mito",
+    "cell_mask": "membrane",
+    "plasma_membrane": "membrane",
+    "f_actin": "actin",
 }
 
 #: Channel names in on-disk order for the datasets the package knows.
@@ -61,6 +80,42 @@ PRESETS: dict[str, tuple[str, ...]] = {
     "cellpainting": ("nucleus", "rna", "er", "agp", "mito"),
     "demo": ("nucleus", "microtubules", "er", "protein"),
 }
+
+#: Other spellings of the preset names (CHAMMI calls WTC-11 "Allen" and Cell Painting "CP").
+PRESET_ALIASES: dict[str, str] = {"wtc": "wtc11", "wtc-11": "wtc11", "allen": "wtc11", "cp": "cellpainting",
+                                  "cell_painting": "cellpainting", "jump": "cellpainting"}
+
+#: CHAMMI sub-dataset folder → preset of its channel tapes (channels in on-disk order).
+CHAMMI_PRESETS: dict[str, str] = {"Allen": "wtc11", "HPA": "hpa", "CP": "cellpainting"}
+
+
+def _key(name: str) -> str:
+    return "_".join(str(name).strip().lower().replace("-", " ").replace("_", " ").split())
+
+
+_VOCAB_KEYS = {_key(v): v for v in VOCABULARY}
+_ALIAS_KEYS = {_key(k): v for k, v in ALIASES.items()}
+
+
+def preset(name: str) -> list[str]:
+    """Channel names, in on-disk order, of a known dataset.
+
+    Args:
+        name: ``hpa``, ``wtc11`` (or ``allen``), ``cellpainting`` (or ``cp``), ``demo``.
+
+    Raises:
+        DataError: On an unknown preset, listing the known ones.
+
+    Examples:
+        >>> preset("cp")
+        ['nucleus', 'rna', 'er', 'agp', 'mito']
+    """
+    key = str(name).strip().lower()
+    key = PRESET_ALIASES.get(key, key)
+    if key not in PRESETS:
+        raise DataError(f"unknown channel preset {name!r}; known presets are {sorted(PRESETS)} "
+                        f"(aliases: {sorted(PRESET_ALIASES)})")
+    return list(PRESETS[key])
 
 
 def canonical_name(name: str, mapping: Mapping[str, str] | None = None) -> str:
@@ -75,20 +130,42 @@ def canonical_name(name: str, mapping: Mapping[str, str] | None = None) -> str:
         DataError: If the name is neither a vocabulary name, an alias, nor mapped.
     """
     if mapping:
-        lowered = {str(k).strip().lower(): v for k, v in mapping.items()}
-        key = str(name).strip().lower()
-        if key in lowered:
-            name = lowered[key]
-    key = str(name).strip().lower()
-    if key in VOCABULARY:
-        return key
-    if key in ALIASES:
-        return ALIASES[key]
+        mapped = {_key(k): v for k, v in mapping.items()}
+        name = mapped.get(_key(name), name)
+    key = _key(name)
+    if key in _VOCAB_KEYS:
+        return _VOCAB_KEYS[key]
+    if key in _ALIAS_KEYS:
+        return _ALIAS_KEYS[key]
     raise DataError(
         f"unknown channel name {name!r}; known channels are {list(VOCABULARY)} "
         f"(aliases: {sorted(ALIASES)}). Map your own names with data.channel_map, "
         "e.g. data.channel_map={DAPI: nucleus}."
     )
+
+
+def canonical_names(
+    names: Sequence[str], mapping: Mapping[str, str] | None = None, *, source: str | None = None
+) -> list[str]:
+    """Canonical names of several channels; an unknown or repeated channel is an error.
+
+    Args:
+        names: Channel names in file order.
+        mapping: Optional user mapping (see :func:`canonical_name`).
+        source: The file the names come from, named in error messages.
+
+    Raises:
+        DataError: On an unknown name or the same channel named twice, naming ``source``.
+    """
+    prefix = f"{source}: " if source else ""
+    try:
+        canon = [canonical_name(n, mapping) for n in names]
+    except DataError as exc:
+        raise DataError(f"{prefix}{exc}") from exc
+    dupes = sorted({c for c in canon if canon.count(c) > 1})
+    if dupes:
+        raise DataError(f"{prefix}channel names {list(names)} name the same channel twice ({dupes})")
+    return canon
 
 
 def channel_id(name: str, mapping: Mapping[str, str] | None = None) -> int:
