@@ -178,7 +178,7 @@ def wrap_model(meta: nn.Module, info: DistInfo, strategy: str = "ddp", bf16: boo
 
     Args:
         meta: The :class:`~cellvit_ssl.ssl.DINOMetaArch` (on ``info.device``), with
-            ``student``, ``teacher``, ``student_head`` and ``teacher_head``.
+            ``student``, ``teacher`` and its projection heads (``meta.heads()``).
         info: From :func:`init_distributed`.
         strategy: ``ddp`` (replicated weights, averaged gradients) or ``fsdp`` (FSDP2: each
             transformer block, each backbone and each head sharded over the ranks).
@@ -216,7 +216,7 @@ def wrap_model(meta: nn.Module, info: DistInfo, strategy: str = "ddp", bf16: boo
         for method in ("forward_features", "embed"):
             if hasattr(net, method):
                 register_fsdp_forward_method(net, method)
-    for head in (meta.student_head, meta.teacher_head):
+    for head in meta.heads():
         fully_shard(head, **kwargs)
     fully_shard(meta, **kwargs)
     return meta

@@ -130,6 +130,11 @@ class DINOMetaArch(nn.Module):
     def _student_heads(self) -> list[DINOProjectionHead]:
         return [getattr(self, f"student_{t}_head") for t in ("dino", "ibot") if getattr(self.cfg, t)]
 
+    def heads(self) -> list[DINOProjectionHead]:
+        """Every projection head, student and teacher (e.g. to shard each one under FSDP)."""
+        return [getattr(self, f"{who}_{t}_head") for t in ("dino", "ibot") if getattr(self.cfg, t)
+                for who in ("student", "teacher")]
+
     def train(self, mode: bool = True) -> DINOMetaArch:
         """Train mode for the student; the teacher always runs in eval mode (no drop path)."""
         super().train(mode)

@@ -18,7 +18,10 @@ from cellvit_ssl.train import Trainer, resolve_index
 
 TINY_DIST = [*TINY_OVERRIDES, "data.demo.n_images=4", "train.epochs=2", "train.warmup_epochs=1",
              "train.base_lr=0.05", "train.tensorboard=false", "train.progress=false", "train.resume=none",
-             "train.deterministic=true"]
+             "train.deterministic=true",
+             # iBOT masks and KoLeo neighbours are per process (as in DINOv2): only DINO with
+             # Sinkhorn-Knopp centring (summed over ranks) is exactly batch-split invariant.
+             "ssl.ibot=false", "ssl.koleo=false", "ssl.centering=sinkhorn_knopp"]
 ROOT = Path(__file__).resolve().parents[1]
 
 WORKER = """
@@ -38,7 +41,10 @@ D.cleanup()
 
 def test_slurm_environment_becomes_torch_environment(monkeypatch):
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        monkeypatch.delenv(key, raising=False)
+        # setenv first so that monkeypatch also removes what _env_from_slurm writes; otherwise
+        # WORLD_SIZE=8 leaks into later tests, whose trainer then waits for 8 processes.
+        monkeypatch.setenv(key, "")
+        monkeypatch.delenv(key)
     monkeypatch.setenv("SLURM_PROCID", "5")
     monkeypatch.setenv("SLURM_NTASKS", "8")
     monkeypatch.setenv("SLURM_LOCALID", "1")

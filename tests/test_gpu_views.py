@@ -34,7 +34,10 @@ P_FLOOR = 1e-3
 
 
 def views_cfg(*overrides: str):
-    base = ["views.global_crop_size=32", "views.local_crop_size=16", "views.n_local_views=4", "model.patch_size=8"]
+    # The GPU path implements crop, flips, rot90 and brightness / contrast: the CPU path's gamma,
+    # blur and noise are off here so that both draw from the same law.
+    base = ["views.global_crop_size=32", "views.local_crop_size=16", "views.n_local_views=4", "model.patch_size=8",
+            "views.gamma=0.0", "views.noise=none", "views.blur_prob=[0.0,0.0,0.0]"]
     return load_config(None, base + list(overrides)).views
 
 
