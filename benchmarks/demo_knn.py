@@ -45,6 +45,13 @@ def cell_inputs(cfg) -> tuple[torch.Tensor, torch.Tensor, np.ndarray, np.ndarray
     return x, ids, ds.table["label_id"].to_numpy(), ds.table["split"].to_numpy()
 
 
+def spread(model, x: torch.Tensor, ids: torch.Tensor) -> float:
+    """Non-collapse statistic: mean per-dimension std of L2-normalised per-sample CLS tokens
+    times sqrt(D) (about 1 for isotropic embeddings, 0 when every sample maps to one point)."""
+    z = F.normalize(model.forward_features(x, ids)["x_norm_clstoken"], dim=1)
+    return float(z.std(dim=0).mean() * z.shape[1] ** 0.5)
+
+
 def knn_f1(z: np.ndarray, labels: np.ndarray, split: np.ndarray, k: int) -> float:
     """Macro-F1 on ``test`` of a cosine kNN fitted on ``train``."""
     z = z / np.maximum(np.linalg.norm(z, axis=1, keepdims=True), 1e-12)
@@ -80,6 +87,8 @@ def main() -> None:
         "trained": knn_f1(trained.embed(x, ids).numpy(), labels, split, args.k),
         "random_init": knn_f1(random_init.embed(x, ids).numpy(), labels, split, args.k),
         "raw_pixels": knn_f1(x.flatten(1).numpy(), labels, split, args.k),
+        "spread_trained": spread(trained, x, ids),
+        "spread_random_init": spread(random_init, x, ids),
     }
     print(json.dumps(result, indent=1))
     if args.json:

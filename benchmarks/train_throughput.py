@@ -175,7 +175,7 @@ def make_step(model: nn.Module, views: list[Tensor], device: torch.device) -> tu
     opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.04, fused=device.type == "cuda")
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" else nullcontext
     clip = getattr(model, "clip_grad", 0.0)
-    head = model.meta.student_head if isinstance(model, OursDINO) else model.student_head
+    head = model.meta if isinstance(model, OursDINO) else model.student_head  # both cancel last-layer grads
     last = {}
 
     def forward_backward() -> Tensor:

@@ -181,8 +181,8 @@ def wrap_model(meta: nn.Module, info: DistInfo, strategy: str = "ddp", bf16: boo
     """Wrap the student/teacher meta-architecture for data-parallel training.
 
     Args:
-        meta: The :class:`~cellvit_ssl.ssl.DINOMetaArch` (on ``info.device``): backbones
-            ``student`` and ``teacher``, and heads as its other children.
+        meta: The :class:`~cellvit_ssl.ssl.DINOMetaArch` (on ``info.device``), with
+            ``student``, ``teacher`` and its projection heads (``meta.heads()``).
         info: From :func:`init_distributed`.
         strategy: ``ddp`` (replicated weights, averaged gradients) or ``fsdp`` (FSDP2: each
             transformer block, each backbone and each head sharded over the ranks; the teacher
@@ -222,9 +222,8 @@ def wrap_model(meta: nn.Module, info: DistInfo, strategy: str = "ddp", bf16: boo
         for method in ("forward_features", "embed"):
             if hasattr(net, method):
                 register_fsdp_forward_method(net, method)
-    for child in meta.children():  # the heads (DINO, iBOT, ...), each its own shard group
-        if all(child is not net for net in backbones) and any(True for _ in child.parameters()):
-            fully_shard(child, **kwargs)
+    for head in meta.heads():
+        fully_shard(head, **kwargs)
     fully_shard(meta, **kwargs)
     return meta
 

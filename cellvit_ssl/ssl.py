@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from cellvit_ssl.centering import sinkhorn_knopp
 from cellvit_ssl.models.channels import ChannelAdaptiveViT
-from cellvit_ssl.transforms import sample_channel_subsets
+from cellvit_ssl.models.sampling import sample_channel_subsets
 
 
 def _head(input_dim: int, output_dim: int, cfg) -> DINOProjectionHead:
@@ -129,6 +129,11 @@ class DINOMetaArch(nn.Module):
 
     def _student_heads(self) -> list[DINOProjectionHead]:
         return [getattr(self, f"student_{t}_head") for t in ("dino", "ibot") if getattr(self.cfg, t)]
+
+    def heads(self) -> list[DINOProjectionHead]:
+        """Every projection head, student and teacher (e.g. to shard each one under FSDP)."""
+        return [getattr(self, f"{who}_{t}_head") for t in ("dino", "ibot") if getattr(self.cfg, t)
+                for who in ("student", "teacher")]
 
     def train(self, mode: bool = True) -> DINOMetaArch:
         """Train mode for the student; the teacher always runs in eval mode (no drop path)."""

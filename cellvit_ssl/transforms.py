@@ -18,7 +18,8 @@ Two channel modes:
   so batches keep their shape and the ``boc`` model makes ``C`` samples per image.
 
 Hierarchical channel sampling (draw ``k`` in ``1..C``, then a ``k``-subset) works on a whole
-batch through a channel mask: :func:`sample_channel_subsets`, used by the objective.
+batch through the model's channel mask: the objective applies
+:func:`cellvit_ssl.models.sampling.sample_channel_subsets` when ``ssl.channel_sampling`` asks.
 """
 
 from __future__ import annotations
@@ -277,32 +278,3 @@ class MultichannelDINOTransform(MultiViewTransform):
         super().__init__(views)
         self.n_global_views = 2
         self.channel_mode = cfg.channel_mode
-
-
-def sample_channel_subsets(present: Tensor, generator: torch.Generator | None = None) -> Tensor:
-    """Hierarchical channel sampling: per image draw ``k ~ U{1..n}``, then a random ``k``-subset.
-
-    ``n`` is the number of channels present in that image, so every image keeps at least one
-    of its own channels and never gains one it did not have.
-
-    Args:
-        present: Boolean ``(B, C)``, True where a channel exists (all True without padding).
-        generator: Optional torch generator (CPU) for reproducible draws.
-
-    Returns:
-        Boolean ``(B, C)`` mask of the channels kept, a subset of ``present``.
-
-    Raises:
-        ValueError: If an image has no channel at all.
-    """
-    present = present.bool()
-    n = present.sum(dim=1)
-    if (n == 0).any():
-        raise ValueError(f"images {torch.nonzero(n == 0).flatten().tolist()} have no channel to sample from")
-    b, c = present.shape
-    u = torch.rand((b,), generator=generator).to(present.device)
-    k = (u * n).long().clamp_max(n - 1) + 1  # uniform on 1..n
-    # A random order of the present channels; absent ones sort last.
-    scores = torch.rand((b, c), generator=generator).to(present.device).masked_fill(~present, 2.0)
-    rank = scores.argsort(dim=1).argsort(dim=1)
-    return rank < k.unsqueeze(1)

@@ -18,7 +18,10 @@ from cellvit_ssl.train import Trainer, resolve_index
 
 TINY_DIST = [*TINY_OVERRIDES, "data.demo.n_images=4", "train.epochs=2", "train.warmup_epochs=1",
              "train.base_lr=0.05", "train.tensorboard=false", "train.progress=false", "train.resume=none",
-             "train.deterministic=true"]
+             "train.deterministic=true",
+             # iBOT masks and KoLeo neighbours are per process (as in DINOv2): only DINO with
+             # Sinkhorn-Knopp centring (summed over ranks) is exactly batch-split invariant.
+             "ssl.ibot=false", "ssl.koleo=false", "ssl.centering=sinkhorn_knopp"]
 ROOT = Path(__file__).resolve().parents[1]
 
 WORKER = """

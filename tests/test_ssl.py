@@ -324,3 +324,17 @@ def test_channel_mask_drops_absent_channels_from_the_samples():
     meta(views, ids, epoch=0, channel_mask=mask)
     (_, t_dino), = rec.calls["teacher_dino_head"]
     assert t_dino.shape[0] == 2 * 10  # two global views x ten present channels
+
+
+@pytest.mark.parametrize("variant", ["fixed", "boc", "hierarchical", "channelvit"])
+def test_full_objective_runs_on_every_model_variant(variant):
+    sampling = "none" if variant == "fixed" else "hierarchical"
+    meta, _ = make_meta(f"model.variant={variant}", f"ssl.channel_sampling={sampling}")
+    views, ids = make_batch(b=3)
+    out = meta(views, ids, epoch=0)
+    assert set(out) == {"loss", "dino", "ibot", "koleo"}
+    assert all(torch.isfinite(v) for v in out.values())
+    out["loss"].backward()
+    grads = [p.grad for p in meta.student.parameters() if p.grad is not None]
+    assert grads and any(g.abs().sum() > 0 for g in grads)
+    meta.update_teacher(0.9)

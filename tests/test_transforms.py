@@ -14,7 +14,6 @@ from cellvit_ssl.transforms import (
     PerChannelNoise,
     RandomChannelDrop,
     _view,
-    sample_channel_subsets,
 )
 
 CHANNELS = ["nucleus", "microtubules", "er", "protein", "rna"]
@@ -162,22 +161,3 @@ def test_same_seed_same_views(mode):
         runs.append(t(x))
     assert all(torch.equal(a, b) for a, b in zip(runs[0], runs[1]))
     assert not all(torch.equal(a, b) for a, b in zip(runs[0], runs[2]))
-
-
-def test_hierarchical_channel_sampling_draws_k_then_a_subset():
-    present = torch.ones(4000, 5, dtype=torch.bool)
-    present[:2000, 3:] = False  # half the images have only 3 channels
-    g = torch.Generator().manual_seed(0)
-    kept = sample_channel_subsets(present, generator=g)
-    assert (kept & ~present).sum() == 0  # never a channel the image lacks
-    k = kept.sum(dim=1)
-    assert (k >= 1).all()
-    # k is uniform on 1..n for each image: 1/3 each for 3-channel images, 1/5 for 5-channel ones
-    freq3 = torch.bincount(k[:2000], minlength=6)[1:4].float() / 2000
-    freq5 = torch.bincount(k[2000:], minlength=6)[1:].float() / 2000
-    torch.testing.assert_close(freq3, torch.full((3,), 1 / 3), atol=0.04, rtol=0)
-    torch.testing.assert_close(freq5, torch.full((5,), 1 / 5), atol=0.04, rtol=0)
-    # every channel is equally likely to be in a subset of 5-channel images
-    torch.testing.assert_close(kept[2000:].float().mean(0), torch.full((5,), 0.6), atol=0.04, rtol=0)
-    with pytest.raises(ValueError, match="no channel"):
-        sample_channel_subsets(torch.zeros(2, 3, dtype=torch.bool))
