@@ -68,7 +68,9 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, mon
 def test_gradient_accumulation_equals_the_larger_batch(tmp_path):
     # DINO's center moves once per forward pass, so micro-batches would see another center than
     # the full batch; a fixed center (momentum 1) isolates the accumulation arithmetic.
-    common = ["ssl.center_momentum=1.0", "train.epochs=2", "train.base_lr=0.05", "train.tensorboard=false"]
+    # iBOT masks, KoLeo neighbours and Sinkhorn-Knopp are per forward pass as well: plain DINO here.
+    common = ["ssl.center_momentum=1.0", "ssl.centering=mean", "ssl.ibot=false", "ssl.koleo=false",
+              "train.epochs=2", "train.base_lr=0.05", "train.tensorboard=false"]
     run(load_config(None, _overrides(tmp_path, "big", "data.batch_size=4", *common)))
     run(load_config(None, _overrides(tmp_path, "acc", "data.batch_size=2", "train.accumulate_steps=2", *common)))
     big, acc = _model_state(tmp_path, "big"), _model_state(tmp_path, "acc")
@@ -98,8 +100,9 @@ def test_bf16_autocast_path_trains(tmp_path):
 
 
 def test_rotation_metrics_export_and_config_beside_checkpoints(tmp_path):
+    # One demo field holds 4 cells: one step per epoch at batch 4.
     export = run(load_config(None, _overrides(tmp_path, "run", "train.epochs=4", "train.checkpoint_every=1",
-                                              "train.keep_last=2", "train.log_every=1")))
+                                              "train.keep_last=2", "train.log_every=1", "data.demo.n_images=1")))
     out = tmp_path / "run"
     assert [p.name for p in step_checkpoints(out)] == ["checkpoint_00000003.pt", "checkpoint_00000004.pt"]
     latest = load_checkpoint(out / "checkpoint.pt")
@@ -116,7 +119,8 @@ def test_rotation_metrics_export_and_config_beside_checkpoints(tmp_path):
 
 
 def test_resume_auto_continues_and_a_finished_run_does_not_train_again(tmp_path, capsys):
-    half = _overrides(tmp_path, "run", "train.epochs=4", "train.max_steps=2", "train.tensorboard=false")
+    half = _overrides(tmp_path, "run", "train.epochs=4", "train.max_steps=2", "train.tensorboard=false",
+                      "data.demo.n_images=1")  # 4 cells: one step per epoch
     run(load_config(None, half))
     assert load_checkpoint(tmp_path / "run" / "checkpoint.pt")["step"] == 2
     full = [o for o in half if o not in ("train.resume=none", "train.max_steps=2")]
