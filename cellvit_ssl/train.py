@@ -126,7 +126,8 @@ class SeededViews(Dataset):
 def build_dataset(cfg: DictConfig) -> SeededViews:
     """The run's dataset of multichannel DINO views (generating the demo data if enabled)."""
     index, root = resolve_index(cfg)
-    dataset = build_index_dataset(cfg.data, MultichannelDINOTransform(cfg.views), index=index, root=root)
+    views = MultichannelDINOTransform(cfg.views, channels=list(cfg.data.channels))
+    dataset = build_index_dataset(cfg.data, views, index=index, root=root)
     return SeededViews(dataset, cfg.train.seed)
 
 

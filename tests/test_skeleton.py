@@ -136,3 +136,14 @@ def test_dataset_configs_fail_clearly_without_data(capsys):
 def test_shipped_configs_load(name):
     cfg = load_config(f"configs/{name}.yaml")
     assert cfg.data.channels
+
+
+def test_protected_channel_reaches_the_views_through_the_trainer(tiny_overrides):
+    cfg = load_config(None, tiny_overrides + ["views.protected_channels=[protein]", "views.channel_drop_prob=0.9"])
+    batch = next(iter(build_loader(cfg)))
+    protein = CHANNELS.index("protein")
+    for view in batch["views"]:
+        # the protein channel is never dropped: it keeps its signal in every view of every image
+        assert (view[:, protein].flatten(1).abs().sum(1) > 0).all()
+    others = torch.cat([v[:, [c for c in range(4) if c != protein]].flatten(2).abs().sum(2) for v in batch["views"]])
+    assert (others == 0).any()  # while the other channels are dropped
