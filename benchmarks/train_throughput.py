@@ -42,35 +42,22 @@ from lightly.models.utils import update_momentum
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-try:
-    from benchmarks._common import (
-        count_flops,
-        device_info,
-        format_table,
-        free_memory,
-        matmul_peak_flops,
-        peak_memory_gib,
-        resolve_device,
-        synchronize,
-        time_per_call,
-        versions,
-        write_json,
-    )
-except ImportError:  # run as a script: benchmarks/ itself is on sys.path
-    from _common import (
-        count_flops,
-        device_info,
-        format_table,
-        free_memory,
-        matmul_peak_flops,
-        peak_memory_gib,
-        resolve_device,
-        synchronize,
-        time_per_call,
-        versions,
-        write_json,
-    )
+if __package__ in (None, ""):  # run as a script: make `benchmarks` importable from the repo root
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks._common import (  # noqa: E402
+    count_flops,
+    device_info,
+    format_table,
+    free_memory,
+    matmul_peak_flops,
+    peak_memory_gib,
+    resolve_device,
+    synchronize,
+    time_per_call,
+    versions,
+    write_json,
+)
 from cellvit_ssl.config import VARIANTS, load_config
 from cellvit_ssl.data.channels import VOCABULARY, channel_ids
 from cellvit_ssl.gpu_views import GPU_VIEWS_OVERRIDES, GPUMultiCrop

@@ -37,6 +37,14 @@ class ChannelAdaptiveViT(nn.Module):
         slot[torch.tensor(ids)] = torch.arange(len(ids))
         self.register_buffer("_slot_of_id", slot, persistent=False)
 
+    def _attach_single_channel_backbone(self, backbone: nn.Module, pool_patch_tokens: bool, variant: str) -> None:
+        """Hold the shared 1-channel ViT that every variant but ``fixed`` runs on each channel."""
+        if backbone.spec.in_chans != 1:
+            raise ValueError(f"{variant} needs a 1-channel backbone")
+        self.backbone = backbone
+        self.pool_patch_tokens = pool_patch_tokens
+        self.embed_dim = backbone.embed_dim
+
     def slots(self, channel_ids: Tensor) -> Tensor:
         """Position of each channel id in the model's channel list.
 

@@ -90,11 +90,7 @@ class BagOfChannelsViT(ChannelAdaptiveViT):
         self, backbone: VisionTransformer, channels: Sequence[str], pool_patch_tokens: bool = False
     ) -> None:
         super().__init__(channels)
-        if backbone.spec.in_chans != 1:
-            raise ValueError("bag-of-channels needs a 1-channel backbone")
-        self.backbone = backbone
-        self.pool_patch_tokens = pool_patch_tokens
-        self.embed_dim = backbone.embed_dim
+        self._attach_single_channel_backbone(backbone, pool_patch_tokens, "bag-of-channels")
         self.block_dim = self.embed_dim * (2 if pool_patch_tokens else 1)
         self.output_dim = len(self.channels) * self.block_dim
 

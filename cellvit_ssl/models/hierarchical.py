@@ -74,12 +74,8 @@ class HierarchicalViT(ChannelAdaptiveViT):
 
     def __init__(self, backbone: VisionTransformer, channels: Sequence[str], pool_patch_tokens: bool = False) -> None:
         super().__init__(channels)
-        if backbone.spec.in_chans != 1:
-            raise ValueError("hierarchical attention needs a 1-channel backbone")
+        self._attach_single_channel_backbone(backbone, pool_patch_tokens, "hierarchical attention")
         spec = backbone.spec
-        self.backbone = backbone
-        self.pool_patch_tokens = pool_patch_tokens
-        self.embed_dim = backbone.embed_dim
         self.output_dim = self.embed_dim * (2 if pool_patch_tokens else 1)
         self.channel_embed = nn.Parameter(torch.zeros(len(self.channels), self.embed_dim))
         rates = torch.linspace(0, spec.drop_path_rate, spec.depth).tolist()
