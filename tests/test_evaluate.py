@@ -131,6 +131,18 @@ def test_baselines_reread_the_same_crops(demo_embeddings, tmp_path):
     assert set(summary) == {"trained", "random-init", "raw-pixels"} and summary["trained"] == trained["3nn_cosine"]
 
 
+def test_baselines_refused_when_the_index_changed_since_embedding(demo_embeddings, capsys):
+    index = anndata.read_h5ad(demo_embeddings).uns["embed"]["index"]
+    table = pd.read_csv(index)
+    table.loc[0, "centroid_y"] += 5  # e.g. regenerated data: obs no longer names the crops on disk
+    table.to_csv(index, index=False)
+    args = [str(demo_embeddings), "--label-key", "label", "--group-key", "image_id", "--k", "3"]
+    assert ev.main(args + ["--pixel-size", "4", "--pca", "5"]) == 2
+    err = capsys.readouterr().err
+    assert str(index) in err and "changed" in err and "--no-baselines" in err
+    assert ev.main(args + ["--no-baselines"]) == 0
+
+
 def test_user_errors_name_the_problem(tmp_path, capsys):
     path = _write(tmp_path, np.zeros((4, 2)), pd.DataFrame({"label": list("abab"), "split": ["train"] * 4}))
     assert ev.main([str(path), "--label-key", "cls", "--no-baselines"]) == 2
