@@ -32,7 +32,7 @@ def test_probe_scores_all_three_feature_sets(tiny_cfg, tmp_path, capsys):
 
 @pytest.mark.slow
 def test_demo_run_beats_random_init_and_raw_pixels(tmp_path):
-    """The README's demo command, then the probe on 48 unseen fields (about 6 minutes on 2 cores)."""
+    """The README's demo command, then the probe on 48 unseen fields (about 4 minutes on 2 cores)."""
     run = tmp_path / "run"
     assert train_main(["configs/demo.yaml", f"train.output_dir={run}", f"data.demo.cache_dir={tmp_path / 'demo'}",
                        "train.progress=false", "train.tensorboard=false"]) == 0
