@@ -2,6 +2,7 @@
 
     PYTHONPATH=. python benchmarks/model_cost.py                # GPU: ViT-S/16, 224 and 448 px, bf16
     PYTHONPATH=. python benchmarks/model_cost.py --device cpu   # CPU: a tiny ViT on small crops, fp32
+    PYTHONPATH=. python benchmarks/model_cost.py --device cpu --sizes vit_s16 --channels 5 --batch 1  # CPU, real size
 
 Prints a table and writes JSON (``--json``). Memory is the CUDA peak allocated during the
 step on GPU; on CPU (no allocator statistics) it is the activation memory saved for the
@@ -110,7 +111,9 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
     parser.add_argument("--channels", type=int, nargs="+", default=[3, 4, 5, 8])
-    parser.add_argument("--img-size", type=int, nargs="+", help="default: 224 448 on GPU, 32 64 on CPU")
+    parser.add_argument("--sizes", choices=("tiny", "vit_s16"),
+                        help="model size (default: vit_s16 on GPU, tiny on CPU; vit_s16 on CPU is slow but real)")
+    parser.add_argument("--img-size", type=int, nargs="+", help="default: 224 448 for vit_s16, 32 64 for tiny")
     parser.add_argument("--batch", type=int, help="images per step (default: 32 on GPU, 4 on CPU)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--json", default="model_cost.json", help="where to write the results")
@@ -118,8 +121,9 @@ def main(argv=None) -> int:
     name = "cuda" if args.device == "auto" and torch.cuda.is_available() else args.device
     device = torch.device("cpu" if name == "auto" else name)
     gpu = device.type == "cuda"
-    sizes = VIT_S16 if gpu else TINY
-    imgs = args.img_size or ([224, 448] if gpu else [32, 64])
+    big = args.sizes == "vit_s16" if args.sizes else gpu
+    sizes = VIT_S16 if big else TINY
+    imgs = args.img_size or ([224, 448] if big else [32, 64])
     batch = args.batch or (32 if gpu else 4)
     rows = []
     for img in imgs:
