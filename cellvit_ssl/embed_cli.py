@@ -118,13 +118,14 @@ def run(args: argparse.Namespace) -> Path | None:
         table, root = read_index(args.index), Path(args.root or Path(args.index).expanduser().parent)
     else:
         table, root = images_table(args.images, args.labels, args.channels), Path(args.root or ".")
+    index_sha = table_sha256(table)  # of the index as stored, so that evaluate can tell if it changed
     if args.channels and args.index and "channels" not in table.columns:
         table["channels"] = args.channels
     encoder = load_encoder(args.checkpoint, device=args.device)
     crop_size = args.crop_size or encoder.crop_size
     sha = file_sha256(args.checkpoint)
     # --images rows hold absolute paths: the working folder does not change what is read
-    fingerprint = {"checkpoint_sha256": sha, "index_sha256": table_sha256(table),
+    fingerprint = {"checkpoint_sha256": sha, "index_sha256": index_sha, "channels": args.channels or "",
                    "root": str(root.resolve()) if args.index else "",
                    "crop_size": crop_size, "mask_background": args.mask_background,
                    "allow_missing": args.allow_missing, "chunk_rows": args.chunk_rows}

@@ -234,7 +234,7 @@ def evaluate_features(name: str, x: np.ndarray, labels: np.ndarray, tasks: Seque
 
 
 # ----------------------------------------------------------------------------- baselines
-def _check_index_unchanged(embed, obs: pd.DataFrame) -> None:
+def _check_index_unchanged(adata) -> None:
     """Refuse baselines when the embeddings' index file has changed since they were written.
 
     Regenerated data, say: the baselines would then re-read other crops than ``X`` describes.
@@ -242,6 +242,7 @@ def _check_index_unchanged(embed, obs: pd.DataFrame) -> None:
     from cellvit_ssl.data.dataset import read_index
     from cellvit_ssl.embed_io import table_sha256
 
+    embed = adata.uns.get("embed", {})
     index = str(embed.get("index", ""))
     try:
         recorded = json.loads(str(embed["fingerprint"]))["index_sha256"]
@@ -249,10 +250,7 @@ def _check_index_unchanged(embed, obs: pd.DataFrame) -> None:
         return
     if not index or not Path(index).is_file():
         return
-    current = read_index(index)
-    if "channels" not in current.columns and "channels" in obs.columns:  # given by --channels
-        current["channels"] = obs["channels"].iloc[0] if len(obs) else ""
-    if table_sha256(current) != recorded:
+    if table_sha256(read_index(index)) != recorded:
         raise DataError(f"{index} has changed since these embeddings were written, so the baselines would "
                         "read other crops; embed again (python -m cellvit_ssl.embed ... --overwrite) "
                         "or pass --no-baselines")
@@ -269,7 +267,6 @@ def _reader_and_config(adata, root: str | None):
         raise DataError("the embeddings file has no run config / embed settings in uns (not written by "
                         "python -m cellvit_ssl.embed?); pass --no-baselines") from exc
     obs = adata.obs.reset_index(drop=True)
-    _check_index_unchanged(embed, obs)
     reader = RowReader(obs, root or embed["root"], int(embed["crop_size"]), bool(embed["mask_background"]))
     return reader, config, bool(embed.get("allow_missing", False))
 
@@ -391,6 +388,7 @@ def run(args: argparse.Namespace) -> dict:
                         seed=args.seed)
     feature_sets = {"trained": np.asarray(adata.X, dtype=np.float32)}
     if not args.no_baselines:
+        _check_index_unchanged(adata)
         print("computing baselines: random-init encoder, raw pixels ...", file=sys.stderr)
         feature_sets["random-init"] = random_init_features(adata, args.root, args.seed, device=args.device,
                                                            workers=args.workers)
