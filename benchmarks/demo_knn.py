@@ -16,7 +16,7 @@ import json
 import tempfile
 from pathlib import Path
 
-from cellvit_ssl import embed_cli
+from cellvit_ssl import embed as embed_cli
 from cellvit_ssl import evaluate as ev
 from cellvit_ssl.checkpoint import load_checkpoint
 from cellvit_ssl.data.synthetic import DemoSpec, generate_demo

@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
+from cellvit_ssl.channels import VOCABULARY
 from cellvit_ssl.config import ModelConfig
-from cellvit_ssl.data.channels import VOCABULARY
 from cellvit_ssl.models import build_model
 
 VARIANTS = ("boc", "hierarchical", "channelvit")

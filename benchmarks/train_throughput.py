@@ -58,8 +58,8 @@ from benchmarks._common import (  # noqa: E402
     versions,
     write_json,
 )
-from cellvit_ssl.config import VARIANTS, load_config
-from cellvit_ssl.data.channels import VOCABULARY, channel_ids
+from cellvit_ssl.channels import VOCABULARY, channel_ids
+from cellvit_ssl.config import Variant, load_config
 from cellvit_ssl.gpu_views import GPU_VIEWS_OVERRIDES, GPUMultiCrop
 from cellvit_ssl.models import build_model
 from cellvit_ssl.ssl import DINOMetaArch
@@ -351,7 +351,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--arch", choices=sorted(ARCHS), default="vit_small")
     p.add_argument("--batch", type=int, default=256, help="multichannel images per step")
     p.add_argument("--channels", type=int, nargs="+", default=[3], help="one or more channel counts")
-    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    p.add_argument("--variants", nargs="+", default=[v.value for v in Variant], choices=[v.value for v in Variant])
     p.add_argument("--global-size", type=int, default=224)
     p.add_argument("--local-size", type=int, default=96)
     p.add_argument("--n-local", type=int, default=6)

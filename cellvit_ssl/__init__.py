@@ -15,9 +15,8 @@ from cellvit_ssl.errors import CheckpointError, ConfigError, DataError
 
 __version__ = "0.1.0"
 
-# Imported on first use, so that ``python -m cellvit_ssl.embed`` does not find the module
-# already imported by the package (runpy warns about that) and ``import cellvit_ssl`` stays light.
-_LAZY = {"Encoder": "cellvit_ssl.embed", "load_encoder": "cellvit_ssl.embed",
+# Imported on first use, so that ``import cellvit_ssl`` stays light (no torch until needed).
+_LAZY = {"Encoder": "cellvit_ssl.encoder", "load_encoder": "cellvit_ssl.encoder",
          "read_embeddings": "cellvit_ssl.embed_io"}
 
 

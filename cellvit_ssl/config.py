@@ -1,15 +1,25 @@
 """Typed configuration: defaults in code, short YAML files, ``key=value`` overrides.
 
-The schema below is the single source of defaults. A YAML file only states what differs,
-and command-line overrides (OmegaConf dotlist, e.g. ``train.epochs=5``) come last. Unknown or
+The dataclasses below are the single source of defaults and of the allowed values: every
+choice is an :class:`~enum.Enum` (a ``str`` subclass, so ``cfg.data.mode == "cells"`` reads
+naturally), checked once when the config is loaded. A YAML file only states what differs, and
+command-line overrides (OmegaConf dotlist, e.g. ``train.epochs=5``) come last. Unknown or
 mistyped keys raise :class:`~cellvit_ssl.errors.ConfigError` naming the key and the nearest
-valid one.
+valid one. Loaded configs are frozen dataclass instances, so modules receive typed objects.
+
+The trailing comment of each field is its documentation: ``--help`` of every command prints it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
-from collections.abc import Sequence
+import enum
+import inspect
+import io
+import tokenize
+import typing
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,7 +30,134 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationE
 from cellvit_ssl.errors import ConfigError
 
 
-@dataclass
+class Choice(str, enum.Enum):
+    """Base of the config's enumerations: members compare equal to their value strings."""
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class DemoFormat(Choice):
+    """File format of the generated demo data."""
+
+    ome_zarr = "ome-zarr"
+    ome_tiff = "ome-tiff"
+
+
+class SampleMode(Choice):
+    """How a sample is cut from an index row (see :mod:`cellvit_ssl.data.samples`)."""
+
+    auto = "auto"
+    cells = "cells"
+    tiles = "tiles"
+    image = "image"
+
+
+class Normalization(Choice):
+    """Intensity normalisation (see :mod:`cellvit_ssl.preprocess`)."""
+
+    percentile = "percentile"
+    dataset = "dataset"
+    none = "none"
+
+
+class MissingChannels(Choice):
+    """What to do when a file lacks one of the wanted channels."""
+
+    error = "error"
+    pad = "pad"
+
+
+class MissingChunks(Choice):
+    """What to do with a chunk absent from a Zarr store."""
+
+    error = "error"
+    fill = "fill"
+
+
+class ZProjection(Choice):
+    """How a Z stack becomes one plane."""
+
+    max = "max"
+    slice = "slice"
+
+
+class Noise(Choice):
+    """Noise added to views."""
+
+    none = "none"
+    gaussian = "gaussian"
+    poisson = "poisson"
+
+
+class ChannelMode(Choice):
+    """How views treat channels: shared crops or one sample per channel."""
+
+    joint = "joint"
+    boc = "boc"
+
+
+class Variant(Choice):
+    """Channel-adaptive model variant (see :mod:`cellvit_ssl.models`)."""
+
+    fixed = "fixed"
+    boc = "boc"
+    hierarchical = "hierarchical"
+    channelvit = "channelvit"
+
+
+class FfnLayer(Choice):
+    """Transformer MLP kind."""
+
+    mlp = "mlp"
+    swiglu = "swiglu"
+
+
+class AttnBackend(Choice):
+    """Attention kernel."""
+
+    sdpa = "sdpa"
+    xformers = "xformers"
+
+
+class Centering(Choice):
+    """Teacher centring."""
+
+    sinkhorn_knopp = "sinkhorn_knopp"
+    mean = "mean"
+
+
+class ChannelSampling(Choice):
+    """Training-time channel subsets."""
+
+    none = "none"
+    hierarchical = "hierarchical"
+
+
+class Precision(Choice):
+    """Numeric precision of training."""
+
+    auto = "auto"
+    bf16 = "bf16"
+    fp32 = "fp32"
+
+
+class Strategy(Choice):
+    """Multi-GPU data-parallel strategy."""
+
+    ddp = "ddp"
+    fsdp = "fsdp"
+
+
+class DistBackend(Choice):
+    """torch.distributed backend."""
+
+    auto = "auto"
+    nccl = "nccl"
+    gloo = "gloo"
+
+
+@dataclass(frozen=True)
 class DemoConfig:
     """Synthetic HPA-like demo data, generated on first use into ``cache_dir``."""
 
@@ -30,40 +167,41 @@ class DemoConfig:
     image_size: int = 192
     cells_per_image: int = 12
     seed: int = 0
-    format: str = "ome-zarr"  # "ome-zarr" or "ome-tiff"
+    format: DemoFormat = DemoFormat.ome_zarr  # ome_zarr | ome_tiff
 
 
-@dataclass
+@dataclass(frozen=True)
 class DataConfig:
     """Where samples come from and how they are cut and normalised."""
 
     index: str | None = None  # CSV / parquet index: one row per image or per cell crop
     root: str | None = None  # base folder for relative paths in the index
     channels: list[str] = field(default_factory=lambda: ["nucleus", "microtubules", "er", "protein"])
-    channel_map: dict[str, str] = field(default_factory=dict)  # your names -> vocabulary
+    channel_map: dict[str, str] = field(default_factory=dict)  # your channel names -> vocabulary names
+    extra_channels: list[str] = field(default_factory=list)  # new stains the built-in vocabulary lacks (ids follow)
     sample_size: int = 64  # side of the square cut around a cell / from an image, in px
     normalize_percentiles: list[float] = field(default_factory=lambda: [1.0, 99.8])
-    mode: str = "auto"  # auto | cells (centroid crops) | tiles (random tiles) | image (whole image, resized)
-    normalize: str = "percentile"  # percentile (per sample) | dataset (cached per-channel stats) | none
+    mode: SampleMode = SampleMode.auto  # auto | cells (centroid crops) | tiles (random tiles) | image (whole, fit)
+    normalize: Normalization = Normalization.percentile  # percentile (per sample) | dataset (stats) | none
     stats_cache: str | None = None  # JSON for dataset stats; default ~/.cache/cellvit_ssl/stats/<hash>.json
     stats_samples: int = 256  # rows sampled to compute dataset stats
     foreground_threshold: float = 0.1  # tiles: a pixel is foreground above this (image-scaled to [0, 1])
     min_foreground: float = 0.0  # tiles: redraw tiles with a smaller foreground fraction (0 = off)
     tile_attempts: int = 10  # tiles: draws per sample before keeping the best
-    missing_channels: str = "error"  # error | pad (zeros + channel_mask False)
+    missing_channels: MissingChannels = MissingChannels.error  # error | pad (zeros + channel_mask False)
     skip_bad: bool = False  # log and skip unreadable / corrupt samples, counted per epoch
-    missing_chunks: str = "error"  # error | fill: a chunk absent from a Zarr store
+    missing_chunks: MissingChunks = MissingChunks.error  # error | fill: a chunk absent from a Zarr store
     level: int = 0  # pyramid level (OME-Zarr, pyramidal TIFF)
-    z_projection: str = "max"  # max | slice (then z_slice)
-    z_slice: int = 0
-    t_frame: int = 0
+    z_projection: ZProjection = ZProjection.max  # max | slice (then z_slice)
+    z_slice: int = 0  # Z plane read when z_projection=slice
+    t_frame: int = 0  # time frame read
     metadata_columns: list[str] = field(default_factory=list)  # index columns returned with each sample
     batch_size: int = 32  # per process
     num_workers: int = 2
     demo: DemoConfig = field(default_factory=DemoConfig)
 
 
-@dataclass
+@dataclass(frozen=True)
 class ViewsConfig:
     """Multi-crop DINO views (lightly DINOTransform's structure, channel-agnostic ops)."""
 
@@ -81,21 +219,21 @@ class ViewsConfig:
     jitter_prob: float = 0.8  # probability of gamma and of contrast/brightness per view
     blur_prob: list[float] = field(default_factory=lambda: [1.0, 0.1, 0.5])  # global 1, global 2, local
     blur_sigma: list[float] = field(default_factory=lambda: [0.1, 2.0])  # px of the view
-    noise: str = "gaussian"  # none | gaussian | poisson
+    noise: Noise = Noise.gaussian  # none | gaussian | poisson
     noise_prob: float = 0.5
     noise_std: list[float] = field(default_factory=lambda: [0.0, 0.05])  # gaussian, image units
     noise_photons: list[float] = field(default_factory=lambda: [50.0, 1000.0])  # poisson counts at 1.0
     standardize: bool = False  # per-view, per-channel zero mean / unit variance (embed must match)
     channel_drop_prob: float = 0.0  # per channel, joint mode only; never all channels
     protected_channels: list[str] = field(default_factory=list)  # never dropped, e.g. [protein]
-    channel_mode: str = "joint"  # joint: channels share a crop | boc: each channel its own sample and crop
+    channel_mode: ChannelMode = ChannelMode.joint  # joint: channels share a crop | boc: each its own sample
 
 
-@dataclass
+@dataclass(frozen=True)
 class ModelConfig:
     """Channel-adaptive ViT: variant and backbone size."""
 
-    variant: str = "boc"  # fixed | boc | hierarchical | channelvit
+    variant: Variant = Variant.boc  # fixed | boc | hierarchical | channelvit
     arch: str = "vit_small"  # vit_tiny | vit_small | vit_base | vit_large | vit_giant, or "custom"
     patch_size: int = 16
     img_size: int = 224  # native size of the position embedding
@@ -107,16 +245,16 @@ class ModelConfig:
     layerscale_init: float | None = 1.0e-5
     num_register_tokens: int = 0
     qkv_bias: bool = True
-    ffn_layer: str = "mlp"  # mlp | swiglu (DINOv2's fused SwiGLU, e.g. for vit_giant2)
+    ffn_layer: FfnLayer = FfnLayer.mlp  # mlp | swiglu (DINOv2's fused SwiGLU, e.g. for vit_giant2)
     pool_patch_tokens: bool = False  # embed(): append the mean patch token to each CLS token
-    attn_backend: str = "sdpa"  # sdpa | xformers (used only when installed and on CUDA)
+    attn_backend: AttnBackend = AttnBackend.sdpa  # sdpa | xformers (used only when installed and on CUDA)
     interpolate_offset: float = 0.0  # pos-embed resize: 0 = exact grid; 0.1 = DINOv2's scale-factor resize
     interpolate_antialias: bool = False
     pretrained: str | None = None  # local DINOv2-layout .pth loaded into the backbone at build time
     pretrained_strict: bool = True  # missing / unexpected checkpoint keys are an error (else a warning)
 
 
-@dataclass
+@dataclass(frozen=True)
 class SSLConfig:
     """Student/teacher objective: DINO + iBOT + KoLeo on lightly heads and losses."""
 
@@ -134,18 +272,18 @@ class SSLConfig:
     teacher_temp: float = 0.07
     warmup_teacher_temp: float = 0.04
     warmup_teacher_temp_epochs: int = 30
-    centering: str = "sinkhorn_knopp"  # sinkhorn_knopp | mean
+    centering: Centering = Centering.sinkhorn_knopp  # sinkhorn_knopp | mean
     sinkhorn_iterations: int = 3
     center_momentum: float = 0.9  # mean centering only
     mask_ratio: list[float] = field(default_factory=lambda: [0.1, 0.5])  # iBOT per-sample range
     mask_sample_probability: float = 0.5  # fraction of global-view samples that get a mask
     freeze_last_layer_epochs: int = 1
-    channel_sampling: str = "none"  # none | hierarchical (k ~ U{1..C}, then a k-subset)
+    channel_sampling: ChannelSampling = ChannelSampling.none  # none | hierarchical (k ~ U{1..C}, then a k-subset)
     momentum_start: float = 0.996
     momentum_end: float = 1.0
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainConfig:
     """Optimisation loop, distribution, checkpoints and logging."""
 
@@ -162,9 +300,9 @@ class TrainConfig:
     accumulate_steps: int = 1  # micro-batches per optimiser step
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N (under torchrun: cuda:LOCAL_RANK)
-    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
-    strategy: str = "ddp"  # ddp | fsdp (FSDP2, fully_shard per transformer block)
-    dist_backend: str = "auto"  # auto (nccl on GPU, gloo on CPU) | nccl | gloo
+    precision: Precision = Precision.auto  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
+    strategy: Strategy = Strategy.ddp  # ddp | fsdp (FSDP2, fully_shard per transformer block)
+    dist_backend: DistBackend = DistBackend.auto  # auto (nccl on GPU, gloo on CPU) | nccl | gloo
     compile: bool = False  # torch.compile each transformer block
     activation_checkpointing: bool = False  # recompute student blocks in backward
     deterministic: bool = False  # deterministic kernels (slower; for exact reproducibility)
@@ -177,7 +315,7 @@ class TrainConfig:
     max_steps: int = 0  # stop early after this many steps (0 = run all epochs)
 
 
-@dataclass
+@dataclass(frozen=True)
 class Config:
     """The whole run. See the dataclasses above for every field and its default."""
 
@@ -188,9 +326,60 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
 
 
-VARIANTS = ("fixed", "boc", "hierarchical", "channelvit")
+# ----------------------------------------------------------------------------- field documentation
+def field_docs(cls: type) -> dict[str, str]:
+    """The trailing ``# comment`` of each field of a config dataclass (its documentation)."""
+    try:
+        source = inspect.getsource(cls)
+    except (OSError, TypeError):  # no source (frozen app, REPL): documentation is optional
+        return {}
+    docs: dict[str, str] = {}
+    names = {f.name for f in dataclasses.fields(cls)}
+    line_field: dict[int, str] = {}
+    for number, line in enumerate(source.splitlines(), 1):
+        head = line.strip().split(":", 1)[0]
+        if head in names and line.startswith("    ") and not line.startswith("     "):
+            line_field[number] = head
+    for tok in tokenize.generate_tokens(io.StringIO(source).readline):
+        if tok.type == tokenize.COMMENT and tok.start[0] in line_field:
+            docs[line_field[tok.start[0]]] = tok.string.lstrip("#").strip()
+    return docs
 
 
+def describe(schema: type, prefix: str = "") -> list[tuple[str, str, str]]:
+    """``(key, default, documentation)`` of every leaf key of a config dataclass, in order."""
+    rows = []
+    docs = field_docs(schema)
+    hints = typing.get_type_hints(schema)
+    default = schema()
+    for f in dataclasses.fields(schema):
+        value = getattr(default, f.name)
+        if dataclasses.is_dataclass(hints[f.name]):
+            rows += describe(hints[f.name], f"{prefix}{f.name}.")
+            continue
+        shown = value.value if isinstance(value, enum.Enum) else value
+        if isinstance(hints[f.name], type) and issubclass(hints[f.name], enum.Enum):
+            choices = " | ".join(m.name for m in hints[f.name])
+            doc = docs.get(f.name, "")
+            docs[f.name] = doc if choices in doc else f"{choices}; {doc}".rstrip("; ")
+        rows.append((f"{prefix}{f.name}", _yaml_value(shown if not isinstance(value, enum.Enum) else value.name),
+                     docs.get(f.name, "")))
+    return rows
+
+
+def _yaml_value(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_yaml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k}: {_yaml_value(v)}" for k, v in value.items()) + "}"
+    return str(value)
+
+
+# ----------------------------------------------------------------------------- loading
 def _all_keys(node: Any, prefix: str = "") -> list[str]:
     keys = []
     if isinstance(node, DictConfig):
@@ -201,86 +390,210 @@ def _all_keys(node: Any, prefix: str = "") -> list[str]:
     return keys
 
 
-def _nearest_hint(key: str) -> str:
-    known = _all_keys(OmegaConf.structured(Config))
+def nearest_key(key: str, schema: type) -> str | None:
+    """The valid key of ``schema`` closest to a mistyped ``key`` (None when nothing is close)."""
+    known = _all_keys(OmegaConf.structured(schema))
     close = difflib.get_close_matches(key, known, n=1, cutoff=0.5)
     if not close:  # compare the last component too: "train.epoch" -> "train.epochs"
         leaf = key.rsplit(".", 1)[-1]
         leaves = {k.rsplit(".", 1)[-1]: k for k in known}
         close = [leaves[c] for c in difflib.get_close_matches(leaf, list(leaves), n=1, cutoff=0.6)]
-    return f"; did you mean {close[0]!r}?" if close else ""
+    return close[0] if close else None
 
 
-def _wrap(exc: OmegaConfBaseException, source: str) -> ConfigError:
+def _wrap(exc: OmegaConfBaseException, source: str, schema: type) -> ConfigError:
     key = getattr(exc, "full_key", None) or ""
     if isinstance(exc, ConfigKeyError):
-        return ConfigError(f"{source}: unknown config key {key!r}{_nearest_hint(key)}")
+        near = nearest_key(key, schema)
+        return ConfigError(f"{source}: unknown config key {key!r}" + (f"; did you mean {near!r}?" if near else ""))
     if isinstance(exc, ValidationError):
         msg = str(exc).splitlines()[0]
         return ConfigError(f"{source}: invalid value for config key {key!r}: {msg}")
     return ConfigError(f"{source}: {str(exc).splitlines()[0]} (key {key!r})")
 
 
-def _validate(cfg: DictConfig) -> None:
-    if cfg.model.variant not in VARIANTS:
-        raise ConfigError(f"model.variant={cfg.model.variant!r}; expected one of {list(VARIANTS)}")
+def _enum_paths(schema: type, prefix: tuple = ()) -> dict[tuple, type[enum.Enum]]:
+    paths: dict[tuple, type[enum.Enum]] = {}
+    for name, hint in typing.get_type_hints(schema).items():
+        if dataclasses.is_dataclass(hint):
+            paths.update(_enum_paths(hint, prefix + (name,)))
+        elif isinstance(hint, type) and issubclass(hint, enum.Enum):
+            paths[prefix + (name,)] = hint
+    return paths
+
+
+def _enum_values_to_names(node: Any, schema: type) -> Any:
+    """Accept an enum's value where its name is expected (``ome-zarr`` for ``ome_zarr``).
+
+    OmegaConf matches enum fields by member name; configs written before the enums existed
+    (and YAML written by hand) may use the value spelling.
+    """
+    if not isinstance(node, DictConfig):
+        return node
+    for path, kind in _enum_paths(schema).items():
+        parent = node
+        for part in path[:-1]:
+            parent = parent.get(part) if isinstance(parent, DictConfig) else None
+        if not isinstance(parent, DictConfig) or path[-1] not in parent:
+            continue
+        value = parent[path[-1]]
+        if isinstance(value, str) and value not in kind.__members__:
+            by_value = {m.value: m.name for m in kind}
+            if value in by_value:
+                parent[path[-1]] = by_value[value]
+    return node
+
+
+def _writable(node: DictConfig) -> DictConfig:
+    OmegaConf.set_readonly(node, None)
+    for key in node.keys():
+        child = node._get_node(key)
+        if isinstance(child, DictConfig):
+            _writable(child)
+    return node
+
+
+def merge_config(schema: type, sources: Sequence[tuple[str, Any]]) -> Any:
+    """Merge ``(name, mapping or DictConfig)`` sources onto ``schema``'s defaults; a typed instance.
+
+    Raises:
+        ConfigError: Naming the source and key of an unknown key or an invalid value.
+    """
+    cfg = _writable(OmegaConf.structured(schema))  # frozen dataclasses make read-only nodes
+    for name, source in sources:
+        node = source if isinstance(source, DictConfig) else OmegaConf.create(dict(source))
+        try:
+            cfg = OmegaConf.merge(cfg, _enum_values_to_names(node, schema))
+        except OmegaConfBaseException as exc:
+            raise _wrap(exc, name, schema) from exc
+    try:
+        return OmegaConf.to_object(cfg)
+    except OmegaConfBaseException as exc:
+        raise _wrap(exc, "config", schema) from exc
+
+
+def read_yaml(path: str | Path) -> DictConfig:
+    """A YAML config file as a DictConfig.
+
+    Raises:
+        ConfigError: If it is missing, not YAML or not a mapping.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+    try:
+        node = OmegaConf.load(path)
+    except Exception as exc:  # yaml errors come in several types
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {exc}") from exc
+    if not isinstance(node, DictConfig):
+        raise ConfigError(f"config file {str(path)!r} must hold a mapping at the top level")
+    return node
+
+
+def dotlist(overrides: Sequence[str]) -> DictConfig:
+    """``key=value`` strings as a DictConfig.
+
+    Raises:
+        ConfigError: On a string that is not ``key=value``.
+    """
+    bad = [o for o in overrides if "=" not in o or o.startswith("=")]
+    if bad:
+        raise ConfigError(f"override {bad[0]!r} is not of the form key=value")
+    try:
+        return OmegaConf.from_dotlist(list(overrides))
+    except OmegaConfBaseException as exc:
+        raise ConfigError(f"command-line override: {str(exc).splitlines()[0]}") from exc
+
+
+# ----------------------------------------------------------------------------- the training config
+def _validate(cfg: Config) -> None:
+    from cellvit_ssl.models.vit import ARCHS
+
+    if cfg.model.arch not in (*ARCHS, "custom"):
+        near = difflib.get_close_matches(cfg.model.arch, [*ARCHS, "custom"], n=1)
+        raise ConfigError(f"model.arch={cfg.model.arch!r}; expected one of {[*ARCHS, 'custom']}"
+                          + (f"; did you mean {near[0]!r}?" if near else ""))
+    if cfg.model.patch_size < 1 or cfg.model.img_size % cfg.model.patch_size:
+        raise ConfigError(f"model.img_size={cfg.model.img_size} is not a multiple of "
+                          f"model.patch_size={cfg.model.patch_size}")
     for name in ("global_crop_size", "local_crop_size"):
-        size = cfg.views[name]
-        if size % cfg.model.patch_size:
+        size = getattr(cfg.views, name)
+        if size < 1 or size % cfg.model.patch_size:
             raise ConfigError(
-                f"views.{name}={size} is not a multiple of model.patch_size={cfg.model.patch_size}"
+                f"views.{name}={size} is not a positive multiple of model.patch_size={cfg.model.patch_size}"
             )
     for name in ("global_crop_scale", "local_crop_scale"):
-        lo_hi = list(cfg.views[name])
+        lo_hi = list(getattr(cfg.views, name))
         if len(lo_hi) != 2 or not 0 < lo_hi[0] <= lo_hi[1] <= 1:
             raise ConfigError(f"views.{name}={lo_hi}; expected [low, high] with 0 < low <= high <= 1")
-    if cfg.data.batch_size < 1:
-        raise ConfigError(f"data.batch_size={cfg.data.batch_size}; expected >= 1")
-    if not cfg.data.channels:
-        raise ConfigError("data.channels is empty; name the channels of your images in order")
+    _validate_data(cfg.data)
     _validate_train(cfg.train)
     _validate_views(cfg)
     _validate_ssl(cfg)
 
 
-_CHOICES = {
-    "precision": ("auto", "bf16", "fp32"),
-    "strategy": ("ddp", "fsdp"),
-    "dist_backend": ("auto", "nccl", "gloo"),
-}
+def _validate_data(data: DataConfig) -> None:
+    if data.batch_size < 1:
+        raise ConfigError(f"data.batch_size={data.batch_size}; expected >= 1")
+    if data.num_workers < 0:
+        raise ConfigError(f"data.num_workers={data.num_workers}; expected >= 0 (0 reads in the main process)")
+    if data.sample_size < 1:
+        raise ConfigError(f"data.sample_size={data.sample_size}; expected a side in pixels >= 1")
+    if not data.channels:
+        raise ConfigError("data.channels is empty; name the channels of your images in order")
+    lo_hi = list(data.normalize_percentiles)
+    if len(lo_hi) != 2 or not 0 <= lo_hi[0] < lo_hi[1] <= 100:
+        raise ConfigError(f"data.normalize_percentiles={lo_hi}; expected [low, high] with 0 <= low < high <= 100")
+    if data.stats_samples < 1:
+        raise ConfigError(f"data.stats_samples={data.stats_samples}; expected >= 1")
+    for key in ("level", "z_slice", "t_frame"):
+        if getattr(data, key) < 0:
+            raise ConfigError(f"data.{key}={getattr(data, key)}; expected >= 0")
+    from cellvit_ssl.channels import ChannelVocabulary
+    from cellvit_ssl.errors import DataError
+
+    try:
+        vocab = ChannelVocabulary.from_config(data)
+        vocab.canonical_names(list(data.channels), source="data.channels")
+    except DataError as exc:
+        raise ConfigError(str(exc)) from exc
 
 
-def _validate_train(train: DictConfig) -> None:
-    for key, choices in _CHOICES.items():
-        if train[key] not in choices:
-            raise ConfigError(f"train.{key}={train[key]!r}; expected one of {list(choices)}")
+def _validate_train(train: TrainConfig) -> None:
     positive = ("epochs", "accumulate_steps", "lr_reference_batch", "keep_last")
     for key in positive:
-        if train[key] < 1:
-            raise ConfigError(f"train.{key}={train[key]}; expected >= 1")
+        if getattr(train, key) < 1:
+            raise ConfigError(f"train.{key}={getattr(train, key)}; expected >= 1")
     for key in ("warmup_epochs", "log_every", "checkpoint_every", "max_steps", "clip_grad", "base_lr",
                 "min_lr", "weight_decay", "weight_decay_end"):
-        if train[key] < 0:
-            raise ConfigError(f"train.{key}={train[key]}; expected >= 0")
+        if getattr(train, key) < 0:
+            raise ConfigError(f"train.{key}={getattr(train, key)}; expected >= 0")
     if not 0 < train.layer_decay <= 1:
         raise ConfigError(f"train.layer_decay={train.layer_decay}; expected 0 < layer_decay <= 1")
-    if not (train.device in ("auto", "cpu", "cuda") or train.device.startswith("cuda:")):
-        raise ConfigError(f"train.device={train.device!r}; expected auto, cpu, cuda or cuda:N")
+    check_device(train.device, "train.device")
 
 
-def _validate_views(cfg: DictConfig) -> None:
+def check_device(device: str, key: str) -> None:
+    """Refuse a device string that is not ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
+
+    Raises:
+        ConfigError: Naming ``key``.
+    """
+    text = str(device)
+    ok = text in ("auto", "cpu", "cuda") or (text.startswith("cuda:") and text[5:].isdigit())
+    if not ok:
+        raise ConfigError(f"{key}={text!r}; expected auto, cpu, cuda or cuda:N")
+
+
+def _validate_views(cfg: Config) -> None:
     views = cfg.views
-    if views.channel_mode not in ("joint", "boc"):
-        raise ConfigError(f"views.channel_mode={views.channel_mode!r}; expected 'joint' or 'boc'")
-    if views.channel_mode == "boc" and cfg.model.variant != "boc":
+    if views.channel_mode == ChannelMode.boc and cfg.model.variant != Variant.boc:
         raise ConfigError(
             f"views.channel_mode='boc' cuts every channel separately, which only the 'boc' model "
-            f"reads; model.variant={cfg.model.variant!r} needs views.channel_mode='joint'"
+            f"reads; model.variant={cfg.model.variant.value!r} needs views.channel_mode='joint'"
         )
     if len(views.blur_prob) != 3:
         raise ConfigError(f"views.blur_prob={list(views.blur_prob)}; expected [global 1, global 2, local]")
-    if views.noise not in ("none", "gaussian", "poisson"):
-        raise ConfigError(f"views.noise={views.noise!r}; expected 'none', 'gaussian' or 'poisson'")
     if not 0 <= views.channel_drop_prob < 1:
         raise ConfigError(f"views.channel_drop_prob={views.channel_drop_prob}; expected 0 <= p < 1")
     unknown = [c for c in views.protected_channels if c not in cfg.data.channels]
@@ -290,23 +603,22 @@ def _validate_views(cfg: DictConfig) -> None:
         )
 
 
-def _validate_ssl(cfg: DictConfig) -> None:
+def _validate_ssl(cfg: Config) -> None:
     ssl = cfg.ssl
     if not (ssl.dino or ssl.ibot):
         raise ConfigError("ssl.dino and ssl.ibot are both false; enable at least one of them")
-    if ssl.centering not in ("sinkhorn_knopp", "mean"):
-        raise ConfigError(f"ssl.centering={ssl.centering!r}; expected 'sinkhorn_knopp' or 'mean'")
+    for key in ("student_temp", "teacher_temp", "warmup_teacher_temp"):
+        if not getattr(ssl, key) > 0:
+            raise ConfigError(f"ssl.{key}={getattr(ssl, key)}; expected a temperature > 0")
     lo_hi = list(ssl.mask_ratio)
     if len(lo_hi) != 2 or not 0 <= lo_hi[0] <= lo_hi[1] < 1:
         raise ConfigError(f"ssl.mask_ratio={lo_hi}; expected [low, high] with 0 <= low <= high < 1")
-    if ssl.channel_sampling not in ("none", "hierarchical"):
-        raise ConfigError(f"ssl.channel_sampling={ssl.channel_sampling!r}; expected 'none' or 'hierarchical'")
-    if ssl.channel_sampling == "hierarchical" and cfg.model.variant == "fixed":
+    if ssl.channel_sampling == ChannelSampling.hierarchical and cfg.model.variant == Variant.fixed:
         raise ConfigError("ssl.channel_sampling='hierarchical' needs a channel-adaptive model; "
                           "model.variant='fixed' takes a fixed channel set")
 
 
-def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> DictConfig:
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
     """Load a run configuration: code defaults, then a YAML file, then ``key=value`` overrides.
 
     Args:
@@ -314,7 +626,7 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
         overrides: OmegaConf dotlist strings such as ``"train.epochs=5"``.
 
     Returns:
-        The merged, validated, read-only configuration.
+        The merged, validated configuration (a frozen :class:`Config`).
 
     Raises:
         ConfigError: If the file is missing or not YAML, a key is unknown, a value has the
@@ -325,43 +637,36 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
         >>> cfg.train.epochs
         2
     """
-    cfg = OmegaConf.structured(Config)
+    sources: list[tuple[str, Any]] = []
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {str(path)!r} does not exist")
-        try:
-            file_cfg = OmegaConf.load(path)
-        except Exception as exc:  # yaml errors come in several types
-            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {exc}") from exc
-        if not isinstance(file_cfg, DictConfig):
-            raise ConfigError(f"config file {str(path)!r} must hold a mapping at the top level")
-        try:
-            cfg = OmegaConf.merge(cfg, file_cfg)
-        except OmegaConfBaseException as exc:
-            raise _wrap(exc, str(path)) from exc
-    bad = [o for o in overrides if "=" not in o]
-    if bad:
-        raise ConfigError(f"override {bad[0]!r} is not of the form key=value")
-    try:
-        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
-    except OmegaConfBaseException as exc:
-        raise _wrap(exc, "command-line override") from exc
+        sources.append((str(path), read_yaml(path)))
+    sources.append(("command-line override", dotlist(overrides)))
+    cfg = merge_config(Config, sources)
     _validate(cfg)
-    OmegaConf.set_readonly(cfg, True)
     return cfg
 
 
-def config_to_dict(cfg: DictConfig | ListConfig) -> dict:
-    """Return a plain-Python copy of a config (for checkpoints and provenance)."""
-    return OmegaConf.to_container(cfg, resolve=True)
+def config_to_dict(cfg: Any) -> dict:
+    """A plain-Python copy of a config (enums as their names), for checkpoints and provenance."""
+    if isinstance(cfg, (DictConfig, ListConfig)):
+        return OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True, enum_to_str=True)
 
 
-def config_from_dict(data: dict) -> DictConfig:
-    """Rebuild a validated config from :func:`config_to_dict` output (e.g. from a checkpoint)."""
-    try:
-        cfg = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.create(data))
-    except OmegaConfBaseException as exc:
-        raise _wrap(exc, "checkpoint config") from exc
-    OmegaConf.set_readonly(cfg, True)
-    return cfg
+def config_from_dict(data: Mapping, schema: type = Config) -> Any:
+    """Rebuild a config from :func:`config_to_dict` output (e.g. from a checkpoint).
+
+    Keys this version no longer knows are an error naming them; keys it added since take
+    their defaults.
+
+    Raises:
+        ConfigError: If the stored config does not fit the schema.
+    """
+    return merge_config(schema, [("checkpoint config", OmegaConf.create(dict(data)))])
+
+
+def save_config(cfg: Any, path: str | Path) -> Path:
+    """Write a config as YAML atomically."""
+    from cellvit_ssl.io import atomic_write_text
+
+    return atomic_write_text(path, OmegaConf.to_yaml(OmegaConf.create(config_to_dict(cfg))))

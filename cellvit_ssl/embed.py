@@ -1,469 +1,397 @@
-"""Embeddings for lab pipelines: :func:`load_encoder` and :class:`Encoder`.
+"""``python -m cellvit_ssl.embed``: embed an index or a list of images into AnnData / Zarr.
 
 Examples:
-    >>> from cellvit_ssl import load_encoder  # doctest: +SKIP
-    >>> enc = load_encoder("runs/demo/teacher.pt")  # doctest: +SKIP
-    >>> z = enc.embed(stack, channels=["nucleus", "microtubules", "er", "protein"])  # doctest: +SKIP
-    >>> grid = enc.patch_features(stack, channels=[...])  # (B, D, h, w)  # doctest: +SKIP
-    >>> z, ids = enc.embed_cells(stack, labels, channels=[...])  # one row per cell  # doctest: +SKIP
+    python -m cellvit_ssl.embed runs/demo/teacher.pt data.index=index.csv embed.out=cells.h5ad
+    python -m cellvit_ssl.embed teacher.pt --index index.csv --out cells.h5ad --workers 4
+    python -m cellvit_ssl.embed teacher.pt --images a.ome.zarr b.ome.tif --out fields.zarr
+    python -m cellvit_ssl.embed teacher.pt --images a.ome.tif --labels a_labels.tif --out cells.h5ad
+    python -m cellvit_ssl.embed teacher.pt --index index.csv --out protein.h5ad --pooling protein
+
+Rows are read by the same reader as training (:class:`~cellvit_ssl.data.samples.SampleReader`:
+centroid crops, boxes, whole images, tapes, pyramid level, Z, T) and preprocessed by the
+contract stored in the checkpoint (:class:`~cellvit_ssl.preprocess.Preprocess`), so every row
+is embedded as training saw it. A ``tiles`` row (a field without a centroid or box, for a model
+trained on tiles) is embedded as the mean over a grid of ``data.sample_size`` tiles.
+
+The output holds ``X`` (one embedding per row), ``obs`` (the index columns plus the region each
+sample was read from, ``sample_y0, sample_x0, sample_y1, sample_x1``, and ``sample_kind``) and
+``uns`` (``model``: checkpoint path, hash, architecture, channels; ``config``: the run config as
+JSON; ``preprocess``: the contract; ``embed``: the settings of this run). Finished chunks are
+kept in ``OUT.partial/`` until the end, so an interrupted run continues where it stopped when
+the same command is given again; a finished output is never recomputed or appended to.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import nullcontext
+import json
+import sys
+from dataclasses import dataclass, field
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
-from cellvit_ssl.checkpoint import ENCODER_FORMAT, TRAINING_FORMAT, load_checkpoint
-from cellvit_ssl.config import config_from_dict
-from cellvit_ssl.crops import CropBox, box_around, cell_table, read_box
-from cellvit_ssl.data.channels import canonical_name
-from cellvit_ssl.data.channels import channel_ids as names_to_ids
-from cellvit_ssl.data.dataset import normalize_percentiles
-from cellvit_ssl.errors import CheckpointError, DataError
-from cellvit_ssl.models.channels import ChannelAdaptiveViT, build_model
-from cellvit_ssl.transforms import PerChannelStandardize
-
-#: ``progress`` argument: False, True (a tqdm bar on stderr) or a callable ``(done, total)``
-#: called after every batch (raise from it to cancel).
-Progress = bool | Callable[[int, int], None]
-
-
-def _progress_bar(progress: Progress, total: int, desc: str) -> Callable[[int], None]:
-    """A per-batch advance function for ``progress`` (see :data:`Progress`)."""
-    if callable(progress):
-        done = [0]
-
-        def advance(n: int) -> None:
-            done[0] += n
-            progress(done[0], total)
-
-        return advance
-    bar = tqdm(total=total, desc=desc, unit="img", disable=not progress, leave=False)
-
-    def advance_bar(n: int) -> None:
-        bar.update(n)
-        if bar.n >= total:
-            bar.close()
-
-    return advance_bar
-
-
-class _Batches:
-    """Batch-wise reader over ``(C, H, W)`` / ``(B, C, H, W)`` numpy, torch, Zarr or dask arrays.
-
-    Lazy arrays are sliced one batch at a time (``images[start:stop]``), so only that batch
-    is ever read into memory.
-    """
-
-    def __init__(self, images) -> None:
-        if isinstance(images, torch.Tensor):
-            images = images.detach().cpu()
-        elif not hasattr(images, "shape") or not hasattr(images, "__getitem__"):
-            images = np.asarray(images)
-        shape = tuple(int(n) for n in images.shape)
-        if len(shape) not in (3, 4):
-            raise DataError(f"expected images shaped (C, H, W) or (B, C, H, W), got shape {shape}")
-        if 0 in shape:
-            raise DataError(f"the images are empty: shape {shape}")
-        self.single = len(shape) == 3
-        self.images = images
-        self.shape = (1, *shape) if self.single else shape
-
-    def __len__(self) -> int:
-        return self.shape[0]
-
-    def read(self, start: int, stop: int) -> np.ndarray:
-        chunk = self.images if self.single else self.images[start:stop]
-        chunk = chunk.numpy() if isinstance(chunk, torch.Tensor) else np.asarray(chunk)
-        return chunk[None] if self.single else chunk
-
-
-class Encoder:
-    """A trained channel-adaptive backbone ready to embed images.
-
-    Inference runs in eval mode under :func:`torch.inference_mode`, in batches, with bf16
-    autocast on CUDA and plain fp32 on the CPU; outputs are always float32 numpy arrays.
-    Channels are matched to the model by *name* (vocabulary names or their aliases, after the
-    run's ``data.channel_map``), never by position.
-
-    Args:
-        model: The backbone (teacher weights).
-        config: The run config it was trained with (channel names, crop size, normalisation).
-        device: Where to run.
-        source: Where the weights came from (a checkpoint path), kept for provenance.
-
-    Attributes:
-        channels: Channel names the model knows, in embedding order.
-        output_dim: Width of one image embedding (:meth:`embed`).
-        patch_dim: Width of one patch feature (:meth:`patch_features`).
-        patch_size: Side of one patch in pixels.
-        input_size: Side images are resized to by :meth:`embed` (the training crop size).
-        crop_size: Default side of cell crops in :meth:`embed_cells` (``data.sample_size``).
-    """
-
-    def __init__(self, model: ChannelAdaptiveViT, config, device: str | torch.device,
-                 source: str | None = None) -> None:
-        self.device = torch.device(device)
-        self.model = model.eval().to(self.device)
-        self.config = config
-        self.source = source
-        self.channels = list(model.channels)
-        self.output_dim = int(model.output_dim)
-        self.input_size = int(config.views.global_crop_size)
-        self.crop_size = int(config.data.sample_size)
-        self.patch_size = int(config.model.patch_size)
-        self._slot_of_id = {vid: slot for slot, vid in enumerate(names_to_ids(self.channels))}
-        self._per_channel = self._samples_are_channels()
-        self.patch_dim = int(model.embed_dim) * (len(self.channels) if self._per_channel else 1)
-
-    # ----------------------------------------------------------------- channels and input
-    def _samples_are_channels(self) -> bool:
-        """Whether ``forward_features`` yields one sample per (image, channel) (bag of channels)."""
-        if len(self.channels) == 1 or not hasattr(self.model, "sample_shape"):
-            return False
-        p = self.patch_size
-        x = torch.zeros(2, len(self.channels), p, p)
-        ids = torch.tensor([list(self._slot_of_id)] * 2)
-        return self.model.sample_shape(x, ids)[0] == 2 * len(self.channels)
-
-    def resolve_channels(self, channels: Sequence[str] | None, n: int | None = None,
-                         allow_missing: bool = False) -> torch.Tensor:
-        """Vocabulary ids ``(C,)`` of the given channel names, checked against the model.
-
-        Args:
-            channels: Name of each input channel, in the order of the channel axis.
-            n: Number of channels of the images (checked against ``len(channels)``).
-            allow_missing: Accept inputs that lack some of the model's channels (their part
-                of the embedding is then explicitly empty: zero blocks for ``boc``).
-
-        Raises:
-            DataError: On a count mismatch, an unknown or duplicated name, or (unless
-                ``allow_missing``) a model channel absent from ``channels``; the message lists
-                the channels the model knows.
-        """
-        known = f"this model knows {self.channels}"
-        if channels is None or isinstance(channels, str):
-            raise DataError(f"give the name of every image channel as a list (channels=[...]); {known}")
-        channels = [str(c) for c in channels]
-        if n is not None and len(channels) != n:
-            raise DataError(f"the images have {n} channels but {len(channels)} channel names were given: {channels}; "
-                            f"{known}")
-        try:
-            names = [canonical_name(c, self.config.data.channel_map) for c in channels]
-            ids = names_to_ids(names)
-        except DataError as exc:
-            raise DataError(f"{exc}; {known}") from exc
-        unknown = [c for c, name in zip(channels, names) if name not in self.channels]
-        if unknown:
-            raise DataError(f"channels {unknown} are not known to this model; {known}")
-        missing = [c for c in self.channels if c not in names]
-        if missing and not allow_missing:
-            raise DataError(f"the images lack the model's channels {missing} (given {channels}); {known}. "
-                            "Pass allow_missing=True to embed them anyway (absent channels stay empty).")
-        return torch.tensor(ids, dtype=torch.long)
-
-    def _normalize(self, x: np.ndarray) -> np.ndarray:
-        low, high = self.config.data.normalize_percentiles
-        return np.stack([normalize_percentiles(im, low, high, source=f"image {i}") for i, im in enumerate(x)])
-
-    def _autocast(self):
-        if self.device.type == "cuda":
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-        return nullcontext()
-
-    def _resized(self, t: torch.Tensor, size: int | tuple[int, int]) -> torch.Tensor:
-        size = (size, size) if isinstance(size, int) else tuple(size)
-        if tuple(t.shape[-2:]) == size:
-            return t
-        return F.interpolate(t, size=size, mode="bilinear", antialias=True, align_corners=False)
-
-    def _run(self, batches: Iterator[np.ndarray], total: int, ids: torch.Tensor,
-             forward: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], progress: Progress,
-             desc: str) -> np.ndarray:
-        """Forward normalised float32 batches; concatenate float32 CPU outputs in order."""
-        advance = _progress_bar(progress, total, desc)
-        out = []
-        with torch.inference_mode(), self._autocast():
-            for x in batches:
-                t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(self.device)
-                chunk_ids = ids.to(self.device).expand(t.shape[0], -1)
-                out.append(forward(t, chunk_ids).float().cpu())
-                advance(t.shape[0])
-        return torch.cat(out).numpy()
-
-    # ----------------------------------------------------------------- image embeddings
-    def _standardized(self, t: torch.Tensor) -> torch.Tensor:
-        """Per-image, per-channel zero mean / unit variance when the run trained on such views."""
-        return PerChannelStandardize()(t) if self.config.views.standardize else t
-
-    def _embed_forward(self, t: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        return self.model.embed(self._standardized(self._resized(t, self.input_size)), ids)
-
-    def embed(self, images, channels: Sequence[str], batch_size: int = 64, progress: Progress = False,
-              allow_missing: bool = False) -> np.ndarray:
-        """One embedding per image.
-
-        Images are normalised per image and channel as in training (percentile clip), resized
-        to the training crop size (:attr:`input_size`) and, when the run used
-        ``views.standardize``, standardised per channel. Channels are matched to the model by
-        name, so their order does not matter.
-
-        Args:
-            images: ``(C, H, W)`` or ``(B, C, H, W)``: numpy, torch, or a lazy Zarr / dask
-                array (read one batch at a time).
-            channels: Name of each channel, in the order of the channel axis.
-            batch_size: Images per forward pass.
-            progress: True for a progress bar, or a callable ``(done, total)``.
-            allow_missing: See :meth:`resolve_channels`.
-
-        Returns:
-            float32 array ``(B, output_dim)``, in input order.
-
-        Raises:
-            DataError: On a wrong shape, a channel-count mismatch, an unknown or missing
-                channel name, or NaN / Inf pixels.
-        """
-        src = _Batches(images)
-        ids = self.resolve_channels(channels, src.shape[1], allow_missing)
-        batches = (self._normalize(src.read(s, s + batch_size)) for s in range(0, len(src), _positive(batch_size)))
-        return self._run(batches, len(src), ids, self._embed_forward, progress, "embed")
-
-    # ----------------------------------------------------------------- dense features
-    def _patch_forward(self, t: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        b, _, height, width = t.shape
-        h, w = height // self.patch_size, width // self.patch_size
-        tokens = self.model.forward_features(t, ids)["x_norm_patchtokens"]  # (S, N, D)
-        if tokens.shape[1] != h * w:
-            raise CheckpointError(
-                f"model variant {self.config.model.variant!r} gives {tokens.shape[1]} patch tokens per sample "
-                f"for a {h}x{w} patch grid; patch_features needs one token per patch"
-            )
-        d = tokens.shape[-1]
-        if not self._per_channel:
-            return tokens.transpose(1, 2).reshape(b, d, h, w)
-        # bag of channels: samples are (image, channel) pairs in row-major order; each channel's
-        # grid goes to its slot in the model's channel order, absent channels stay zero.
-        slots = torch.tensor([self._slot_of_id[int(i)] for i in ids[0]], device=t.device)
-        grid = tokens.new_zeros(b, len(self.channels), h * w, d)
-        grid[:, slots] = tokens.reshape(b, ids.shape[1], h * w, d)
-        return grid.permute(0, 1, 3, 2).reshape(b, len(self.channels) * d, h, w)
-
-    def patch_features(self, images, channels: Sequence[str], batch_size: int = 16, progress: Progress = False,
-                       allow_missing: bool = False, size: int | tuple[int, int] | None = None) -> np.ndarray:
-        """The patch-token grid of each image, for dense uses (overlays, segmentation heads).
-
-        Images are normalised as in :meth:`embed` but *not* resized unless ``size`` is given;
-        they are zero-padded at the bottom / right to a multiple of :attr:`patch_size`, so
-        patch ``(i, j)`` covers pixels ``[i·p, (i+1)·p) × [j·p, (j+1)·p)`` (p = patch size).
-
-        For the bag-of-channels model every channel is its own 1-channel ViT pass; its
-        ``(D, h, w)`` grid is placed at the channel's position in :attr:`channels`, giving
-        ``D_total = len(channels) · D`` (channel-major: features ``[k·D, (k+1)·D)`` belong to
-        ``channels[k]``); a channel absent from the input is an all-zero block. Models whose
-        samples are whole images (``fixed``; ``hierarchical`` and ``channelvit``, whose patch
-        tokens are pooled over the present channels) give ``D_total = D``.
-
-        Args:
-            images: ``(C, H, W)`` or ``(B, C, H, W)`` array (numpy, torch, Zarr, dask).
-            channels: Name of each channel, in the order of the channel axis.
-            batch_size: Images per forward pass.
-            progress: True for a progress bar, or a callable ``(done, total)``.
-            allow_missing: See :meth:`resolve_channels`.
-            size: Resize images to this side (or ``(H, W)``) before cutting patches.
-
-        Returns:
-            float32 array ``(B, patch_dim, ceil(H/p), ceil(W/p))``.
-
-        Raises:
-            DataError: As :meth:`embed`.
-        """
-        src = _Batches(images)
-        ids = self.resolve_channels(channels, src.shape[1], allow_missing)
-        p = self.patch_size
-
-        def batches() -> Iterator[np.ndarray]:
-            for s in range(0, len(src), _positive(batch_size)):
-                t = torch.from_numpy(self._normalize(src.read(s, s + batch_size)))
-                if size is not None:
-                    t = self._resized(t, size)
-                t = self._standardized(t)
-                pad_h, pad_w = -t.shape[-2] % p, -t.shape[-1] % p
-                yield F.pad(t, (0, pad_w, 0, pad_h)).numpy()
-
-        return self._run(batches(), len(src), ids, self._patch_forward, progress, "patch features")
-
-    # ----------------------------------------------------------------- cells
-    def cell_crops(self, image, labels, crop_size: int | None = None, mask_background: bool = False,
-                   cells: tuple[np.ndarray, np.ndarray] | None = None) -> Iterator[tuple[int, np.ndarray]]:
-        """Normalised ``(C, s, s)`` crops around each labelled cell, in ascending label order.
-
-        Args:
-            image: ``(C, H, W)`` array (lazy arrays are read crop by crop).
-            labels: ``(H, W)`` integer segmentation mask; 0 is background.
-            crop_size: Side of the square around each centroid (default :attr:`crop_size`,
-                the training ``data.sample_size``); zero-padded at the image border.
-            mask_background: Zero every pixel of the crop that is not this cell's (after
-                normalisation); False keeps the neighbourhood, as in training.
-            cells: ``(label ids, centroids)`` of ``labels`` when already computed
-                (:func:`cellvit_ssl.crops.cell_table`).
-
-        Yields:
-            ``(label_id, crop)`` pairs.
-        """
-        if len(image.shape) != 3:
-            raise DataError(f"embed_cells expects one (C, H, W) image, got shape {tuple(image.shape)}")
-        labels = np.asarray(labels)
-        if labels.shape != tuple(image.shape[-2:]):
-            raise DataError(f"the label mask has shape {labels.shape} but the image is {tuple(image.shape[-2:])}")
-        size = _positive(crop_size or self.crop_size)
-        low, high = self.config.data.normalize_percentiles
-        ids, centres = cells if cells is not None else cell_table(labels)
-        for label_id, centre in zip(ids, centres):
-            box = box_around(centre, size)
-            crop = normalize_percentiles(read_box(image, box), low, high, source=f"cell {label_id}")
-            if mask_background:
-                crop = crop * (read_box(labels, box) == label_id)
-            yield int(label_id), crop
-
-    def embed_cells(self, image, labels, channels: Sequence[str], crop_size: int | None = None,
-                    mask_background: bool = False, batch_size: int = 64, progress: Progress = False,
-                    allow_missing: bool = False) -> tuple[np.ndarray, np.ndarray]:
-        """One embedding per cell of a segmentation mask.
-
-        Each cell is a fixed-size square crop around its centroid (see :meth:`cell_crops`),
-        normalised per channel and embedded like :meth:`embed`.
-
-        Args:
-            image: ``(C, H, W)`` field of view (numpy, torch, Zarr, dask).
-            labels: ``(H, W)`` integer mask; every id > 0 is one cell.
-            channels: Name of each channel, in the order of the channel axis.
-            crop_size: Crop side in pixels (default :attr:`crop_size`).
-            mask_background: Zero the pixels outside the cell instead of keeping them.
-            batch_size: Cells per forward pass.
-            progress: True for a progress bar, or a callable ``(done, total)``.
-            allow_missing: See :meth:`resolve_channels`.
-
-        Returns:
-            ``(embeddings (n_cells, output_dim) float32, label_ids (n_cells,) int64)``, rows in
-            ascending label-id order.
-
-        Raises:
-            DataError: On shape mismatches, a non-integer mask, or bad channel names.
-        """
-        if isinstance(image, torch.Tensor):
-            image = image.detach().cpu().numpy()
-        if isinstance(labels, torch.Tensor):
-            labels = labels.detach().cpu().numpy()
-        if len(image.shape) != 3:
-            raise DataError(f"embed_cells expects one (C, H, W) image, got shape {tuple(image.shape)}")
-        ids = self.resolve_channels(channels, int(image.shape[0]), allow_missing)
-        labels = np.asarray(labels)
-        label_ids: list[int] = []
-        if labels.shape != tuple(image.shape[-2:]):
-            raise DataError(f"the label mask has shape {labels.shape} but the image is {tuple(image.shape[-2:])}")
-        cells = cell_table(labels)
-        crops = self.cell_crops(image, labels, crop_size, mask_background, cells)
-        n_cells = len(cells[0])
-
-        def batches() -> Iterator[np.ndarray]:
-            batch: list[np.ndarray] = []
-            for label_id, crop in crops:
-                label_ids.append(label_id)
-                batch.append(crop)
-                if len(batch) == _positive(batch_size):
-                    yield np.stack(batch)
-                    batch = []
-            if batch:
-                yield np.stack(batch)
-
-        if n_cells == 0:
-            return np.zeros((0, self.output_dim), np.float32), np.zeros(0, np.int64)
-        z = self._run(batches(), n_cells, ids, self._embed_forward, progress, "embed cells")
-        return z, np.asarray(label_ids, dtype=np.int64)
-
-    def embed_tiles(self, image, channels: Sequence[str], tile_size: int | None = None,
-                    batch_size: int = 64, progress: Progress = False,
-                    allow_missing: bool = False) -> tuple[np.ndarray, np.ndarray]:
-        """One embedding per square tile of a field of view (for images without a segmentation).
-
-        Tiles cover the image row by row without overlap; the last row / column is zero-padded
-        at the border. Each tile is normalised and embedded like :meth:`embed`.
-
-        Args:
-            image: ``(C, H, W)`` field of view (numpy, torch, Zarr, dask; read tile by tile).
-            channels: Name of each channel, in the order of the channel axis.
-            tile_size: Tile side in pixels (default :attr:`crop_size`).
-            batch_size: Tiles per forward pass.
-            progress: True for a progress bar, or a callable ``(done, total)``.
-            allow_missing: See :meth:`resolve_channels`.
-
-        Returns:
-            ``(embeddings (n_tiles, output_dim) float32, boxes (n_tiles, 4) int64)`` with each
-            tile's ``(y0, x0, height, width)`` in pixels.
-        """
-        if isinstance(image, torch.Tensor):
-            image = image.detach().cpu().numpy()
-        if len(image.shape) != 3:
-            raise DataError(f"embed_tiles expects one (C, H, W) image, got shape {tuple(image.shape)}")
-        ids = self.resolve_channels(channels, int(image.shape[0]), allow_missing)
-        size = _positive(tile_size or self.crop_size)
-        height, width = (int(n) for n in image.shape[-2:])
-        boxes = np.array([(y, x, size, size) for y in range(0, height, size) for x in range(0, width, size)],
-                         dtype=np.int64)
-        low, high = self.config.data.normalize_percentiles
-
-        def batches() -> Iterator[np.ndarray]:
-            for s in range(0, len(boxes), _positive(batch_size)):
-                tiles = [read_box(image, CropBox(int(y), int(x), size)) for y, x, _, _ in boxes[s : s + batch_size]]
-                yield np.stack([normalize_percentiles(t, low, high, source=f"tile at ({y}, {x})")
-                                for t, (y, x, _, _) in zip(tiles, boxes[s : s + batch_size])])
-
-        return self._run(batches(), len(boxes), ids, self._embed_forward, progress, "embed tiles"), boxes
-
-
-def _positive(n: int) -> int:
-    if int(n) < 1:
-        raise DataError(f"batch / crop size must be >= 1, got {n}")
-    return int(n)
-
-
-def load_encoder(path: str | Path, device: str | torch.device | None = None) -> Encoder:
-    """Load an :class:`Encoder` from a training checkpoint or a teacher export.
-
-    Args:
-        path: ``checkpoint.pt`` (teacher weights are taken) or ``teacher.pt``.
-        device: Defaults to CUDA when available, else CPU.
+from cellvit_ssl.cli import CommandLine, Flag
+from cellvit_ssl.config import DataConfig, MissingChannels, SampleMode, ZProjection, config_to_dict
+from cellvit_ssl.data.dataset import read_index
+from cellvit_ssl.data.readers import open_labels
+from cellvit_ssl.data.samples import RawSample, SampleReader, cells_from_mask
+from cellvit_ssl.embed_io import ResumableWriter, file_sha256, table_sha256
+from cellvit_ssl.encoder import Encoder, load_encoder
+from cellvit_ssl.errors import CellVitSSLError, ConfigError, DataError
+from cellvit_ssl.io import exclusive_lock
+
+
+@dataclass(frozen=True)
+class EmbedConfig:
+    """Settings of one embedding run (the ``embed`` section)."""
+
+    checkpoint: str | None = None  # teacher.pt export or training checkpoint.pt
+    out: str | None = None  # OUT.h5ad (AnnData) or OUT.zarr (AnnData Zarr store)
+    images: list[str] = field(default_factory=list)  # image files / OME-Zarr folders instead of data.index
+    labels: list[str] = field(default_factory=list)  # a segmentation mask per image: one row per cell
+    channels: list[str] = field(default_factory=list)  # channel names, in file order, of images that lack them
+    mask_background: bool = False  # zero pixels outside the cell (masks: labels, or labels_path + cell_label)
+    allow_missing: bool = False  # embed images that lack some model channels (their blocks stay empty)
+    pooling: str = "default"  # default | concat | mean | channel names, e.g. protein or protein,er
+    chunk_rows: int = 512  # rows per saved chunk (the unit of resuming)
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    overwrite: bool = False  # replace an output made from other inputs or settings
+    progress: bool = True  # progress bar
+
+
+@dataclass(frozen=True)
+class EmbedCommand:
+    """``python -m cellvit_ssl.embed``: the data section (defaults from the checkpoint) and ``embed``."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    embed: EmbedConfig = field(default_factory=EmbedConfig)
+
+
+#: Keys of ``data`` that say how rows are read; recorded in ``uns["embed"]`` so that evaluate's baselines
+#: read the same samples.
+READ_SETTINGS = ("sample_size", "mode", "level", "z_projection", "z_slice", "t_frame", "missing_chunks")
+
+#: Keys of ``data`` that belong to the model's preprocessing contract: taken from the checkpoint.
+CONTRACT_KEYS = ("channels", "channel_map", "extra_channels", "normalize", "normalize_percentiles",
+                 "stats_cache", "stats_samples")
+
+COMMAND_LINE = CommandLine(
+    prog="python -m cellvit_ssl.embed",
+    description="Embed the rows of an index (or a list of images) with a trained checkpoint into AnnData.",
+    schema=EmbedCommand,
+    positionals=("embed.checkpoint",),
+    flags=(
+        Flag(("--index",), "data.index"), Flag(("--root",), "data.root"), Flag(("--out",), "embed.out"),
+        Flag(("--images",), "embed.images"), Flag(("--labels",), "embed.labels"),
+        Flag(("--channels",), "embed.channels"), Flag(("--crop-size",), "data.sample_size"),
+        Flag(("--mode",), "data.mode"), Flag(("--pooling",), "embed.pooling"),
+        Flag(("--mask-background",), "embed.mask_background", True),
+        Flag(("--allow-missing",), "embed.allow_missing", True),
+        Flag(("--batch-size",), "data.batch_size"), Flag(("--chunk-rows",), "embed.chunk_rows"),
+        Flag(("--workers",), "data.num_workers"), Flag(("--device",), "embed.device"),
+        Flag(("--overwrite",), "embed.overwrite", True), Flag(("--no-progress",), "embed.progress", False),
+    ),
+    examples=(
+        "python -m cellvit_ssl.embed runs/demo/teacher.pt --index cells.csv --out cells.h5ad",
+        "python -m cellvit_ssl.embed teacher.pt data.index=cells.csv embed.out=cells.h5ad data.num_workers=4",
+        "python -m cellvit_ssl.embed teacher.pt --images a.ome.tif --labels a_labels.tif --out cells.h5ad",
+    ),
+)
+
+
+def images_table(images: list[str], labels: list[str], channels: list[str]) -> pd.DataFrame:
+    """Index rows for ``embed.images``: one per image, or one per labelled cell with ``embed.labels``.
 
     Raises:
-        CheckpointError: If the file is missing, corrupt or not a cellvit_ssl checkpoint.
+        DataError: If the number of masks differs from the number of images, or a mask does
+            not have its image's shape.
     """
-    payload = load_checkpoint(path)
-    config = config_from_dict(payload["config"])
-    model = build_model(config.model, list(config.data.channels), load_pretrained=False)
-    if payload["format"] == ENCODER_FORMAT:
-        state = payload["backbone"]
-    else:
-        assert payload["format"] == TRAINING_FORMAT
-        state = {k[len("teacher."):]: v for k, v in payload["model"].items() if k.startswith("teacher.")}
+    from cellvit_ssl.data.readers import open_stack
+
+    extra = {"channels": ";".join(channels)} if channels else {}
+    if not labels:
+        return pd.DataFrame([{"path": str(Path(i).expanduser().resolve()), **extra} for i in images])
+    if len(labels) != len(images):
+        raise DataError(f"{len(labels)} embed.labels masks given for {len(images)} embed.images; give one per image")
+    rows = []
+    for image, mask_path in zip(images, labels):
+        mask = np.asarray(open_labels(mask_path))
+        stack = open_stack(image, channel_names=channels or None)
+        if mask.shape != stack.shape[1:]:
+            raise DataError(f"label mask {mask_path} has shape {mask.shape} but image {image} is "
+                            f"{stack.shape[1]}x{stack.shape[2]}; give the mask of this image (at the same level)")
+        cells = cells_from_mask(mask, str(mask_path))
+        rows += [{"path": str(Path(image).expanduser().resolve()), **extra,
+                  "labels_path": str(Path(mask_path).expanduser().resolve()), "cell_label": int(c.cell_label),
+                  "centroid_y": round(float(c.centroid_y), 3), "centroid_x": round(float(c.centroid_x), 3)}
+                 for c in cells.itertuples()]
+    if not rows:
+        raise DataError(f"the masks {labels} hold no labelled cells")
+    return pd.DataFrame(rows)
+
+
+def provenance(encoder: Encoder, checkpoint: str, sha: str) -> dict:
+    """``uns['model']``, ``uns['config']`` and ``uns['preprocess']`` for an embeddings file."""
+    cfg = encoder.config.model
+    return {
+        "model": {"checkpoint": str(Path(checkpoint).resolve()), "sha256": sha, "variant": cfg.variant.value,
+                  "arch": cfg.arch, "patch_size": int(cfg.patch_size), "embed_dim": int(encoder.model.embed_dim),
+                  "output_dim": encoder.output_dim, "channels": list(encoder.channels),
+                  "input_size": encoder.input_size},
+        "config": json.dumps(config_to_dict(encoder.config)),
+        "preprocess": json.dumps(encoder.preprocess.to_dict()),
+    }
+
+
+def _package_version() -> str:
     try:
-        model.load_state_dict(state)
-    except RuntimeError as exc:
-        raise CheckpointError(f"checkpoint {str(path)!r} does not match its own config: {exc}") from exc
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(device)
-    return Encoder(model, config, device, source=str(path))
+        return version("cellvit-ssl")
+    except PackageNotFoundError:
+        from cellvit_ssl import __version__
+
+        return __version__
+
+
+def sample_reader(table: pd.DataFrame, root: Path, data: DataConfig, encoder: Encoder, *, allow_missing: bool,
+                  mask_background: bool, source: str) -> SampleReader:
+    """The reader ``embed`` (and evaluate's baselines) read rows with: the training reader, the model's channels."""
+    return SampleReader(
+        table, root=root, channels=encoder.channels, vocabulary=encoder.vocabulary, sample_size=data.sample_size,
+        mode=data.mode, missing_channels=MissingChannels.pad if allow_missing else MissingChannels.error,
+        level=data.level, z=data.z_slice if data.z_projection == ZProjection.slice else "max", t=data.t_frame,
+        missing_chunks=data.missing_chunks, percentiles=data.normalize_percentiles,
+        foreground_threshold=data.foreground_threshold, bounds=encoder.preprocess.bounds,
+        mask_background=mask_background, source=source,
+    )
+
+
+def read_row(reader: SampleReader, i: int) -> list[RawSample]:
+    """Row ``i``'s raw samples: one, or for a ``tiles`` row every non-blank tile of its grid."""
+    if reader.kind(i) != SampleMode.tiles:
+        return [reader.read(i)]
+    samples = []
+    for box in reader.tile_boxes(i):
+        try:
+            samples.append(reader.read(i, box=box))
+        except DataError as exc:
+            if "is blank" not in str(exc):
+                raise
+    if not samples:
+        raise DataError(f"{reader.source} row {i}: every {reader.sample_size}px tile of the image is blank")
+    return samples
+
+
+class _Rows(torch.utils.data.Dataset):
+    """Raw samples of some rows, for DataLoader workers; errors travel back as values, not tracebacks."""
+
+    def __init__(self, reader: SampleReader, rows: list[int]) -> None:
+        self.reader, self.rows = reader, rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, k: int):
+        try:
+            return read_row(self.reader, self.rows[k])
+        except CellVitSSLError as exc:
+            return exc
+
+
+def read_rows(reader: SampleReader, rows: list[int], workers: int) -> list[list[RawSample]]:
+    """:func:`read_row` of each row in order; ``workers`` > 0 reads in DataLoader worker processes.
+
+    Raises:
+        DataError: The first bad row's error, as raised in the worker (without its traceback).
+    """
+    if workers <= 0 or len(rows) < 2:
+        return [read_row(reader, i) for i in rows]
+    loader = torch.utils.data.DataLoader(_Rows(reader, rows), batch_size=None, num_workers=min(workers, len(rows)),
+                                         collate_fn=_identity)
+    out = list(loader)
+    for item in out:
+        if isinstance(item, BaseException):
+            raise item
+    return out
+
+
+def _identity(item):
+    return item
+
+
+def featurize_rows(reader: SampleReader, rows: list[int], featurize, workers: int = 0
+                   ) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Features of some rows of an index, in order; a ``tiles`` row is the mean over its tiles.
+
+    Args:
+        reader: The rows' reader.
+        rows: Row numbers.
+        featurize: ``list[RawSample] -> (n, D)`` features of raw samples.
+        workers: Reader processes (0: read in this process).
+
+    Returns:
+        ``(features (len(rows), D) float32, regions (len(rows), 4) int64 as y0, x0, y1, x1, kinds)``.
+    """
+    read = read_rows(reader, rows, workers)
+    samples = [r for row_samples in read for r in row_samples]
+    owner = np.repeat(np.arange(len(read)), [len(row_samples) for row_samples in read])
+    z = np.asarray(featurize(samples), np.float32)
+    out = np.stack([z[owner == k].mean(axis=0) for k in range(len(rows))]).astype(np.float32)
+    regions, kinds = [], []
+    for row_samples in read:
+        boxes = np.array([r.box.as_tuple() for r in row_samples])  # a tiles row: the extent its tiles cover
+        regions.append((boxes[:, 0].min(), boxes[:, 1].min(), boxes[:, 2].max(), boxes[:, 3].max()))
+        kinds.append(row_samples[0].kind.value)
+    return out, np.asarray(regions, dtype=np.int64).reshape(-1, 4), kinds
+
+
+def encoder_featurizer(encoder: Encoder, pooling: str | None, batch_size: int, reader_name: str = "index"):
+    """``list[RawSample] -> (n, D)``: samples through the encoder's preprocessing contract and model."""
+    ids = encoder.resolve_channels(encoder.channels)
+    forward = encoder.forward_samples(pooling)
+
+    def featurize(samples: list[RawSample]) -> np.ndarray:
+        def batches():
+            for s in range(0, len(samples), batch_size):
+                part = samples[s : s + batch_size]
+                x = torch.stack([encoder.preprocess.to_sample(r.pixels, r.names, r.present, image_sample=r.is_image,
+                                                              source=f"{r.source} ({reader_name} row {r.row})")
+                                 for r in part])
+                yield x, torch.from_numpy(np.stack([r.present for r in part]))
+
+        return encoder.forward_batches(batches(), len(samples), ids, forward, False, "embed")
+
+    return featurize
+
+
+def _plain(value):
+    return value.value if hasattr(value, "value") else value
+
+
+def _refuse_output_over_inputs(out: Path, inputs: list[Path]) -> None:
+    resolved = out.expanduser().resolve()
+    for path in inputs:
+        p = path.expanduser().resolve()
+        if resolved == p or p in resolved.parents or resolved in p.parents:
+            raise DataError(f"embed.out={str(out)!r} would be written over the input {str(path)!r}; choose "
+                            "another output path")
+
+
+def run(cfg: EmbedCommand, payload: dict | None = None) -> Path | None:
+    """Embed every row and write the output; returns its path (None when already up to date).
+
+    Args:
+        cfg: The command's config.
+        payload: The checkpoint's content when already loaded.
+
+    Raises:
+        DataError / ConfigError / CheckpointError: On any bad input, named.
+    """
+    e, data = cfg.embed, cfg.data
+    if not e.checkpoint:
+        raise ConfigError("give the checkpoint to embed with (teacher.pt or checkpoint.pt) as the first argument")
+    if not e.out:
+        raise ConfigError("give the output file: embed.out=OUT.h5ad (or --out OUT.zarr)")
+    if data.index and e.images:
+        raise ConfigError("give either data.index (--index) or embed.images (--images), not both")
+    if not data.index and not e.images:
+        raise ConfigError("give what to embed: data.index=INDEX.csv (--index) or embed.images=[...] (--images)")
+    if e.labels and not e.images:
+        raise ConfigError("embed.labels goes with embed.images (an index names its masks in a 'labels_path' column)")
+    if e.chunk_rows < 1 or data.batch_size < 1 or data.num_workers < 0:
+        raise ConfigError(f"embed.chunk_rows={e.chunk_rows}, data.batch_size={data.batch_size} must be >= 1 and "
+                          f"data.num_workers={data.num_workers} >= 0")
+    out = Path(e.out)
+    inputs = [Path(e.checkpoint), *(Path(p) for p in e.images), *(Path(p) for p in e.labels)]
+    if data.index:
+        inputs.append(Path(data.index))
+    _refuse_output_over_inputs(out, inputs)
+    encoder = load_encoder(e.checkpoint, device=e.device, payload=payload)
+    encoder.pooled_dim(e.pooling)  # refuse a bad pooling before reading anything
+    if data.sample_size != encoder.crop_size:
+        print(f"note: cutting {data.sample_size}px samples for a model trained on {encoder.crop_size}px ones "
+              "(data.sample_size); the model sees cells at another scale than in training", file=sys.stderr)
+    if data.index:
+        table = read_index(data.index)
+        root = Path(data.root).expanduser() if data.root else Path(data.index).expanduser().parent
+    else:
+        table, root = images_table(list(e.images), list(e.labels), list(e.channels)), Path(".")
+    index_sha = table_sha256(table)  # of the index as stored, so that evaluate can tell if it changed
+    if e.channels and data.index and "channels" not in table.columns:
+        table["channels"] = ";".join(e.channels)
+    sha = file_sha256(e.checkpoint)
+    settings = {**{k: _plain(getattr(data, k)) for k in READ_SETTINGS}, "mask_background": e.mask_background,
+                "allow_missing": e.allow_missing, "pooling": e.pooling, "chunk_rows": e.chunk_rows}
+    # --images rows hold absolute paths: the working folder does not change what is read
+    fingerprint = {"checkpoint_sha256": sha, "index_sha256": index_sha, "channels": list(e.channels),
+                   "root": str(root.resolve()) if data.index else "", **settings}
+    reader = sample_reader(table, root, data, encoder, allow_missing=e.allow_missing,
+                           mask_background=e.mask_background, source=str(data.index or "embed.images"))
+    featurize = encoder_featurizer(encoder, e.pooling, data.batch_size, reader.source)
+    writer = ResumableWriter(out, fingerprint, overwrite=e.overwrite)
+    with exclusive_lock(out):
+        if writer.up_to_date():
+            print(f"{out} is complete ({len(table)} rows); nothing to do", file=sys.stderr)
+            return None
+        for note in writer.begin():
+            print(f"note: {note}", file=sys.stderr)
+        starts = list(range(0, len(table), e.chunk_rows))
+        with tqdm(total=len(table), desc="embed", unit="row", disable=not e.progress) as bar:
+            for start in starts:
+                stop = min(start + e.chunk_rows, len(table))
+                if not writer.done(start):
+                    x, boxes, kinds = featurize_rows(reader, list(range(start, stop)), featurize, data.num_workers)
+                    writer.save(start, x, boxes, kinds)
+                bar.update(stop - start)
+        uns = provenance(encoder, e.checkpoint, sha)
+        uns["embed"] = {"index": str(Path(data.index).resolve()) if data.index else "", "root": str(root.resolve()),
+                        **settings, "cellvit_ssl_version": _package_version()}
+        return writer.finish(table, starts, uns)
+
+
+def load(argv: list[str]) -> tuple[EmbedCommand, dict | None]:
+    """The embed command's config from the command line (data defaults from the checkpoint) and the checkpoint."""
+    sources = COMMAND_LINE.parse(argv)
+    first = COMMAND_LINE.load(sources)
+    base, payload = [], None
+    if first.embed.checkpoint:
+        from cellvit_ssl.checkpoint import load_checkpoint
+
+        payload = load_checkpoint(first.embed.checkpoint)
+        if "config" not in payload:
+            raise DataError(f"{first.embed.checkpoint}: the checkpoint holds no run config")
+        stored = dict(payload["config"].get("data", {}))
+        base = [("checkpoint config", {"data": {k: v for k, v in stored.items() if k != "demo"}})]
+        given = {k for name, src in sources for k in (src.get("data") or {}).keys()}
+        fixed = sorted(given & set(CONTRACT_KEYS))
+        if fixed:
+            raise ConfigError(f"data.{fixed[0]} is part of the model's preprocessing contract (stored in the "
+                              "checkpoint); embedding with another value would not match training")
+    return COMMAND_LINE.load(sources, base), payload
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI entry point; returns the exit code (0 ok, 2 user error, 130 interrupted)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    out_hint = "OUT"
+    try:
+        cfg, payload = load(argv)
+        out_hint = cfg.embed.out or out_hint
+        out = run(cfg, payload)
+    except CellVitSSLError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"interrupted; finished chunks are kept in {out_hint}.partial. Run the same command again to "
+              "resume.", file=sys.stderr)
+        return 130
+    if out is not None:
+        print(f"wrote {out}", file=sys.stderr)
+    return 0
 
 
 if __name__ == "__main__":
-    import sys
-
-    from cellvit_ssl.embed_cli import main
-
     sys.exit(main())

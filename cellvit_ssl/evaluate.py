@@ -256,66 +256,72 @@ def _check_index_unchanged(adata) -> None:
                         "or pass --no-baselines")
 
 
-def _reader_and_config(adata, root: str | None):
+def _baseline_inputs(adata, root: str | None, seed: int, device: str | None):
+    """The embed run's reader of ``obs`` and a randomly initialised encoder with its contract.
+
+    Rows are read exactly as ``embed`` read them: the same reader, the same settings (from ``uns``).
+    """
+    import dataclasses
+
+    import torch
+
     from cellvit_ssl.config import config_from_dict
-    from cellvit_ssl.embed_io import RowReader
+    from cellvit_ssl.embed import READ_SETTINGS, sample_reader
+    from cellvit_ssl.encoder import Encoder, resolve_device
+    from cellvit_ssl.models.channels import build_model
+    from cellvit_ssl.preprocess import Preprocess
 
     try:
         config = config_from_dict(json.loads(adata.uns["config"]))
-        embed = adata.uns["embed"]
+        embed = dict(adata.uns["embed"])
+        contract = json.loads(adata.uns["preprocess"]) if "preprocess" in adata.uns else None
     except (KeyError, TypeError, ValueError) as exc:
         raise DataError("the embeddings file has no run config / embed settings in uns (not written by "
                         "python -m cellvit_ssl.embed?); pass --no-baselines") from exc
-    obs = adata.obs.reset_index(drop=True)
-    reader = RowReader(obs, root or embed["root"], int(embed["crop_size"]), bool(embed["mask_background"]))
-    return reader, config, bool(embed.get("allow_missing", False))
+    preprocess = Preprocess.from_dict(contract) if contract else Preprocess.from_config(config)
+    torch.manual_seed(seed)
+    model = build_model(config.model, list(config.data.channels), load_pretrained=False)
+    encoder = Encoder(model, config, resolve_device(device), preprocess=preprocess)
+    settings = {k: embed[k] for k in READ_SETTINGS if k in embed}
+    data = dataclasses.replace(config.data, **{k: type(getattr(config.data, k))(v) for k, v in settings.items()})
+    reader = sample_reader(adata.obs.reset_index(drop=True), Path(root or embed["root"]), data, encoder,
+                           allow_missing=bool(embed.get("allow_missing", False)),
+                           mask_background=bool(embed.get("mask_background", False)), source="embeddings obs")
+    return reader, encoder, str(embed.get("pooling", "default"))
 
 
 def random_init_features(adata, root: str | None = None, seed: int = 0, batch_size: int = 64,
                          device: str | None = None, workers: int = 0) -> np.ndarray:
-    """Embeddings of the same crops by the same architecture with random weights (seeded)."""
-    import torch
+    """Embeddings of the same samples by the same architecture with random weights (seeded)."""
+    from cellvit_ssl.embed import encoder_featurizer, featurize_rows
 
-    from cellvit_ssl.embed import Encoder
-    from cellvit_ssl.embed_io import featurize_rows
-    from cellvit_ssl.models.channels import build_model
-
-    reader, config, allow_missing = _reader_and_config(adata, root)
-    torch.manual_seed(seed)
-    model = build_model(config.model, list(config.data.channels), load_pretrained=False)
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    enc = Encoder(model, config, dev)
-    x, _ = featurize_rows(reader, range(len(reader)),
-                          lambda crops, names: enc.embed(crops, names, batch_size, allow_missing=allow_missing),
-                          workers)
-    return x
+    reader, encoder, pooling = _baseline_inputs(adata, root, seed, device)
+    featurize = encoder_featurizer(encoder, pooling, batch_size, reader.source)
+    return featurize_rows(reader, list(range(len(reader))), featurize, workers)[0]
 
 
 def raw_pixel_features(adata, root: str | None = None, pixel_size: int = 8, pca: int = 64,
                        seed: int = 0, workers: int = 0) -> np.ndarray:
-    """Raw-pixel baseline: each crop normalised, area-resized to ``pixel_size``², flattened, PCA."""
+    """Raw-pixel baseline: samples through the preprocessing contract, area-resized, flattened, PCA.
+
+    Each sample is what the model gets before its view resize, shrunk to ``pixel_size``² per channel.
+    """
     import torch
     import torch.nn.functional as F
     from sklearn.decomposition import PCA
 
-    from cellvit_ssl.data.channels import canonical_name
-    from cellvit_ssl.data.dataset import normalize_percentiles
-    from cellvit_ssl.embed_io import featurize_rows, order_channels
+    from cellvit_ssl.embed import featurize_rows
 
-    reader, config, _ = _reader_and_config(adata, root)
-    wanted = [canonical_name(c, config.data.channel_map) for c in config.data.channels]
-    low, high = config.data.normalize_percentiles
+    if pixel_size < 1 or pca < 1:
+        raise DataError(f"--pixel-size={pixel_size} and --pca={pca} must be >= 1")
+    reader, encoder, _ = _baseline_inputs(adata, root, seed, "cpu")
 
-    def pixels(crops: np.ndarray, names: list[str]) -> np.ndarray:
-        out = []
-        for crop in crops:
-            norm = normalize_percentiles(crop, low, high)
-            ordered = order_channels(norm, names, wanted, config.data.channel_map)
-            small = F.interpolate(torch.from_numpy(ordered)[None], size=(pixel_size, pixel_size), mode="area")
-            out.append(small.flatten().numpy())
-        return np.stack(out)
+    def pixels(samples) -> np.ndarray:
+        x = torch.stack([encoder.preprocess.to_sample(r.pixels, r.names, r.present, image_sample=r.is_image,
+                                                      source=r.source) for r in samples])
+        return F.interpolate(x, size=(pixel_size, pixel_size), mode="area").flatten(1).numpy()
 
-    x, _ = featurize_rows(reader, range(len(reader)), pixels, workers)
+    x = featurize_rows(reader, list(range(len(reader))), pixels, workers)[0]
     n = min(pca, x.shape[0], x.shape[1])
     return PCA(n_components=n, random_state=seed).fit_transform(x).astype(np.float32)
 

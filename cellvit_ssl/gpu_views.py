@@ -45,17 +45,17 @@ GPU_VIEWS_OVERRIDES: tuple[str, ...] = (
 def unsupported_view_settings(cfg) -> list[str]:
     """The ``views`` settings that are on but not implemented here, as the overrides that turn them off."""
     on = []
-    if float(cfg.get("gamma", 0.0)) > 0:
+    if float(getattr(cfg, "gamma", 0.0)) > 0:
         on.append("views.gamma=0")
-    if any(float(p) > 0 for p in cfg.get("blur_prob", ())):
+    if any(float(p) > 0 for p in getattr(cfg, "blur_prob", ())):
         on.append("views.blur_prob=[0,0,0]")
-    if cfg.get("noise", "none") != "none" and float(cfg.get("noise_prob", 0.0)) > 0:
+    if getattr(cfg, "noise", "none") != "none" and float(getattr(cfg, "noise_prob", 0.0)) > 0:
         on.append("views.noise=none")
-    if cfg.get("standardize", False):
+    if getattr(cfg, "standardize", False):
         on.append("views.standardize=false")
-    if float(cfg.get("channel_drop_prob", 0.0)) > 0:
+    if float(getattr(cfg, "channel_drop_prob", 0.0)) > 0:
         on.append("views.channel_drop_prob=0")
-    if cfg.get("channel_mode", "joint") != "joint":
+    if getattr(cfg, "channel_mode", "joint") != "joint":
         on.append("views.channel_mode=joint")
     return on
 

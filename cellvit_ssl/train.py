@@ -31,12 +31,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from omegaconf import DictConfig, OmegaConf
 from torch.utils.checkpoint import checkpoint as recompute
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from cellvit_ssl import distributed as D
+from cellvit_ssl.channels import ChannelVocabulary
 from cellvit_ssl.checkpoint import (
     ENCODER_FORMAT,
     TRAINING_FORMAT,
@@ -48,13 +48,14 @@ from cellvit_ssl.checkpoint import (
     save_training_checkpoint,
     set_rng_state,
 )
-from cellvit_ssl.config import config_to_dict, load_config
+from cellvit_ssl.config import Config, Precision, config_to_dict, load_config, save_config
 from cellvit_ssl.data.collate import collate_channels
 from cellvit_ssl.data.dataset import build_dataset as build_index_dataset
 from cellvit_ssl.data.synthetic import DemoSpec, generate_demo
 from cellvit_ssl.errors import CellVitSSLError, CheckpointError, DataError
 from cellvit_ssl.models.channels import build_model
 from cellvit_ssl.optim import Schedules, apply_schedules, param_groups
+from cellvit_ssl.preprocess import Preprocess
 from cellvit_ssl.ssl import DINOMetaArch
 from cellvit_ssl.transforms import MultichannelDINOTransform
 
@@ -62,7 +63,7 @@ EXIT_ERROR = 2
 EXIT_DIVERGED = 3
 
 
-def resolve_index(cfg: DictConfig) -> tuple[Path, Path | None]:
+def resolve_index(cfg: Config) -> tuple[Path, Path | None]:
     """Return (index path, root) for the run, generating the demo data when it is enabled.
 
     Raises:
@@ -123,7 +124,7 @@ class SeededViews(Dataset):
             return self.dataset[index]
 
 
-def build_dataset(cfg: DictConfig) -> SeededViews:
+def build_dataset(cfg: Config) -> SeededViews:
     """The run's dataset of multichannel DINO views (generating the demo data if enabled)."""
     index, root = resolve_index(cfg)
     views = MultichannelDINOTransform(cfg.views, channels=list(cfg.data.channels))
@@ -139,7 +140,7 @@ def _ignore_stop_signals(_worker_id: int) -> None:
             signal.signal(getattr(signal, name), signal.SIG_IGN)
 
 
-def build_loader(cfg: DictConfig, info: D.DistInfo | None = None,
+def build_loader(cfg: Config, info: D.DistInfo | None = None,
                  dataset: SeededViews | None = None) -> DataLoader:
     """DataLoader over this rank's shard of the index (see :class:`~cellvit_ssl.distributed.ShardedSampler`).
 
@@ -198,9 +199,9 @@ def compile_blocks(meta: DINOMetaArch) -> None:
 
 def use_bf16(precision: str, device: torch.device) -> bool:
     """``auto`` → bf16 autocast on GPU, fp32 on CPU."""
-    if precision == "auto":
+    if precision == Precision.auto:
         return device.type == "cuda"
-    return precision == "bf16"
+    return precision == Precision.bf16
 
 
 class StopRequest:
@@ -289,7 +290,7 @@ class Trainer:
         info: From :func:`cellvit_ssl.distributed.init_distributed`.
     """
 
-    def __init__(self, cfg: DictConfig, info: D.DistInfo) -> None:
+    def __init__(self, cfg: Config, info: D.DistInfo) -> None:
         self.cfg, self.info = cfg, info
         t = cfg.train
         self.out = Path(t.output_dir).expanduser()
@@ -303,11 +304,16 @@ class Trainer:
         if info.is_main:  # only once the data is there: a data error leaves no empty run folder
             self.out.mkdir(parents=True, exist_ok=True)
             remove_stale_temporaries(self.out)
-            OmegaConf.save(cfg, self.out / "config.yaml", resolve=True)
+            save_config(cfg, self.out / "config.yaml")
         D.barrier()
         self.loader = build_loader(cfg, info, dataset if dataset is not None else build_dataset(cfg))
         self.sampler: D.ShardedSampler = self.loader.sampler
-        self.meta = DINOMetaArch(build_model(cfg.model, list(cfg.data.channels)), cfg.ssl).to(info.device)
+        self.vocabulary = ChannelVocabulary.from_config(cfg.data)
+        inner = self.loader.dataset.dataset
+        #: The preprocessing contract (with the dataset statistics) stored with every checkpoint.
+        self.preprocess = Preprocess.from_config(cfg, inner.stats)
+        self.meta = DINOMetaArch(build_model(cfg.model, list(cfg.data.channels), vocabulary=self.vocabulary),
+                                 cfg.ssl).to(info.device)
         seed_everything(t.seed + info.rank)  # per-rank stream for stochastic layers (drop path)
         if t.activation_checkpointing:
             enable_activation_checkpointing(self.meta.student)
@@ -345,10 +351,15 @@ class Trainer:
 
     # -- checkpoints -------------------------------------------------------------------------
 
+    def _contract(self) -> dict:
+        """What inference needs besides the weights: the preprocessing contract and the channel vocabulary."""
+        return {"preprocess": self.preprocess.to_dict(), "vocabulary": self.vocabulary.to_dict()}
+
     def _training_payload(self) -> dict:
         model_state, optim_state = D.full_state_dict(self.model, self.optimizer)
         rngs = D.gather_objects(rng_state())
-        return {"format": TRAINING_FORMAT, "config": config_to_dict(self.cfg), "model": model_state,
+        return {"format": TRAINING_FORMAT, "config": config_to_dict(self.cfg), **self._contract(),
+                "model": model_state,
                 "optimizer": optim_state, "step": self.step, "epoch": self.step // self.steps_per_epoch,
                 "world_size": self.info.world_size, "global_batch": self.global_batch, "rng": rngs}
 
@@ -368,7 +379,7 @@ class Trainer:
         backbone = {k[len("teacher."):]: v for k, v in model_state.items() if k.startswith("teacher.")}
         path = self.out / "teacher.pt"
         if self.info.is_main:
-            save_checkpoint({"format": ENCODER_FORMAT, "config": config_to_dict(self.cfg),
+            save_checkpoint({"format": ENCODER_FORMAT, "config": config_to_dict(self.cfg), **self._contract(),
                              "backbone": backbone}, path)
         D.barrier()
         return path
@@ -526,7 +537,7 @@ class Trainer:
         return export
 
 
-def run(cfg: DictConfig) -> Path:
+def run(cfg: Config) -> Path:
     """Train with a loaded config on this process; returns ``teacher.pt``.
 
     Under ``torchrun`` every process calls this; it joins the process group and leaves it

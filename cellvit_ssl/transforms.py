@@ -34,6 +34,7 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
 from cellvit_ssl.errors import ConfigError
+from cellvit_ssl.preprocess import standardize_channels
 
 CHANNEL_MODES = ("joint", "boc")
 NOISE_KINDS = ("none", "gaussian", "poisson")
@@ -158,9 +159,7 @@ class PerChannelStandardize:
         self.eps = eps
 
     def __call__(self, x: Tensor) -> Tensor:
-        mean = x.mean(dim=(-2, -1), keepdim=True)
-        std = x.std(dim=(-2, -1), keepdim=True, unbiased=False)
-        return (x - mean) / std.clamp_min(self.eps)
+        return standardize_channels(x, self.eps)
 
 
 class RandomChannelDrop:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping, Sequence
 
-from cellvit_ssl.data.channels import canonical_name
+from cellvit_ssl.channels import canonical_name
 from cellvit_ssl.errors import DataError
 
 UNMAPPED = "(not mapped)"

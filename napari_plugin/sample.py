@@ -25,9 +25,7 @@ def demo_sample(cache_dir: str | Path | None = None) -> list[tuple]:
     Returns:
         napari ``LayerDataTuple`` list.
     """
-    import zarr
-
-    from cellvit_ssl.data.readers import open_stack
+    from cellvit_ssl.data.readers import open_labels, open_stack
     from cellvit_ssl.data.synthetic import DemoSpec, generate_demo
 
     out = Path(cache_dir or CACHE_DIR).expanduser()
@@ -35,9 +33,7 @@ def demo_sample(cache_dir: str | Path | None = None) -> list[tuple]:
     path = out / "images" / "field_000.ome.zarr"
     stack = open_stack(path)
     image = stack.read()
-    cells = zarr.open_group(str(path / "labels" / "cells"), mode="r")
-    level0 = cells.attrs["ome"]["multiscales"][0]["datasets"][0]["path"]
-    labels = np.asarray(cells[level0])
+    labels = np.asarray(open_labels(path / "labels" / "cells"))
     limits = [(float(np.quantile(ch, 0.05)), float(np.quantile(ch, 0.999)) + 1.0) for ch in image]
     image_meta = {
         "channel_axis": 0,

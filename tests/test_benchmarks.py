@@ -12,7 +12,7 @@ from torch.utils import flop_counter
 
 from benchmarks import _common
 from benchmarks import train_throughput as tt
-from cellvit_ssl.config import VARIANTS
+from cellvit_ssl.config import Variant
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +30,7 @@ def test_tiny_run_writes_every_field(tiny_run):
     assert written["precision"] == "fp32" and written["peak_matmul"]["dtype"] == "float32"
     assert written["peak_matmul"]["tflops"] > 0
     names = [r["name"] for r in written["train"]]
-    assert names == ["lightly", "lightly_bag"] + [f"ours/{v}" for v in VARIANTS]
+    assert names == ["lightly", "lightly_bag"] + [f"ours/{v}" for v in [v.value for v in Variant]]
     rows = {r["name"]: r for r in written["train"]}
     for name in ("lightly", "lightly_bag", "ours/boc"):
         assert rows[name]["status"] == "ok", rows[name]

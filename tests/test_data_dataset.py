@@ -9,8 +9,8 @@ import tifffile
 import torch
 from PIL import Image
 
+from cellvit_ssl.channels import channel_ids
 from cellvit_ssl.config import load_config
-from cellvit_ssl.data.channels import channel_ids
 from cellvit_ssl.data.collate import PAD_CHANNEL_ID, collate_channels
 from cellvit_ssl.data.dataset import IndexDataset, build_dataset
 from cellvit_ssl.data.normalize import ChannelStats, normalize_percentiles
@@ -63,7 +63,7 @@ def test_image_mode_resizes_long_side_and_pads(tmp_path):
     Image.fromarray(np.concatenate(list(cells), axis=1)).save(tmp_path / "c.png")
     table = pd.DataFrame([{"path": "c.png", "channels": "nucleus;membrane;protein", "channel_width": 20}])
     ds = IndexDataset(table, ["nucleus", "membrane", "protein"], root=tmp_path, sample_size=20)
-    assert ds._row_mode(table.iloc[0]) == "image"  # auto: a tape is a whole single-cell image
+    assert ds.reader.kind(0) == "image"  # auto: a tape is a whole single-cell image
     img = ds.load(0)
     assert img.shape == (3, 20, 20)
     assert (img[:, :, :5] == 0).all() and (img[:, :, 15:] == 0).all()  # 40x20 -> 20x10, centred
@@ -172,20 +172,19 @@ def test_build_dataset_from_config(tmp_path):
     ds = build_dataset(cfg.data)
     item = ds[0]
     assert item["image"].shape == (4, 16, 16) and item["metadata"] == {"plate": "P1"}
-    assert ds.skip_bad and ds.mode == "tiles"
-    bad = load_config(None, [f"data.index={tmp_path / 'index.csv'}", "data.mode=tile"])
-    with pytest.raises(ConfigError, match="data.mode='tile'"):
-        build_dataset(bad.data)
+    assert ds.skip_bad and ds.reader.mode == "tiles"
+    with pytest.raises(ConfigError, match="data.mode.*'tile'.*expected one of"):  # refused at load time
+        load_config(None, [f"data.index={tmp_path / 'index.csv'}", "data.mode=tile"])
 
 
 def test_open_stacks_are_bounded_per_worker(tmp_path, monkeypatch):
-    import cellvit_ssl.data.dataset as dataset_module
+    import cellvit_ssl.data.samples as samples_module
 
-    monkeypatch.setattr(dataset_module, "STACK_CACHE_SIZE", 2)
+    monkeypatch.setattr(samples_module, "STACK_CACHE_SIZE", 2)
     for i in range(4):
         _ome_tiff(tmp_path / f"{i}.ome.tif", _field(size=32, spot=(4, 4), seed=i))
     ds = IndexDataset(pd.DataFrame([{"path": f"{i}.ome.tif"} for i in range(4)]), NAMES, root=tmp_path,
                       mode="image", sample_size=32)
     for i in (0, 1, 0, 2, 3):
         ds.load(i)
-    assert [Path(k[0]).name for k in ds._stacks] == ["2.ome.tif", "3.ome.tif"]
+    assert [Path(k[0]).name for k in ds.reader._stacks] == ["2.ome.tif", "3.ome.tif"]

@@ -94,7 +94,7 @@ def test_unknown_channel_name(tmp_path):
 
 def test_unknown_channel_name_in_config(tmp_path):
     _ome_tiff(tmp_path / "a.ome.tif", _img())
-    with pytest.raises(DataError, match="config: unknown channel name 'nucleous'"):
+    with pytest.raises(DataError, match="data.channels: unknown channel name 'nucleous'"):
         _dataset(tmp_path, [{"path": "a.ome.tif"}], channels=["nucleous", "er"])
 
 

@@ -7,7 +7,7 @@ import tifffile
 import torch
 from PIL import Image
 
-from cellvit_ssl.data.channels import VOCABULARY, canonical_name, canonical_names, channel_id, preset
+from cellvit_ssl.channels import VOCABULARY, canonical_name, canonical_names, channel_id, preset
 from cellvit_ssl.data.collate import collate_channels
 from cellvit_ssl.data.dataset import IndexDataset, read_index
 from cellvit_ssl.data.index import build_chammi_index, build_folder_index, main
@@ -148,13 +148,13 @@ def test_parquet_index_round_trip_or_clear_error(tmp_path):
 
 
 def test_cells_from_mask_exact_centroids_and_boxes():
-    from cellvit_ssl.data.index import cells_from_mask
+    from cellvit_ssl.data.samples import cells_from_mask
 
     mask = np.zeros((20, 30), np.uint16)
     mask[2:6, 3:9] = 1  # 4 x 6 block: centre (3.5, 5.5)
     mask[10:19, 20:21] = 7  # a vertical line: centre (14, 20)
     table = cells_from_mask(mask)
-    assert table["cell_id"].tolist() == [1, 7]
+    assert table["cell_label"].tolist() == [1, 7]
     assert table[["centroid_y", "centroid_x"]].values.tolist() == [[3.5, 5.5], [14.0, 20.0]]
     assert table[["box_y0", "box_x0", "box_y1", "box_x1"]].values.tolist() == [[2, 3, 6, 9], [10, 20, 19, 21]]
     assert table["area"].tolist() == [24, 9]
@@ -174,4 +174,4 @@ def test_folder_index_one_row_per_cell_from_masks(tmp_path, fmt, masks, include)
         assert got["box_y0"] <= want["centroid_y"] < got["box_y1"]
         assert got["box_x0"] <= want["centroid_x"] < got["box_x1"]
     ds = IndexDataset(table, ["nucleus", "protein"], root=tmp_path / "demo" / "images", sample_size=16)
-    assert ds._row_mode(table.iloc[0]) == "cells" and ds.load(0).shape == (2, 16, 16)
+    assert ds.reader.kind(0) == "cells" and ds.load(0).shape == (2, 16, 16)

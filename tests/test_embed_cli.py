@@ -7,12 +7,12 @@ import pytest
 import tifffile
 import torch
 
-import cellvit_ssl.embed_cli as cli
+import cellvit_ssl.embed as cli
 from cellvit_ssl import load_encoder
 from cellvit_ssl.checkpoint import ENCODER_FORMAT, save_checkpoint
 from cellvit_ssl.config import config_to_dict
-from cellvit_ssl.crops import box_around, read_box
-from cellvit_ssl.embed_io import BOX_COLUMNS, ResumableWriter
+from cellvit_ssl.data.samples import Box, read_region
+from cellvit_ssl.embed_io import SAMPLE_COLUMNS, ResumableWriter
 from cellvit_ssl.models.channels import build_model
 
 CHANNELS = ["nucleus", "microtubules", "er", "protein"]
@@ -57,19 +57,21 @@ def test_index_to_h5ad_with_obs_columns_provenance_and_exact_embeddings(checkpoi
     adata = anndata.read_h5ad(out)
     index = pd.read_csv(dataset)
     assert adata.n_obs == len(index) == 8
-    assert list(adata.obs.columns) == list(index.columns) + list(BOX_COLUMNS)
+    assert list(adata.obs.columns) == list(index.columns) + list(SAMPLE_COLUMNS) + ["sample_kind"]
     assert adata.obs["label"].tolist() == index["label"].tolist()
     assert adata.uns["model"]["variant"] == "boc" and list(adata.uns["model"]["channels"]) == CHANNELS
-    assert adata.uns["embed"]["crop_size"] == 32 and "model" in adata.uns["config"]
+    assert adata.uns["embed"]["sample_size"] == 32 and "model" in adata.uns["config"]
+    assert "normalize" in adata.uns["preprocess"]
     # row 5 by hand: its crop around the centroid, channels reordered by name, embedded by the API
     enc = load_encoder(checkpoint, device="cpu")
     row = index.iloc[5]
     image = tifffile.imread(tmp_path / row["path"])
-    crop = read_box(image, box_around((row["centroid_y"], row["centroid_x"]), 32))
+    crop = read_region(image, Box.around((row["centroid_y"], row["centroid_x"]), 32))
     ref = enc.embed(crop, ["er", "nucleus", "protein", "microtubules"])
     np.testing.assert_allclose(adata.X[5], ref[0], atol=1e-5, rtol=0)
-    box = box_around((row["centroid_y"], row["centroid_x"]), 32)
-    assert adata.obs.iloc[5][list(BOX_COLUMNS)].tolist() == [box.y0, box.x0, 32, 32]
+    box = Box.around((row["centroid_y"], row["centroid_x"]), 32)
+    assert adata.obs.iloc[5][list(SAMPLE_COLUMNS)].tolist() == list(box.as_tuple())
+    assert set(adata.obs["sample_kind"]) == {"cells"}
 
 
 def test_interrupted_run_resumes_without_duplicates(checkpoint, dataset, tmp_path, monkeypatch):
@@ -81,11 +83,11 @@ def test_interrupted_run_resumes_without_duplicates(checkpoint, dataset, tmp_pat
     saves = []
     real_save = ResumableWriter.save
 
-    def save_then_die(self, start, x, boxes):
+    def save_then_die(self, start, x, boxes, kinds):
         if len(saves) == 1:
             raise KeyboardInterrupt
         saves.append(start)
-        real_save(self, start, x, boxes)
+        real_save(self, start, x, boxes, kinds)
 
     monkeypatch.setattr(ResumableWriter, "save", save_then_die)
     assert cli.main(args + ["--out", str(out)]) == 130
@@ -126,7 +128,7 @@ def test_changed_inputs_do_not_mix_with_an_existing_output(checkpoint, dataset, 
     assert cli.main(base + ["--crop-size", "24"]) == 2
     assert "--overwrite" in capsys.readouterr().err
     assert cli.main(base + ["--crop-size", "24", "--overwrite"]) == 0
-    assert anndata.read_h5ad(out).uns["embed"]["crop_size"] == 24
+    assert anndata.read_h5ad(out).uns["embed"]["sample_size"] == 24
 
 
 def test_images_with_masks_give_one_row_per_cell_and_zarr_output(checkpoint, dataset, tmp_path):
@@ -151,7 +153,9 @@ def test_whole_images_and_user_errors(checkpoint, dataset, tmp_path, capsys):
     images = [str(tmp_path / "f0.ome.tif"), str(tmp_path / "f1.ome.tif")]
     assert cli.main([str(checkpoint), "--images", *images, "--out", str(out), "--no-progress"]) == 0
     adata = anndata.read_h5ad(out)
-    assert adata.n_obs == 2 and adata.obs[list(BOX_COLUMNS)].values.tolist() == [[0, 0, 64, 64]] * 2
+    # fields without a centroid, for a model trained in auto mode: the mean over the image's grid of tiles
+    assert adata.n_obs == 2 and adata.obs[list(SAMPLE_COLUMNS)].values.tolist() == [[0, 0, 64, 64]] * 2
+    assert adata.obs["sample_kind"].tolist() == ["tiles", "tiles"]
     assert cli.main([str(checkpoint), "--images", *images, "--labels", images[0], "--out",
                      str(tmp_path / "x.h5ad")]) == 2
     assert "one per image" in capsys.readouterr().err
@@ -166,7 +170,7 @@ def test_ome_zarr_label_images_are_found(tmp_path):
     from ome_zarr.format import FormatV05
     from ome_zarr.writer import write_image, write_labels
 
-    from cellvit_ssl.embed_io import read_labels
+    from cellvit_ssl.data.readers import open_labels
 
     labels = np.zeros((32, 32), np.int32)
     labels[4:10, 4:10] = 5
@@ -174,4 +178,4 @@ def test_ome_zarr_label_images_are_found(tmp_path):
     write_image(np.zeros((2, 32, 32), np.uint16), root, axes="cyx", fmt=FormatV05())
     write_labels(labels, root, name="cells", axes="yx", fmt=FormatV05())
     for path in ("img.ome.zarr", "img.ome.zarr/labels", "img.ome.zarr/labels/cells"):
-        np.testing.assert_array_equal(read_labels(tmp_path / path), labels)
+        np.testing.assert_array_equal(np.asarray(open_labels(tmp_path / path)), labels)

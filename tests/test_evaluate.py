@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 import torch
 
-import cellvit_ssl.embed_cli as embed_cli
+import cellvit_ssl.embed as embed_cli
 import cellvit_ssl.evaluate as ev
 from cellvit_ssl.checkpoint import ENCODER_FORMAT, save_checkpoint
 from cellvit_ssl.config import config_to_dict

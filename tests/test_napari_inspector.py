@@ -20,6 +20,7 @@ from cellvit_ssl.errors import DataError
 from cellvit_ssl.train import run
 from napari_plugin import sample
 from napari_plugin.analysis import analyse, embed_tiles_chunked, read_precomputed
+from napari_plugin.compute import umap_available
 
 pytest.importorskip("napari")
 pytest.importorskip("pytestqt")
@@ -90,7 +91,7 @@ def test_analysis_on_tiles_and_precomputed_embeddings(checkpoint, sample_dir, tm
     np.testing.assert_allclose(strips[0], whole, atol=1e-5)
 
     # an embeddings file written by the embed CLI is read back cell by cell
-    from cellvit_ssl.embed_cli import main as embed_main
+    from cellvit_ssl.embed import main as embed_main
     from cellvit_ssl.embed_io import read_embeddings
 
     field = sample_dir / "images" / "field_000.ome.tif"  # the same field as the sample's OME-Zarr
@@ -140,9 +141,11 @@ def test_inspector_runs_on_sample_and_links_map_and_image(make_napari_viewer, qt
     # features table: one row per cell with embeddings, map coordinates and cluster ids
     features = cells.features
     assert features["index"].tolist() == ids.tolist()
-    assert {"PCA_0", "PCA_1", "KMEANS_CLUSTER_ID"} <= set(features.columns)
+    method = result.method  # UMAP when umap-learn is installed, PCA otherwise
+    assert method == ("UMAP" if umap_available() else "PCA")
+    assert {f"{method}_0", f"{method}_1", "KMEANS_CLUSTER_ID"} <= set(features.columns)
     assert len(result.embedding_columns) == load_encoder(checkpoint).output_dim
-    np.testing.assert_allclose(features[["PCA_0", "PCA_1"]].to_numpy(), widget.plot.coords)
+    np.testing.assert_allclose(features[[f"{method}_0", f"{method}_1"]].to_numpy(), widget.plot.coords)
     assert features["KMEANS_CLUSTER_ID"].nunique() > 1
 
     # PCA-RGB overlay of the patch features, placed over the image
@@ -182,8 +185,7 @@ def test_inspector_runs_on_sample_and_links_map_and_image(make_napari_viewer, qt
     assert set(np.unique(viewer.layers["selection"].data)) - {0} == set(inside.tolist())
 
     # image → plot: Shift-click a cell adds it to the selection shown in the map
-    target = ids[-1]
-    assert target not in inside
+    target = next(i for i in ids[::-1] if i not in inside)
     ys, xs = np.nonzero(cells.data == target)
     _click(viewer, (float(ys[len(ys) // 2]), float(xs[len(xs) // 2])), modifiers=("Shift",))
     expected = sorted([*inside.tolist(), int(target)])

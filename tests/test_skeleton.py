@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from cellvit_ssl import CheckpointError, ConfigError, DataError, load_config, load_encoder
+from cellvit_ssl.channels import channel_ids
 from cellvit_ssl.checkpoint import load_checkpoint
-from cellvit_ssl.data.channels import channel_ids
 from cellvit_ssl.data.dataset import IndexDataset
 from cellvit_ssl.data.synthetic import DemoSpec, generate_demo
 from cellvit_ssl.models.channels import build_model

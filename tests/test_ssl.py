@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from lightly.loss import DINOLoss, IBOTPatchLoss, KoLeoLoss
 
 from cellvit_ssl import ConfigError, load_config
-from cellvit_ssl.data.channels import channel_ids
+from cellvit_ssl.channels import channel_ids
 from cellvit_ssl.models.channels import build_model
 from cellvit_ssl.ssl import DINOMetaArch
 

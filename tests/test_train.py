@@ -113,7 +113,8 @@ def test_rotation_metrics_export_and_config_beside_checkpoints(tmp_path):
     assert {"loss", "lr", "wd", "momentum", "grad_norm", "images_per_s"} <= records[0].keys()
     assert records[0]["lr"] == pytest.approx(5.0e-4 * 4 / 256), "base_lr scaled by the global batch"
     payload = torch.load(export, weights_only=True)
-    assert payload["format"] == ENCODER_FORMAT and set(payload) == {"format", "config", "backbone"}
+    assert payload["format"] == ENCODER_FORMAT
+    assert set(payload) == {"format", "config", "backbone", "preprocess", "vocabulary"}
     for key, value in payload["backbone"].items():
         torch.testing.assert_close(value, latest["model"][f"teacher.{key}"])
 

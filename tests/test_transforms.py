@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from cellvit_ssl import ConfigError, load_config
-from cellvit_ssl.data.channels import channel_ids
+from cellvit_ssl.channels import channel_ids
 from cellvit_ssl.models.channels import build_model
 from cellvit_ssl.transforms import (
     MultichannelDINOTransform,

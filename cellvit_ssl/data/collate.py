@@ -2,8 +2,9 @@
 
 HPA has 4 channels, WTC-11 3, Cell Painting 5. :func:`collate_channels` pads every sample's
 channel axis to the largest in the batch with zero planes, pads ``channel_ids`` with
-:data:`PAD_CHANNEL_ID` and returns ``channel_mask`` (True = a real channel) so the model can
-ignore the padding. Samples that already carry a ``channel_mask`` keep it.
+:data:`~cellvit_ssl.channels.PAD_CHANNEL_ID` (an id no channel has) and returns
+``channel_mask`` (True = a real channel) so the model skips the padding. Samples that already
+carry a ``channel_mask`` keep it.
 """
 
 from __future__ import annotations
@@ -13,8 +14,7 @@ from collections.abc import Sequence
 import torch
 from torch.utils.data import default_collate
 
-#: Id written into padded channel positions; always masked out by ``channel_mask``.
-PAD_CHANNEL_ID = 0
+from cellvit_ssl.channels import PAD_CHANNEL_ID
 
 
 def _pad_channels(x: torch.Tensor, c: int) -> torch.Tensor:

@@ -1,63 +1,35 @@
 """Dataset over an index table: one row per image, per field of view or per cell crop.
 
-Index columns (see :mod:`cellvit_ssl.data.index`, which builds such tables):
-    path: image file or Zarr folder (relative to ``root`` or absolute); for one file per
-        channel, the files ``;``-separated in channel order. Required.
-    channels: channel names in file order, ``;``-separated. Optional when the file names them.
-    channel_width: width of one channel in a CHAMMI tape (PNG). Optional.
-    centroid_y, centroid_x: centre of a cell crop in pixels. Optional.
-    box_y0, box_x0, box_y1, box_x1: a crop box in pixels (cell or region). Optional.
-    anything else (label, plate, split, ...) is metadata (``metadata_columns``).
-
-Sampling modes:
-    ``cells``: a ``sample_size`` square centred on the row's centroid (or box centre),
-        zero-padded at image borders.
-    ``tiles``: a random ``sample_size`` tile of a (large) field of view; with
-        ``min_foreground > 0`` tiles whose foreground fraction is lower are redrawn (up to
-        ``tile_attempts`` times, keeping the best).
-    ``image``: the whole image (or the row's box), resized so its longer side is
-        ``sample_size`` and zero-padded to a square.
-    ``auto`` (default): ``cells`` for rows with a centroid / box, ``image`` for CHAMMI tapes,
-        ``tiles`` otherwise.
+Rows are read by :class:`~cellvit_ssl.data.samples.SampleReader` (the one reader shared with
+``embed``, ``evaluate`` and napari; see :mod:`cellvit_ssl.data.samples` for the index columns
+and the sampling modes) and turned into samples by the run's
+:class:`~cellvit_ssl.preprocess.Preprocess` (normalisation, fitting), the contract that is
+saved with the model so that inference sees what training saw. The random views come after.
 """
 
 from __future__ import annotations
 
 import logging
 import multiprocessing
-from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
-import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from cellvit_ssl.data.channels import canonical_names, channel_ids
-from cellvit_ssl.data.normalize import (
-    ChannelStats,
-    cached_channel_stats,
-    check_pixels,
-    compute_channel_stats,
-    fingerprint,
-    normalize_percentiles,
-    normalize_with_bounds,
-)
-from cellvit_ssl.data.readers import ChannelStack, open_stack
-from cellvit_ssl.errors import ConfigError, DataError
+from cellvit_ssl.channels import ChannelVocabulary
+from cellvit_ssl.config import MissingChannels, Normalization, SampleMode, ZProjection
+from cellvit_ssl.data.normalize import ChannelStats, cached_channel_stats, compute_channel_stats, fingerprint
+from cellvit_ssl.data.samples import RawSample, SampleReader
+from cellvit_ssl.errors import DataError
+from cellvit_ssl.preprocess import Preprocess
 
-__all__ = ["IndexDataset", "build_dataset", "crop_square", "normalize_percentiles", "read_index"]
+__all__ = ["IndexDataset", "build_dataset", "read_index"]
 
 logger = logging.getLogger(__name__)
 
-MODES = ("auto", "cells", "tiles", "image")
-NORMALIZATIONS = ("percentile", "dataset", "none")
-MISSING_CHANNELS = ("error", "pad")
-BOX_COLUMNS = ("box_y0", "box_x0", "box_y1", "box_x1")
-#: Open stacks kept per worker (least recently used are dropped; CHAMMI has ~220k files).
-STACK_CACHE_SIZE = 256
 #: Consecutive bad samples tolerated by ``skip_bad`` before giving up (the data is likely broken).
 MAX_CONSECUTIVE_BAD = 32
 
@@ -82,44 +54,6 @@ def read_index(path: str | Path) -> pd.DataFrame:
     return table
 
 
-def crop_square(stack: ChannelStack, centre: tuple[float, float] | None, size: int,
-                channels: Sequence[int], rng: np.random.Generator) -> np.ndarray:
-    """Read a ``size``-px square around ``centre`` (random when None), zero-padded at borders."""
-    _, height, width = stack.shape
-    if centre is None:
-        y0 = int(rng.integers(0, max(height - size, 0) + 1))
-        x0 = int(rng.integers(0, max(width - size, 0) + 1))
-    else:
-        y0, x0 = int(round(centre[0])) - size // 2, int(round(centre[1])) - size // 2
-    ys, xs = max(y0, 0), max(x0, 0)
-    ye, xe = min(y0 + size, height), min(x0 + size, width)
-    if ye <= ys or xe <= xs:
-        raise DataError(f"{stack.path}: crop centre {centre} lies outside the {height}x{width} image")
-    out = np.zeros((len(channels), size, size), dtype=stack.dtype)
-    out[:, ys - y0 : ye - y0, xs - x0 : xe - x0] = stack.read((ys, xs, ye - ys, xe - xs), channels)
-    return out
-
-
-def _fit_square(image: torch.Tensor, size: int) -> torch.Tensor:
-    """Resize so the longer side is ``size`` (antialiased), then zero-pad to ``size``×``size``."""
-    _, h, w = image.shape
-    if size <= 0 or (h == size and w == size):
-        return image
-    scale = size / max(h, w)
-    nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
-    if (nh, nw) != (h, w):
-        image = F.interpolate(image[None], size=(nh, nw), mode="bilinear", antialias=True, align_corners=False)[0]
-    out = image.new_zeros((image.shape[0], size, size))
-    top, left = (size - nh) // 2, (size - nw) // 2
-    out[:, top : top + nh, left : left + nw] = image
-    return out
-
-
-def _is_blank(image: np.ndarray) -> bool:
-    flat = image.reshape(image.shape[0], -1)
-    return bool(flat.shape[1] == 0 or (flat.max(axis=1) == flat.min(axis=1)).all())
-
-
 class IndexDataset(Dataset):
     """Samples from an index table as float32 ``(C, H, W)`` in the order of ``channels``.
 
@@ -130,18 +64,19 @@ class IndexDataset(Dataset):
             :func:`~cellvit_ssl.data.collate.collate_channels`).
         root: Base folder for relative paths (default: the index's folder).
         sample_size: Side of the square sample, in pixels.
-        transform: Optional callable applied to the normalised tensor (e.g. the DINO views).
+        transform: Optional callable applied to each sample (e.g. the DINO views).
         channel_map: Your channel names → vocabulary names.
         percentiles: Normalisation percentiles ``(low, high)``.
-        mode: ``auto`` | ``cells`` | ``tiles`` | ``image`` (see the module docstring).
+        mode: ``auto`` | ``cells`` | ``tiles`` | ``image`` (see :mod:`cellvit_ssl.data.samples`).
         normalize: ``percentile`` (per sample and channel), ``dataset`` (per channel over the
             dataset, computed once and cached) or ``none``.
         stats_cache: JSON file for the dataset statistics (default
             ``~/.cache/cellvit_ssl/stats/<fingerprint>.json``); recomputed when stale.
         stats_samples: Rows sampled to compute dataset statistics.
-        foreground_threshold: A pixel is foreground when some channel, scaled to [0, 1] by
-            image-level (or dataset) percentiles, exceeds this.
-        min_foreground: Minimum foreground fraction of a random tile (0 disables the check).
+        stats: Dataset statistics to use instead of computing them (e.g. from a checkpoint).
+        foreground_threshold: Tiles: a pixel is foreground when some channel, scaled to
+            [0, 1] by image-level (or dataset) percentiles, exceeds this.
+        min_foreground: Tiles: minimum foreground fraction of a random tile (0 disables it).
         tile_attempts: Tiles drawn at most per sample in ``tiles`` mode.
         missing_channels: ``error`` when a file lacks a wanted channel, or ``pad``: zeros
             there and ``channel_mask`` False.
@@ -152,6 +87,7 @@ class IndexDataset(Dataset):
         t: Time frame index.
         missing_chunks: ``error`` or ``fill`` for chunks absent from a Zarr store.
         metadata_columns: Index columns returned as strings under ``metadata``.
+        vocabulary: The channel vocabulary (default: built-in names plus ``channel_map``).
 
     Each item is a dict with ``image`` (or ``views`` when a transform is given),
     ``channel_ids`` (C,), ``index`` (the row used), ``channel_mask`` (C,) when channels are
@@ -172,274 +108,108 @@ class IndexDataset(Dataset):
         channel_map: Mapping[str, str] | None = None,
         percentiles: Sequence[float] = (1.0, 99.8),
         *,
-        mode: str = "auto",
-        normalize: str = "percentile",
+        mode: SampleMode | str = SampleMode.auto,
+        normalize: Normalization | str = Normalization.percentile,
         stats_cache: str | Path | None = None,
         stats_samples: int = 256,
+        stats: ChannelStats | None = None,
         foreground_threshold: float = 0.1,
         min_foreground: float = 0.0,
         tile_attempts: int = 10,
-        missing_channels: str = "error",
+        missing_channels: MissingChannels | str = MissingChannels.error,
         skip_bad: bool = False,
         level: int = 0,
         z: str | int = "max",
         t: int = 0,
         missing_chunks: str = "error",
         metadata_columns: Sequence[str] = (),
+        vocabulary: ChannelVocabulary | None = None,
     ) -> None:
-        for name, value, allowed in (("mode", mode, MODES), ("normalize", normalize, NORMALIZATIONS),
-                                     ("missing_channels", missing_channels, MISSING_CHANNELS)):
-            if value not in allowed:
-                raise ConfigError(f"data.{name}={value!r}; expected one of {list(allowed)}")
+        mode, normalize = _choice(SampleMode, mode, "mode"), _choice(Normalization, normalize, "normalize")
+        missing_channels = _choice(MissingChannels, missing_channels, "missing_channels")
         if isinstance(index, pd.DataFrame):
             self.table = index.reset_index(drop=True)
-            self.root = Path(root) if root is not None else Path.cwd()
+            root = Path(root) if root is not None else Path.cwd()
             self.source = "index DataFrame"
         else:
             self.table = read_index(index)
-            self.root = Path(root) if root is not None else Path(index).expanduser().parent
+            root = Path(root) if root is not None else Path(index).expanduser().parent
             self.source = str(index)
         absent = [c for c in metadata_columns if c not in self.table.columns]
         if absent:
             raise DataError(f"index {self.source!r} has no columns {absent} (columns: {list(self.table.columns)})")
-        self.channel_map = dict(channel_map or {})
-        self.channels = None if channels is None else canonical_names(channels, self.channel_map, source="config")
-        self.channel_ids = None if self.channels is None else torch.tensor(channel_ids(self.channels))
-        self.sample_size = int(sample_size)
+        self.vocabulary = vocabulary or ChannelVocabulary.extended((), channel_map)
+        self.reader = SampleReader(
+            self.table, root=root, channels=channels, vocabulary=self.vocabulary, sample_size=sample_size,
+            mode=mode, missing_channels=missing_channels, level=level, z=z, t=t, missing_chunks=missing_chunks,
+            percentiles=percentiles, foreground_threshold=foreground_threshold, min_foreground=min_foreground,
+            tile_attempts=tile_attempts, source=self.source,
+        )
+        self.channels = self.reader.channels
+        self.channel_ids = None if self.channels is None else torch.tensor(self.vocabulary.ids(self.channels))
         self.transform = transform
-        self.percentiles = tuple(float(p) for p in percentiles)
-        self.mode = mode
-        self.normalize = normalize
-        self.foreground_threshold = float(foreground_threshold)
-        self.min_foreground = float(min_foreground)
-        self.tile_attempts = max(1, int(tile_attempts))
         self.missing_channels = missing_channels
         self.skip_bad = bool(skip_bad)
-        self.read_options = {"level": int(level), "z": z, "t": int(t), "missing_chunks": missing_chunks}
         self.metadata_columns = list(metadata_columns)
-        self._stacks: OrderedDict[tuple, tuple[ChannelStack, list[str]]] = OrderedDict()
-        self._reference: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         self._bad = multiprocessing.Value("l", 0)
         self._warned: set[str] = set()
         self.stats: ChannelStats | None = None
-        if normalize == "dataset":
+        if normalize == Normalization.dataset and stats is None:
             key = fingerprint({"index": pd.util.hash_pandas_object(self.table.astype(str)).sum(),
-                               "root": str(self.root), "channels": self.channels, "map": self.channel_map,
-                               "percentiles": self.percentiles, "mode": mode, "size": self.sample_size,
-                               "read": self.read_options, "n": stats_samples})
-            self.stats = cached_channel_stats(stats_cache, key, lambda: self._compute_stats(stats_samples))
+                               "root": str(self.reader.root), "channels": self.channels,
+                               "map": dict(self.vocabulary.mapping), "percentiles": [float(p) for p in percentiles],
+                               "mode": mode.value, "size": int(sample_size), "read": self.reader.read_options,
+                               "n": stats_samples})
+            stats = cached_channel_stats(stats_cache, key, lambda: self._compute_stats(stats_samples, percentiles))
+        if normalize == Normalization.dataset:
+            self.stats = stats
+            self.reader.bounds = {n: (stats.low[n], stats.high[n]) for n in stats.low}
+        #: The preprocessing contract of the samples (the model-input step is the run's).
+        self.preprocess = Preprocess(normalize=normalize, percentiles=tuple(percentiles), sample_size=int(sample_size),
+                                     mode=mode, bounds=self.reader.bounds)
 
     def __len__(self) -> int:
         return len(self.table)
 
-    # ----------------------------------------------------------------------------- reading
-    def _resolve(self, path: str) -> str:
-        parts = []
-        for part in str(path).split(";"):
-            p = Path(part.strip()).expanduser()
-            parts.append(str(p if p.is_absolute() else self.root / p))
-        return ";".join(parts)
-
-    def _open(self, row: pd.Series) -> tuple[ChannelStack, list[str]]:
-        """The row's stack (cached per worker) and its canonical channel names."""
-        path = self._resolve(str(row["path"]))
-        width = row.get("channel_width")
-        width = int(width) if width is not None and pd.notna(width) else None
-        key = (path, width)
-        if key in self._stacks:
-            self._stacks.move_to_end(key)
-        else:
-            names = row.get("channels")
-            names = [n for n in str(names).split(";") if n] if isinstance(names, str) and names else None
-            stack = open_stack(path, channel_names=names, channel_width=width, **self.read_options)
-            found = canonical_names(stack.channel_names, self.channel_map, source=stack.path)
-            self._check_file_names(stack, found)
-            if self.channels is not None and self.missing_channels == "error":
-                missing = [c for c in self.channels if c not in found]
-                if missing:
-                    raise DataError(
-                        f"{stack.path}: has {len(found)} channels {stack.channel_names} but the config asks for "
-                        f"{len(self.channels)} {self.channels}; missing {missing}. Fix data.channels or "
-                        "data.channel_map, or set data.missing_channels=pad"
-                    )
-            self._stacks[key] = (stack, found)
-            if len(self._stacks) > STACK_CACHE_SIZE:
-                self._stacks.popitem(last=False)
-        return self._stacks[key]
-
-    def _check_file_names(self, stack: ChannelStack, found: list[str]) -> None:
-        """Refuse index channel names that contradict the names stored in the file itself."""
-        stored = stack.metadata.get("file_channel_names")
-        if not stored or stored == stack.channel_names:
-            return
-        try:
-            stored_canon = canonical_names(stored, self.channel_map)
-        except DataError:  # placeholder names such as "C0", "Channel:0:1": the index's names stand
-            return
-        if stored_canon != found:
-            raise DataError(
-                f"{stack.path}: the file names its channels {stored} ({stored_canon}) but the index says "
-                f"{stack.channel_names} ({found}); fix the index's 'channels' column, or relabel with "
-                "data.channel_map"
-            )
-
-    def _layout(self, found: list[str]) -> tuple[list[str], list[int | None]]:
-        """Output channel names and, for each, its position in the file (None = absent)."""
-        if self.channels is None:
-            return found, list(range(len(found)))
-        return self.channels, [found.index(c) if c in found else None for c in self.channels]
-
-    @staticmethod
-    def _centre(row: pd.Series) -> tuple[float, float] | None:
-        if "centroid_y" in row and "centroid_x" in row and pd.notna(row["centroid_y"]):
-            return float(row["centroid_y"]), float(row["centroid_x"])
-        if all(c in row for c in BOX_COLUMNS) and pd.notna(row["box_y0"]):
-            return (float(row["box_y0"]) + float(row["box_y1"])) / 2, (float(row["box_x0"]) + float(row["box_x1"])) / 2
-        return None
-
-    def _row_mode(self, row: pd.Series) -> str:
-        if self.mode != "auto":
-            return self.mode
-        if self._centre(row) is not None:
-            return "cells"
-        if "channel_width" in row and pd.notna(row["channel_width"]):
-            return "image"
-        return "tiles"
-
-    def _read_box(self, stack: ChannelStack, row: pd.Series, positions: list[int]) -> np.ndarray:
-        _, height, width = stack.shape
-        if all(c in row for c in BOX_COLUMNS) and pd.notna(row["box_y0"]):
-            y0, x0, y1, x1 = (int(round(float(row[c]))) for c in BOX_COLUMNS)
-            y0, x0, y1, x1 = max(y0, 0), max(x0, 0), min(y1, height), min(x1, width)
-            if y1 <= y0 or x1 <= x0:
-                raise DataError(f"{stack.path}: crop box {[row[c] for c in BOX_COLUMNS]} is outside the "
-                                f"{height}x{width} image")
-            return stack.read((y0, x0, y1 - y0, x1 - x0), positions)
-        return stack.read(None, positions)
-
-    def _reference_bounds(self, stack: ChannelStack, names: list[str], positions: list[int],
-                          rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-        """Image-level (or dataset) intensity bounds, for judging whether a tile is foreground."""
-        if self.stats is not None:
-            return self.stats.bounds(names, stack.path)
-        key = stack.path
-        if key not in self._reference:
-            levels = stack.metadata.get("levels", 1)
-            _, h, w = stack.shape
-            if levels > 1:  # the coarsest pyramid level is a cheap overview of the whole image
-                coarse = open_stack(stack.path, stack.channel_names, **{**self.read_options, "level": levels - 1})
-                pixels = coarse.read()
-            elif h * w <= 2048 * 2048:
-                pixels = stack.read()
-            else:
-                pixels = np.concatenate([crop_square(stack, None, self.sample_size, range(stack.num_channels), rng)
-                                         for _ in range(8)], axis=2)
-            check_pixels(pixels, stack.path)
-            lo, hi = np.percentile(pixels.astype(np.float32), self.percentiles, axis=(1, 2))
-            self._reference[key] = (lo, hi)
-        lo, hi = self._reference[key]
-        return lo[positions], hi[positions]
-
-    def _tile(self, stack: ChannelStack, names: list[str], positions: list[int],
-              rng: np.random.Generator) -> np.ndarray:
-        best, best_fg = None, -1.0
-        bounds = None
-        for _ in range(self.tile_attempts):
-            tile = crop_square(stack, None, self.sample_size, positions, rng)
-            check_pixels(tile, stack.path)
-            if _is_blank(tile):
-                continue
-            if self.min_foreground <= 0:
-                return tile
-            if bounds is None:
-                bounds = self._reference_bounds(stack, names, positions, rng)
-            scaled = normalize_with_bounds(tile, *bounds)
-            fg = float((scaled.max(axis=0) > self.foreground_threshold).mean())
-            if fg >= self.min_foreground:
-                return tile
-            if fg > best_fg:
-                best, best_fg = tile, fg
-        if best is None:
-            raise DataError(f"{stack.path}: {self.tile_attempts} random {self.sample_size}px tiles were all blank "
-                            "(every channel constant); expected image content")
-        return best
-
-    def _raw(self, i: int, rng: np.random.Generator) -> tuple[np.ndarray, list[str], np.ndarray, ChannelStack]:
-        """Row ``i`` as raw float32 ``(C, h, w)``, its channel names, presence mask and stack."""
-        row = self.table.iloc[i]
-        stack, found = self._open(row)
-        names, positions = self._layout(found)
-        present = np.array([p is not None for p in positions])
-        read_at = [p for p in positions if p is not None]
-        mode = self._row_mode(row)
-        if mode != "image" and self.sample_size <= 0:
-            raise ConfigError(f"data.sample_size={self.sample_size}; {mode} mode needs a positive crop size "
-                              "(0 = native size is for whole images only)")
-        if mode == "cells":
-            centre = self._centre(row)
-            if centre is None:
-                raise DataError(f"{stack.path}: index row {i} has no centroid_y/centroid_x or box columns; "
-                                "cells mode needs them")
-            part = crop_square(stack, centre, self.sample_size, read_at, rng)
-        elif mode == "tiles":
-            part = self._tile(stack, [n for n, p in zip(names, positions) if p is not None], read_at, rng)
-        else:
-            part = self._read_box(stack, row, read_at)
-        check_pixels(part, stack.path)
-        if _is_blank(part):
-            raise DataError(f"{stack.path}: the {mode} sample of index row {i} is blank (every channel constant "
-                            f"at {part.reshape(-1)[0] if part.size else 'no pixels'}); expected image content")
-        out = np.zeros((len(names), *part.shape[1:]), np.float32)
-        out[present] = part
-        return out, names, present, stack
-
-    def _normalised(self, raw: np.ndarray, names: list[str], present: np.ndarray, source: str) -> np.ndarray:
-        out = raw
-        if self.normalize == "percentile":
-            out = raw.copy()
-            out[present] = normalize_percentiles(raw[present], *self.percentiles, source=source)
-        elif self.normalize == "dataset":
-            out = raw.copy()
-            lo, hi = self.stats.bounds([n for n, p in zip(names, present) if p], source)
-            out[present] = normalize_with_bounds(raw[present], lo, hi)
-        return out
-
-    def _compute_stats(self, n: int) -> ChannelStats:
+    def _compute_stats(self, n: int, percentiles: Sequence[float]) -> ChannelStats:
         rng = np.random.default_rng(0)
         rows = rng.choice(len(self), size=min(n, len(self)), replace=False)
 
         def samples():
             for i in rows:
                 try:
-                    raw, names, present, _ = self._raw(int(i), rng)
+                    raw = self.reader.read(int(i), rng)
                 except DataError as exc:
                     if not self.skip_bad:
                         raise
                     logger.warning("channel statistics: skipping bad sample %d: %s", i, exc)
                     continue
-                yield [nm for nm, p in zip(names, present) if p], raw[present]
+                yield [n for n, p in zip(raw.names, raw.present) if p], raw.pixels[raw.present]
 
-        return compute_channel_stats(samples(), self.percentiles)
+        return compute_channel_stats(samples(), percentiles)
 
     # ----------------------------------------------------------------------------- items
-    def load(self, i: int, rng: np.random.Generator | None = None) -> torch.Tensor:
-        """Row ``i`` as a normalised float32 ``(C, H, W)`` tensor, without the transform."""
-        return self._load(i, rng)[0]
-
-    def _load(self, i: int, rng: np.random.Generator | None = None) -> tuple[torch.Tensor, list[str], np.ndarray]:
+    def raw(self, i: int, rng: np.random.Generator | None = None) -> RawSample:
+        """Row ``i``'s raw pixels (:meth:`SampleReader.read <cellvit_ssl.data.samples.SampleReader.read>`)."""
         rng = rng if rng is not None else np.random.default_rng(int(torch.randint(0, 2**31, ()).item()))
-        raw, names, present, stack = self._raw(i, rng)
-        image = torch.from_numpy(self._normalised(raw, names, present, stack.path))
-        if self._row_mode(self.table.iloc[i]) == "image":
-            image = _fit_square(image, self.sample_size)
-        return image, names, present
+        return self.reader.read(i, rng)
+
+    def sample(self, raw: RawSample) -> torch.Tensor:
+        """A raw sample through the preprocessing contract: the tensor the views are cut from."""
+        return self.preprocess.to_sample(raw.pixels, raw.names, raw.present, image_sample=raw.is_image,
+                                         source=raw.source)
+
+    def load(self, i: int, rng: np.random.Generator | None = None) -> torch.Tensor:
+        """Row ``i`` as a normalised float32 ``(C, H, W)`` tensor, before any augmentation."""
+        return self.sample(self.raw(i, rng))
 
     def _item(self, i: int) -> dict:
-        image, names, present = self._load(i)
-        ids = self.channel_ids.clone() if self.channels is not None else torch.tensor(channel_ids(names))
+        raw = self.raw(i)
+        image = self.sample(raw)
+        ids = self.channel_ids.clone() if self.channels is not None else torch.tensor(self.vocabulary.ids(raw.names))
         item: dict = {"channel_ids": ids, "index": i}
-        if self.channels is None or self.missing_channels == "pad":
-            item["channel_mask"] = torch.from_numpy(present.copy())
+        if self.channels is None or self.missing_channels == MissingChannels.pad:
+            item["channel_mask"] = torch.from_numpy(raw.present.copy())
         if self.metadata_columns:
             row = self.table.iloc[i]
             item["metadata"] = {c: "" if pd.isna(row[c]) else str(row[c]) for c in self.metadata_columns}
@@ -487,19 +257,30 @@ class IndexDataset(Dataset):
         return n
 
 
+def _choice(kind: type, value, key: str):
+    try:
+        return kind(value)
+    except ValueError:
+        from cellvit_ssl.errors import ConfigError
+
+        raise ConfigError(f"data.{key}={value!r}; expected one of {[m.value for m in kind]}") from None
+
+
 def build_dataset(data_cfg, transform: Callable | None = None, index: str | Path | pd.DataFrame | None = None,
-                  root: str | Path | None = None) -> IndexDataset:
+                  root: str | Path | None = None, stats: ChannelStats | None = None) -> IndexDataset:
     """An :class:`IndexDataset` from the ``data`` section of a run config.
 
     Args:
-        data_cfg: ``cfg.data`` (:class:`cellvit_ssl.config.DataConfig` fields).
-        transform: Applied to each normalised sample (e.g. the DINO views).
+        data_cfg: ``cfg.data`` (a :class:`cellvit_ssl.config.DataConfig`).
+        transform: Applied to each sample (e.g. the DINO views).
         index: Overrides ``data_cfg.index`` (e.g. the generated demo index).
         root: Overrides ``data_cfg.root``.
+        stats: Dataset statistics to use (``data.normalize=dataset``) instead of computing them.
+
+    Raises:
+        DataError: If no index is set, or the index / its files are bad.
     """
-    z = data_cfg.z_slice if data_cfg.z_projection == "slice" else "max"
-    if data_cfg.z_projection not in ("max", "slice"):
-        raise ConfigError(f"data.z_projection={data_cfg.z_projection!r}; expected 'max' or 'slice'")
+    z = data_cfg.z_slice if data_cfg.z_projection == ZProjection.slice else "max"
     index = index if index is not None else data_cfg.index
     if index is None:
         raise DataError("data.index is not set; point it at your index table "
@@ -510,12 +291,12 @@ def build_dataset(data_cfg, transform: Callable | None = None, index: str | Path
         root=root if root is not None else data_cfg.root,
         sample_size=data_cfg.sample_size,
         transform=transform,
-        channel_map=dict(data_cfg.channel_map),
         percentiles=list(data_cfg.normalize_percentiles),
         mode=data_cfg.mode,
         normalize=data_cfg.normalize,
         stats_cache=data_cfg.stats_cache,
         stats_samples=data_cfg.stats_samples,
+        stats=stats,
         foreground_threshold=data_cfg.foreground_threshold,
         min_foreground=data_cfg.min_foreground,
         tile_attempts=data_cfg.tile_attempts,
@@ -526,4 +307,5 @@ def build_dataset(data_cfg, transform: Callable | None = None, index: str | Path
         t=data_cfg.t_frame,
         missing_chunks=data_cfg.missing_chunks,
         metadata_columns=list(data_cfg.metadata_columns),
+        vocabulary=ChannelVocabulary.from_config(data_cfg),
     )

@@ -32,12 +32,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from cellvit_ssl.data.channels import CHAMMI_PRESETS, canonical_names, preset
-from cellvit_ssl.data.readers import PNG_SUFFIXES, TIFF_SUFFIXES, ZARR_MARKERS, open_stack
+from cellvit_ssl.channels import CHAMMI_PRESETS, canonical_names, preset
+from cellvit_ssl.data.readers import PNG_SUFFIXES, TIFF_SUFFIXES, ZARR_MARKERS, open_labels, open_stack
+from cellvit_ssl.data.samples import cells_from_mask
 from cellvit_ssl.errors import CellVitSSLError, DataError
 
 CHAMMI_META = "enriched_meta.csv"
-BOX = ("box_y0", "box_x0", "box_y1", "box_x1")
 IMAGE_SUFFIXES = (".ome.zarr", ".ome.tiff", ".ome.tif", ".zarr", ".tiff", ".tif", ".png")
 
 
@@ -69,36 +69,6 @@ def _relative(path: Path, root: Path) -> str:
     return path.relative_to(root).as_posix()
 
 
-def cells_from_mask(mask: np.ndarray, source: str = "mask") -> pd.DataFrame:
-    """One row per labelled object of a 2-D integer mask: id, centroid, box and area.
-
-    Raises:
-        DataError: If the mask is not a 2-D integer image.
-    """
-    from scipy import ndimage
-
-    mask = np.asarray(mask)
-    if mask.ndim == 3 and mask.shape[0] == 1:
-        mask = mask[0]
-    if mask.ndim != 2 or mask.dtype.kind not in "iub":
-        raise DataError(f"{source}: expected a 2-D integer label image, got shape {mask.shape} dtype {mask.dtype}")
-    mask = mask.astype(np.int64, copy=False)
-    ids = np.unique(mask)
-    ids = ids[ids > 0]
-    if ids.size == 0:
-        return pd.DataFrame(columns=["cell_id", "centroid_y", "centroid_x", *BOX, "area"])
-    centres = ndimage.center_of_mass(np.ones_like(mask), mask, ids)
-    areas = ndimage.sum_labels(np.ones_like(mask), mask, ids)
-    boxes = ndimage.find_objects(mask)
-    rows = []
-    for cell, (cy, cx), area in zip(ids, centres, areas):
-        ys, xs = boxes[cell - 1]
-        rows.append({"cell_id": int(cell), "centroid_y": round(float(cy), 2), "centroid_x": round(float(cx), 2),
-                     "box_y0": ys.start, "box_x0": xs.start, "box_y1": ys.stop, "box_x1": xs.stop,
-                     "area": int(area)})
-    return pd.DataFrame(rows)
-
-
 def read_mask(image: Path, masks: str) -> tuple[np.ndarray, str]:
     """The label image of ``image``: ``labels/<name>`` inside an OME-Zarr, else a sidecar file.
 
@@ -110,32 +80,15 @@ def read_mask(image: Path, masks: str) -> tuple[np.ndarray, str]:
     Raises:
         DataError: If the mask does not exist or cannot be read.
     """
-    import tifffile
-    import zarr
-
     if masks.startswith("labels/"):
         where = image / masks
-        try:
-            group = zarr.open_group(str(where), mode="r")
-            attrs = dict(group.attrs)
-            attrs = attrs.get("ome", attrs)
-            return np.asarray(group[attrs["multiscales"][0]["datasets"][0]["path"]]), str(where)
-        except Exception as exc:
-            raise DataError(f"{where}: no readable OME-Zarr label image ({type(exc).__name__}: {exc})") from exc
-    name = image.name
-    stem = next((name[: -len(s)] for s in IMAGE_SUFFIXES if name.lower().endswith(s)), image.stem)
-    where = image.with_name(stem + masks)
-    if not where.is_file():
-        raise DataError(f"{where}: no such mask file for image {image} (--masks {masks!r})")
-    try:
-        if where.name.lower().endswith(TIFF_SUFFIXES):
-            return np.asarray(tifffile.imread(where)), str(where)
-        from PIL import Image
-
-        with Image.open(where) as img:
-            return np.asarray(img), str(where)
-    except Exception as exc:
-        raise DataError(f"{where}: not a readable mask ({type(exc).__name__}: {exc})") from exc
+    else:
+        name = image.name
+        stem = next((name[: -len(s)] for s in IMAGE_SUFFIXES if name.lower().endswith(s)), image.stem)
+        where = image.with_name(stem + masks)
+        if not where.is_file():
+            raise DataError(f"{where}: no such mask file for image {image} (--masks {masks!r})")
+    return np.asarray(open_labels(where)), str(where)
 
 
 def build_folder_index(
@@ -197,7 +150,8 @@ def build_folder_index(
             mask, where = read_mask(path, masks)
             if mask.shape[-2:] != stack.shape[1:]:
                 raise DataError(f"{where}: mask shape {mask.shape} does not match image {path} {stack.shape[1:]}")
-            rows += [{**row, **cell} for cell in cells_from_mask(mask, where).to_dict("records")]
+            cells = cells_from_mask(mask, where).rename(columns={"cell_label": "cell_id"})
+            rows += [{**row, **cell} for cell in cells.to_dict("records")]
         else:
             rows.append(row)
     if not images:

@@ -392,8 +392,8 @@ def _open_zarr(path: str, given: Sequence[str] | None, level: int, z: str | int,
         node = zarr.open(store=store, mode="r")
     except Exception as exc:
         raise DataError(f"{path}: not a readable Zarr store ({type(exc).__name__}: {exc})") from exc
-    attrs = _ome_attrs(dict(node.attrs))
     if hasattr(node, "shape"):  # a plain array
+        attrs = _ome_attrs(dict(node.attrs))
         dims = getattr(node.metadata, "dimension_names", None)
         axes = attrs.get("axes") or attrs.get("_ARRAY_DIMENSIONS") or dims or ("CYX" if node.ndim == 3 else None)
         if axes is None or any(a is None for a in axes):
@@ -403,25 +403,106 @@ def _open_zarr(path: str, given: Sequence[str] | None, level: int, z: str | int,
             )
         return _as_stack(path, node, _axis_names(axes), attrs.get("channel_names"), given,
                          {"format": "zarr", "zarr_format": node.metadata.zarr_format}, z, t, store)
-    if "multiscales" not in attrs and "0" in node:  # bioformats2raw layout: image series under "0"
+    if "multiscales" not in _ome_attrs(dict(node.attrs)) and "0" in node:  # bioformats2raw: series under "0"
         node = node["0"]
-        attrs = _ome_attrs(dict(node.attrs))
+    array, meta = multiscale_level(node, level, path)
+    attrs = _ome_attrs(dict(node.attrs))
+    names = None
+    if "omero" in attrs:
+        names = [c.get("label", "") for c in attrs["omero"].get("channels", [])] or None
+    return _as_stack(path, array, meta.pop("axes"), names, given, {"format": "ome-zarr", **meta}, z, t, store)
+
+
+def multiscale_level(node, level: int, path: str) -> tuple[Any, dict]:
+    """The array of one resolution level of an OME-Zarr multiscale group (image or label image).
+
+    The one place that reads NGFF ``multiscales`` metadata (0.4 flat, 0.5 under ``ome``).
+
+    Returns:
+        The (lazy) Zarr array and ``{"axes", "level", "levels", "version"}``.
+
+    Raises:
+        DataError: If ``node`` has no multiscales metadata or the level does not exist.
+    """
+    attrs = _ome_attrs(dict(node.attrs))
     if "multiscales" not in attrs:
         raise DataError(f"{path}: a Zarr group without OME 'multiscales' metadata; expected an OME-Zarr image")
     ms = attrs["multiscales"][0]
     datasets = ms["datasets"]
     if not 0 <= level < len(datasets):
         raise DataError(f"{path}: resolution level {level} requested but the pyramid has {len(datasets)}")
-    names = None
-    if "omero" in attrs:
-        names = [c.get("label", "") for c in attrs["omero"].get("channels", [])] or None
     try:
         array = node[datasets[level]["path"]]
     except Exception as exc:
         raise DataError(f"{path}: pyramid level {level} ({datasets[level]['path']!r}) cannot be opened: {exc}") from exc
-    meta = {"format": "ome-zarr", "level": level, "levels": len(datasets),
-            "version": ms.get("version", attrs.get("version"))}
-    return _as_stack(path, array, _axis_names(ms["axes"]), names, given, meta, z, t, store)
+    axes = _axis_names(ms["axes"]) if "axes" in ms else "YX"[-array.ndim:]
+    return array, {"axes": axes, "level": level, "levels": len(datasets), "version": ms.get("version",
+                                                                                             attrs.get("version"))}
+
+
+def open_labels(path: str | Path, level: int = 0, name: str | None = None):
+    """A segmentation mask ``(Y, X)`` as a lazy array: TIFF / PNG, a Zarr array, or OME-Zarr labels.
+
+    Accepts a label image file, a Zarr array, an OME-Zarr label image (``.../labels/cells``), an
+    OME-Zarr image that holds a ``labels`` group (its label ``name``, or the first one), or the
+    ``labels`` group itself. Singleton leading axes (``(1, 1, Y, X)``) are dropped.
+
+    Args:
+        path: File or folder.
+        level: Pyramid level of an OME-Zarr label image (must match the image's level).
+        name: Which label image of an OME-Zarr ``labels`` group (default: the first listed).
+
+    Raises:
+        DataError: If it is missing, unreadable, or not 2-D after dropping singleton axes.
+    """
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise DataError(f"label mask {str(p)!r}: no such file or folder")
+    try:
+        if p.is_file():
+            if p.name.lower().endswith(TIFF_SUFFIXES):
+                import tifffile
+
+                mask = np.asarray(tifffile.imread(p))
+            else:
+                from PIL import Image
+
+                with Image.open(p) as img:
+                    mask = np.asarray(img)
+        else:
+            import zarr
+
+            node = zarr.open(str(p), mode="r")
+            for _ in range(3):  # image -> labels group -> label image
+                if hasattr(node, "shape"):
+                    break
+                attrs = _ome_attrs(dict(node.attrs))
+                if "multiscales" in attrs and ("image-label" in attrs or "labels" not in node):
+                    node, _meta = multiscale_level(node, level, str(p))
+                elif "labels" in attrs:
+                    listed = list(attrs["labels"])
+                    if name is not None and name not in listed:
+                        raise DataError(f"{p}: no label image {name!r}; it has {listed}")
+                    node = node[name or listed[0]]
+                elif "labels" in node:
+                    node = node["labels"]
+                else:
+                    break
+            if not hasattr(node, "shape"):
+                raise DataError(f"{p}: no label array found (expected a Zarr array, an OME-Zarr label image "
+                                "or an image with a labels group)")
+            mask = node
+    except DataError:
+        raise
+    except Exception as exc:
+        raise DataError(f"label mask {str(p)!r} could not be read ({type(exc).__name__}: {exc})") from exc
+    while mask.ndim > 2 and mask.shape[0] == 1:
+        mask = mask[0]
+    if mask.ndim != 2:
+        raise DataError(f"label mask {str(p)!r} has shape {tuple(mask.shape)}; expected a 2-D (Y, X) mask")
+    if not (np.issubdtype(mask.dtype, np.integer) or mask.dtype == bool):
+        raise DataError(f"label mask {str(p)!r} holds {mask.dtype} values; expected integer label ids")
+    return mask
 
 
 def open_stack(

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from cellvit_ssl.data.channels import PRESETS
+from cellvit_ssl.channels import PRESETS
 
 #: Phenotype classes: where the protein sits in the cell.
 PHENOTYPES: tuple[str, ...] = ("nuclear", "cytoplasmic", "punctate", "membrane", "mitochondrial")

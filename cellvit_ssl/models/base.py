@@ -1,7 +1,7 @@
 """The interface every channel-adaptive model shares, and channel bookkeeping helpers.
 
 Every variant takes images ``(B, C, H, W)`` with ``channel_ids (B, C)`` (global vocabulary ids,
-see :mod:`cellvit_ssl.data.channels`) and an optional ``channel_mask (B, C)`` (True = present).
+see :mod:`cellvit_ssl.channels`) and an optional ``channel_mask (B, C)`` (True = present).
 Three entry points:
 
 - ``forward_features`` gives the *training samples* the SSL objective works on: a dict with
@@ -17,7 +17,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from cellvit_ssl.data.channels import channel_ids as names_to_ids
+from cellvit_ssl.channels import BUILTIN, ChannelVocabulary
 
 
 class ChannelAdaptiveViT(nn.Module):
@@ -28,12 +28,13 @@ class ChannelAdaptiveViT(nn.Module):
     :meth:`embed`).
     """
 
-    def __init__(self, channels: Sequence[str]) -> None:
+    def __init__(self, channels: Sequence[str], vocabulary: ChannelVocabulary | None = None) -> None:
         super().__init__()
-        self.channels = list(channels)
-        ids = names_to_ids(self.channels)
+        self.vocabulary = vocabulary or BUILTIN
+        self.channels = self.vocabulary.canonical_names(channels, source="model channels")
+        ids = self.vocabulary.ids(self.channels)
         self.register_buffer("vocab_ids", torch.tensor(ids, dtype=torch.long), persistent=False)
-        slot = torch.full((max(ids) + 1,), -1, dtype=torch.long)
+        slot = torch.full((len(self.vocabulary),), -1, dtype=torch.long)
         slot[torch.tensor(ids)] = torch.arange(len(ids))
         self.register_buffer("_slot_of_id", slot, persistent=False)
 
@@ -45,21 +46,50 @@ class ChannelAdaptiveViT(nn.Module):
         self.pool_patch_tokens = pool_patch_tokens
         self.embed_dim = backbone.embed_dim
 
-    def slots(self, channel_ids: Tensor) -> Tensor:
-        """Position of each channel id in the model's channel list.
+    def slots(self, channel_ids: Tensor, present: Tensor | None = None) -> Tensor:
+        """Position of each channel id in the model's channel list; -1 where not ``present``.
+
+        Only present entries are looked up, so padded positions may hold any id (e.g.
+        :data:`~cellvit_ssl.channels.PAD_CHANNEL_ID`).
 
         Raises:
-            ValueError: If an id is not one of the model's channels.
+            ValueError: If a present id is not one of the model's channels.
         """
         ids = channel_ids.long()
+        present = torch.ones_like(ids, dtype=torch.bool) if present is None else present.bool()
         inside = (ids >= 0) & (ids < self._slot_of_id.numel())
         slots = torch.where(inside, self._slot_of_id[ids.clamp(0, self._slot_of_id.numel() - 1)], -1)
-        if (slots < 0).any():
+        unknown = present & (slots < 0)
+        if bool(unknown.any()):
             raise ValueError(
-                f"channel ids {sorted(set(ids[slots < 0].tolist()))} are not among the model's "
+                f"channel ids {sorted(set(ids[unknown].tolist()))} are not among the model's "
                 f"channels {self.channels}"
             )
-        return slots
+        return torch.where(present, slots, -1)
+
+    def channel_embeddings(self, x: Tensor, channel_ids: Tensor,
+                           channel_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Per-channel embeddings in the model's channel order.
+
+        Returns:
+            ``(blocks (B, len(channels), block_dim), present (B, len(channels)) bool)``; absent
+            channels are zero blocks.
+
+        Raises:
+            NotImplementedError: For models whose tokens mix all channels from the start (``fixed``).
+        """
+        raise NotImplementedError(f"{type(self).__name__} has no per-channel embeddings")
+
+    def _scatter_to_slots(self, values: Tensor, channel_ids: Tensor, present: Tensor) -> tuple[Tensor, Tensor]:
+        """``values (S, D)`` of the present (image, channel) pairs → ``(B, len(channels), D)`` by slot."""
+        slots = self.slots(channel_ids, present)
+        b = channel_ids.shape[0]
+        out = values.new_zeros(b, len(self.channels), values.shape[-1])
+        rows = torch.arange(b, device=values.device).unsqueeze(1).expand_as(slots)
+        out[rows[present], slots[present]] = values
+        where = torch.zeros(b, len(self.channels), dtype=torch.bool, device=values.device)
+        where[rows[present], slots[present]] = True
+        return out, where
 
     def grid_size(self, x: Tensor) -> int:
         """Patch tokens per channel for images shaped like ``x``."""

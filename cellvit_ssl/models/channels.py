@@ -11,17 +11,16 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from cellvit_ssl.channels import ChannelVocabulary
+from cellvit_ssl.config import Variant
 from cellvit_ssl.errors import ConfigError
 from cellvit_ssl.models.base import ChannelAdaptiveViT, cls_embedding, present_mask
 from cellvit_ssl.models.channelvit import ChannelViT
 from cellvit_ssl.models.hierarchical import HierarchicalViT
-from cellvit_ssl.models.layers import ATTN_BACKENDS, FFN_LAYERS
 from cellvit_ssl.models.vit import ARCHS, VisionTransformer, build_vit
 
-__all__ = ["BagOfChannelsViT", "ChannelAdaptiveViT", "FixedChannelViT", "VARIANTS", "build_model"]
+__all__ = ["BagOfChannelsViT", "ChannelAdaptiveViT", "FixedChannelViT", "build_model"]
 
-#: Model variants by config name.
-VARIANTS = ("fixed", "boc", "hierarchical", "channelvit")
 
 
 class FixedChannelViT(ChannelAdaptiveViT):
@@ -34,10 +33,12 @@ class FixedChannelViT(ChannelAdaptiveViT):
         backbone: A ViT with ``in_chans == len(channels)``.
         channels: The model's channel names, in the order of the backbone's input channels.
         pool_patch_tokens: Append the mean patch token to the CLS token in :meth:`embed`.
+        vocabulary: The channel vocabulary ids come from (default: the built-in one).
     """
 
-    def __init__(self, backbone: VisionTransformer, channels: Sequence[str], pool_patch_tokens: bool = False) -> None:
-        super().__init__(channels)
+    def __init__(self, backbone: VisionTransformer, channels: Sequence[str], pool_patch_tokens: bool = False,
+                 vocabulary: ChannelVocabulary | None = None) -> None:
+        super().__init__(channels, vocabulary)
         if backbone.spec.in_chans != len(self.channels):
             raise ValueError(f"fixed needs a backbone with in_chans={len(self.channels)}, got {backbone.spec.in_chans}")
         self.backbone = backbone
@@ -48,7 +49,7 @@ class FixedChannelViT(ChannelAdaptiveViT):
     def arrange(self, x: Tensor, channel_ids: Tensor, channel_mask: Tensor | None = None) -> Tensor:
         """``x`` rearranged to the model's channel order ``(B, len(channels), H, W)``, zeros where absent."""
         present = present_mask(channel_ids, channel_mask)
-        slots = self.slots(channel_ids)
+        slots = self.slots(channel_ids, present)
         out = x.new_zeros(x.shape[0], len(self.channels), *x.shape[2:])
         rows = torch.arange(x.shape[0], device=x.device).unsqueeze(1).expand_as(slots)
         return out.index_put((rows[present], slots[present]), x[present])
@@ -84,12 +85,14 @@ class BagOfChannelsViT(ChannelAdaptiveViT):
         backbone: A ViT with ``in_chans == 1``.
         channels: The model's channel names, in embedding order.
         pool_patch_tokens: Append each channel's mean patch token to its CLS token.
+        vocabulary: The channel vocabulary ids come from (default: the built-in one).
     """
 
     def __init__(
-        self, backbone: VisionTransformer, channels: Sequence[str], pool_patch_tokens: bool = False
+        self, backbone: VisionTransformer, channels: Sequence[str], pool_patch_tokens: bool = False,
+        vocabulary: ChannelVocabulary | None = None,
     ) -> None:
-        super().__init__(channels)
+        super().__init__(channels, vocabulary)
         self._attach_single_channel_backbone(backbone, pool_patch_tokens, "bag-of-channels")
         self.block_dim = self.embed_dim * (2 if pool_patch_tokens else 1)
         self.output_dim = len(self.channels) * self.block_dim
@@ -117,30 +120,23 @@ class BagOfChannelsViT(ChannelAdaptiveViT):
         singles = x[present].unsqueeze(1)  # (S, 1, H, W)
         return self.backbone.forward_features(singles, masks=masks)
 
+    def channel_embeddings(self, x: Tensor, channel_ids: Tensor,
+                           channel_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Each channel's CLS token (+ mean patch token) in the model's channel order, zeros where absent."""
+        present = present_mask(channel_ids, channel_mask)
+        block = cls_embedding(self.forward_features(x, channel_ids, present), self.pool_patch_tokens)
+        return self._scatter_to_slots(block, channel_ids, present)
+
     def embed(
         self, x: Tensor, channel_ids: Tensor, channel_mask: Tensor | None = None
     ) -> Tensor:
         """Image embeddings ``(B, len(channels) · block_dim)`` in the model's channel order."""
-        present = present_mask(channel_ids, channel_mask)
-        slots = self.slots(channel_ids)
-        block = cls_embedding(self.forward_features(x, channel_ids, present), self.pool_patch_tokens)
-        out = block.new_zeros(x.shape[0], len(self.channels), self.block_dim)
-        rows = torch.arange(x.shape[0], device=x.device).unsqueeze(1).expand_as(slots)
-        out[rows[present], slots[present]] = block
-        return out.flatten(1)
+        return self.channel_embeddings(x, channel_ids, channel_mask)[0].flatten(1)
 
 
 def _check(model_cfg) -> None:
-    choices = {
-        "variant": VARIANTS,
-        "ffn_layer": FFN_LAYERS,
-        "attn_backend": ATTN_BACKENDS,
-        "arch": tuple(ARCHS) + ("custom",),
-    }
-    for key, allowed in choices.items():
-        value = getattr(model_cfg, key)
-        if value not in allowed:
-            raise ConfigError(f"model.{key}={value!r}; expected one of {list(allowed)}")
+    if model_cfg.arch not in (*ARCHS, "custom"):
+        raise ConfigError(f"model.arch={model_cfg.arch!r}; expected one of {[*ARCHS, 'custom']}")
     if model_cfg.img_size % model_cfg.patch_size:
         raise ConfigError(
             f"model.img_size={model_cfg.img_size} is not a multiple of model.patch_size={model_cfg.patch_size}"
@@ -151,7 +147,8 @@ def _check(model_cfg) -> None:
         )
 
 
-def build_model(model_cfg, channels: Sequence[str], *, load_pretrained: bool = True) -> ChannelAdaptiveViT:
+def build_model(model_cfg, channels: Sequence[str], *, vocabulary: ChannelVocabulary | None = None,
+                load_pretrained: bool = True) -> ChannelAdaptiveViT:
     """Build the channel-adaptive model a config's ``model`` section describes.
 
     When ``model.pretrained`` names a local DINOv2-layout checkpoint, its weights are loaded
@@ -160,6 +157,7 @@ def build_model(model_cfg, channels: Sequence[str], *, load_pretrained: bool = T
     Args:
         model_cfg: The ``model`` section of a :class:`cellvit_ssl.config.Config`.
         channels: The model's channel names (``data.channels``).
+        vocabulary: The run's channel vocabulary (default: the built-in one).
         load_pretrained: Load ``model.pretrained``; pass False when trained weights are
             loaded right after (e.g. rebuilding an encoder from its checkpoint).
 
@@ -189,12 +187,12 @@ def build_model(model_cfg, channels: Sequence[str], *, load_pretrained: bool = T
         interpolate_antialias=model_cfg.interpolate_antialias,
     )
     wrapper = {
-        "fixed": FixedChannelViT,
-        "boc": BagOfChannelsViT,
-        "hierarchical": HierarchicalViT,
-        "channelvit": ChannelViT,
-    }[variant]
-    model = wrapper(backbone, channels, pool_patch_tokens=pool)
+        Variant.fixed: FixedChannelViT,
+        Variant.boc: BagOfChannelsViT,
+        Variant.hierarchical: HierarchicalViT,
+        Variant.channelvit: ChannelViT,
+    }[Variant(variant)]
+    model = wrapper(backbone, channels, pool_patch_tokens=pool, vocabulary=vocabulary)
     if load_pretrained and model_cfg.pretrained:
         from cellvit_ssl.models.pretrained import load_pretrained as load
 

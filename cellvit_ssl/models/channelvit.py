@@ -13,6 +13,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from cellvit_ssl.channels import ChannelVocabulary
 from cellvit_ssl.models.base import (
     ChannelAdaptiveViT,
     cls_embedding,
@@ -37,12 +38,15 @@ class ChannelViT(ChannelAdaptiveViT):
         backbone: A ViT with ``in_chans == 1``.
         channels: The model's channel names.
         pool_patch_tokens: Append the mean patch token to the CLS token in :meth:`embed`.
+        vocabulary: The channel vocabulary ids come from (default: the built-in one).
     """
 
-    def __init__(self, backbone: VisionTransformer, channels: Sequence[str], pool_patch_tokens: bool = False) -> None:
-        super().__init__(channels)
+    def __init__(self, backbone: VisionTransformer, channels: Sequence[str], pool_patch_tokens: bool = False,
+                 vocabulary: ChannelVocabulary | None = None) -> None:
+        super().__init__(channels, vocabulary)
         self._attach_single_channel_backbone(backbone, pool_patch_tokens, "channelvit")
         self.output_dim = self.embed_dim * (2 if pool_patch_tokens else 1)
+        self.block_dim = self.embed_dim  # a channel's block: the mean of its patch tokens
         self.channel_embed = nn.Parameter(torch.zeros(len(self.channels), self.embed_dim))
         nn.init.trunc_normal_(self.channel_embed, std=0.02)
 
@@ -50,19 +54,18 @@ class ChannelViT(ChannelAdaptiveViT):
         """``(S, N)``: samples (= images) and patch positions, the shape of iBOT ``masks``."""
         return x.shape[0], self.grid_size(x)
 
-    def forward_features(
-        self,
-        x: Tensor,
-        channel_ids: Tensor,
-        channel_mask: Tensor | None = None,
-        masks: Tensor | None = None,
-    ) -> dict[str, Tensor]:
-        """Run the joint sequence; features as described in the class docstring."""
+    def _joint(self, x: Tensor, channel_ids: Tensor, channel_mask: Tensor | None,
+               masks: Tensor | None) -> tuple[dict[str, Tensor], Tensor, Tensor]:
+        """Run the joint sequence: split tokens with patch tokens ``(B, K, N, D)`` per compacted channel.
+
+        Returns:
+            The token dict, ``present (B, K)`` and ``order (B, K)`` (input channel of each column).
+        """
         vit = self.backbone
         present = present_mask(channel_ids, channel_mask)
         require_a_channel(present)
-        slots = self.slots(channel_ids)
-        x, slots, present, _ = compact_channels(x, slots, present)
+        slots = self.slots(channel_ids, present)
+        x, slots, present, order = compact_channels(x, slots, present)
         b, k, h, w = x.shape
         n = self.grid_size(x)
         patch_masks = None
@@ -70,7 +73,7 @@ class ChannelViT(ChannelAdaptiveViT):
             patch_masks = masks.unsqueeze(1).expand(b, k, n).reshape(b * k, n)
         patches, grid = vit.embed_patches(x.reshape(b * k, 1, h, w), patch_masks)
         pos = vit.interpolate_pos_encoding(grid)
-        patches = patches.reshape(b, k, n, -1) + pos[:, None, 1:] + self.channel_embed[slots].unsqueeze(2)
+        patches = patches.reshape(b, k, n, -1) + pos[:, None, 1:] + self.channel_embed[slots.clamp_min(0)].unsqueeze(2)
         prefix = (vit.cls_token + pos[:, :1]).expand(b, -1, -1)
         if vit.register_tokens is not None:
             prefix = torch.cat([prefix, vit.register_tokens.expand(b, -1, -1)], dim=1)
@@ -82,8 +85,28 @@ class ChannelViT(ChannelAdaptiveViT):
         for block in vit.blocks:
             tokens = block(tokens, attn_mask)
         out = vit.split_tokens(tokens)
-        out["x_norm_patchtokens"] = pool_over_channels(out["x_norm_patchtokens"].reshape(b, k, n, -1), present)
+        out["x_norm_patchtokens"] = out["x_norm_patchtokens"].reshape(b, k, n, -1)
+        return out, present, order
+
+    def forward_features(
+        self,
+        x: Tensor,
+        channel_ids: Tensor,
+        channel_mask: Tensor | None = None,
+        masks: Tensor | None = None,
+    ) -> dict[str, Tensor]:
+        """Run the joint sequence; features as described in the class docstring."""
+        out, present, _ = self._joint(x, channel_ids, channel_mask, masks)
+        out["x_norm_patchtokens"] = pool_over_channels(out["x_norm_patchtokens"], present)
         return out
+
+    def channel_embeddings(self, x: Tensor, channel_ids: Tensor,
+                           channel_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Each channel's mean patch token after joint attention, by model slot (zeros where absent)."""
+        out, present, order = self._joint(x, channel_ids, channel_mask, None)
+        per_channel = out["x_norm_patchtokens"].mean(dim=2)  # (B, K, D)
+        ids = channel_ids.gather(1, order)
+        return self._scatter_to_slots(per_channel[present], ids, present)
 
     def embed(self, x: Tensor, channel_ids: Tensor, channel_mask: Tensor | None = None) -> Tensor:
         """Image embeddings ``(B, output_dim)``, the same width for any channel subset."""

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from cellvit_ssl.channels import ChannelVocabulary
 from cellvit_ssl.models.base import (
     ChannelAdaptiveViT,
     cls_embedding,
@@ -70,13 +71,16 @@ class HierarchicalViT(ChannelAdaptiveViT):
         backbone: A ViT with ``in_chans == 1`` (the same weights a bag of channels uses).
         channels: The model's channel names.
         pool_patch_tokens: Append the pooled mean patch token to the pooled CLS token in :meth:`embed`.
+        vocabulary: The channel vocabulary ids come from (default: the built-in one).
     """
 
-    def __init__(self, backbone: VisionTransformer, channels: Sequence[str], pool_patch_tokens: bool = False) -> None:
-        super().__init__(channels)
+    def __init__(self, backbone: VisionTransformer, channels: Sequence[str], pool_patch_tokens: bool = False,
+                 vocabulary: ChannelVocabulary | None = None) -> None:
+        super().__init__(channels, vocabulary)
         self._attach_single_channel_backbone(backbone, pool_patch_tokens, "hierarchical attention")
         spec = backbone.spec
         self.output_dim = self.embed_dim * (2 if pool_patch_tokens else 1)
+        self.block_dim = self.output_dim
         self.channel_embed = nn.Parameter(torch.zeros(len(self.channels), self.embed_dim))
         rates = torch.linspace(0, spec.drop_path_rate, spec.depth).tolist()
         self.cross_blocks = nn.ModuleList(
@@ -104,7 +108,7 @@ class HierarchicalViT(ChannelAdaptiveViT):
         """
         present = present_mask(channel_ids, channel_mask)
         require_a_channel(present)
-        slots = self.slots(channel_ids)
+        slots = self.slots(channel_ids, present)
         x, slots, present, order = compact_channels(x, slots, present)
         b, k = present.shape
         sample_masks = None
@@ -143,6 +147,16 @@ class HierarchicalViT(ChannelAdaptiveViT):
             "x_norm_patchtokens": dense[:, :, r:],
             "channel_mask": present_mask(channel_ids, channel_mask),
         }
+
+    def channel_embeddings(self, x: Tensor, channel_ids: Tensor,
+                           channel_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Each channel's CLS token (+ its mean patch token) after cross-channel attention, by model slot."""
+        feats = self.per_channel_features(x, channel_ids, channel_mask)
+        present = feats["channel_mask"]
+        block = feats["x_norm_clstoken"]
+        if self.pool_patch_tokens:
+            block = torch.cat([block, feats["x_norm_patchtokens"].mean(dim=2)], dim=-1)
+        return self._scatter_to_slots(block[present], channel_ids, present)
 
     def forward_features(
         self,

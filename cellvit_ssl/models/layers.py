@@ -13,11 +13,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-#: Feed-forward layers by name. ``swiglu`` is DINOv2's fused SwiGLU (hidden width 2/3 of the
-#: MLP's, rounded up to a multiple of 8); ``swiglufused`` is the same layer under DINOv2's name.
-FFN_LAYERS = ("mlp", "swiglu", "swiglufused")
-#: Attention kernels: torch SDPA, or xformers' memory-efficient attention when asked for.
-ATTN_BACKENDS = ("sdpa", "xformers")
+from cellvit_ssl.config import AttnBackend, FfnLayer
+
+#: DINOv2's name for the fused SwiGLU, accepted as ``swiglu``.
+_FFN_SPELLINGS = {"swiglufused": "swiglu"}
 
 
 @functools.lru_cache(maxsize=1)
@@ -36,8 +35,10 @@ def resolve_attn_backend(name: str) -> str:
     Raises:
         ValueError: On an unknown name.
     """
-    if name not in ATTN_BACKENDS:
-        raise ValueError(f"attention backend {name!r}; expected one of {list(ATTN_BACKENDS)}")
+    try:
+        name = AttnBackend(name).value
+    except ValueError:
+        raise ValueError(f"attention backend {name!r}; expected one of {[b.value for b in AttnBackend]}") from None
     if name == "xformers" and xformers_ops() is None:
         warnings.warn("attn_backend='xformers' asked for but xformers is not installed; using torch SDPA",
                       stacklevel=3)
@@ -140,14 +141,19 @@ class SwiGLUFFN(nn.Module):
 
 
 def build_ffn(kind: str, dim: int, mlp_ratio: float) -> nn.Module:
-    """The feed-forward layer ``kind`` (see :data:`FFN_LAYERS`) for tokens of width ``dim``.
+    """The feed-forward layer ``kind`` for tokens of width ``dim``.
+
+    ``mlp`` is the ViT MLP; ``swiglu`` is DINOv2's fused SwiGLU (hidden width 2/3 of the MLP's,
+    rounded up to a multiple of 8; DINOv2 calls it ``swiglufused``).
 
     Raises:
         ValueError: On an unknown kind.
     """
     hidden = int(dim * mlp_ratio)
-    if kind == "mlp":
+    try:
+        kind = FfnLayer(_FFN_SPELLINGS.get(str(kind), str(kind)))
+    except ValueError:
+        raise ValueError(f"ffn layer {kind!r}; expected one of {[k.value for k in FfnLayer]}") from None
+    if kind == FfnLayer.mlp:
         return Mlp(dim, hidden)
-    if kind in ("swiglu", "swiglufused"):
-        return SwiGLUFFN(dim, (int(hidden * 2 / 3) + 7) // 8 * 8)
-    raise ValueError(f"ffn layer {kind!r}; expected one of {list(FFN_LAYERS)}")
+    return SwiGLUFFN(dim, (int(hidden * 2 / 3) + 7) // 8 * 8)

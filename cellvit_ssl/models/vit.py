@@ -45,7 +45,7 @@ class ViTSpec:
             ``(grid + offset) / native_grid`` instead, as DINOv2 does, which matters for
             reproducing DINOv2 features bit for bit.
         interpolate_antialias: Antialias the bicubic position-embedding resize (DINOv2 option).
-        ffn_layer: ``mlp`` or ``swiglu`` (see :data:`cellvit_ssl.models.layers.FFN_LAYERS`).
+        ffn_layer: ``mlp`` or ``swiglu`` (see :func:`cellvit_ssl.models.layers.build_ffn`).
         attn_backend: ``sdpa`` (default) or ``xformers`` (only used when installed, on CUDA).
     """
 
