@@ -26,7 +26,7 @@ from cellvit_ssl.errors import CellVitSSLError
 def probe(checkpoint: str | Path, workdir: str | Path, n_images: int = 48, seed: int = 1, k: int = 10) -> dict:
     """Embed and score a held-out demo set; returns ``evaluate``'s report plus the set's size.
 
-    ``report["summary"]["leave-one-image_id-out"]`` holds the k-NN (cosine) macro-F1 of
+    ``report["summary"]["scores"]["leave-one-image_id-out"]`` holds the k-NN (cosine) macro-F1 of
     ``trained``, ``random-init`` and ``raw-pixels``.
 
     Args:
@@ -63,7 +63,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         report = probe(args.checkpoint, args.workdir or tmp, args.eval_images, args.eval_seed, args.k)
     summary = {"checkpoint": str(args.checkpoint), "heldout": report["heldout"], "k": args.k,
-               "macro_f1": report["summary"]}
+               "classifier": report["summary"]["classifier"], "macro_f1": report["summary"]["scores"]}
     if args.json:
         Path(args.json).write_text(json.dumps(summary, indent=1))
 

@@ -1,20 +1,30 @@
 """``python -m cellvit_ssl.evaluate``: how well embeddings separate known labels.
 
-Classifiers (scikit-learn): 1-NN and k-NN with cosine and L2 distance, and a linear probe
-(standardised features, logistic regression). Scores: macro-F1 over the labels present in each
-test set (as in the CHAMMI / MorphEm evaluation) and accuracy.
+Classifiers (scikit-learn), each named in the output: 1-NN and k-NN with cosine and L2
+distance (``1nn_cosine``, ``1nn_l2``, ``10nn_cosine`` ...), ``logreg`` (logistic regression on
+standardised features, a linear probe) and ``sgd`` (MorphEm's linear classifier,
+``SGDClassifier(alpha=0.001, max_iter=100)`` on the raw features). Scores: macro-F1 over the
+labels present in each test set (as in the CHAMMI / MorphEm evaluation), accuracy, and per
+class F1 / precision / recall / support (in the JSON).
 
-Protocols, chosen from the columns present:
+Protocols (``--protocol``; ``auto`` picks ``chammi`` when the split column holds ``Train`` and
+``Task_*`` values, and says so):
 
-- ``--split-key``: fit on the training rows (value ``--train-value``, default ``train`` /
-  ``Train``), score every other split value as its own task.
-- CHAMMI / MorphEm: when the split column holds ``Train`` and task names (``Task_one`` ...),
-  a task's test rows are those whose boolean task column is true (else whose split equals the
-  task). The task CHAMMI scores by leave-one-group-out (HPA ``Task_three`` by ``cell_type``,
-  CP ``Task_four`` by ``Plate``, detected from a ``dataset`` column) or any ``--leave-out
-  TASK=COLUMN`` is scored per group, fitting on ``Train`` plus the task's other groups.
-- ``--group-key``: leave-one-group-out over all rows (fit on the other groups).
-- none of these: stratified 5-fold cross-validation.
+- ``chammi``: the benchmark's rules (:mod:`cellvit_ssl.chammi`): each sub-dataset of the
+  ``dataset`` column fits on its ``Train`` rows; a task's test rows are those whose boolean
+  task column is true; HPA ``Task_three`` by leave-one-``cell_type``-out and CP ``Task_four``
+  by leave-one-``Plate``-out. A missing ``dataset`` or group column is an error. The benchmark
+  table (tasks in order, macro-F1) and the CHAMMI score (CHAMMI-75's and the WTC+HPA variant)
+  are printed first, for the trained model and each baseline.
+- ``generic`` (:mod:`cellvit_ssl.protocols`): ``--split-key`` fits on the training rows
+  (``--train-value``, default ``train`` / ``Train``) and scores every other split value;
+  ``--leave-out TASK=COLUMN`` scores a split by leave-one-group-out; ``--group-key``:
+  leave-one-group-out over all rows; none of these: stratified 5-fold cross-validation.
+
+The headline (``--headline`` classifier, ``--headline-metric``) is printed with its numbers and
+named in the JSON ``summary``: by default 1-NN with L2 distance for CHAMMI (MorphEm's default,
+i.e. the benchmark's number; cosine is printed beside it) and k-NN with cosine distance
+(``--k``, default 10) otherwise, by macro-F1.
 
 Baselines in the same run, so that a trained model's lift is visible: the same architecture
 with random weights (``random-init``) and raw pixels (each crop normalised, resized to
@@ -23,27 +33,32 @@ re-read the crops named in ``obs`` (path and crop box) with the settings in ``un
 
 Examples:
     python -m cellvit_ssl.evaluate cells.h5ad --label-key label --split-key split
-    python -m cellvit_ssl.evaluate chammi.h5ad --label-key label --split-key train_test_split
+    python -m cellvit_ssl.evaluate chammi.h5ad --label-key label --protocol chammi
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from cellvit_ssl.errors import CellVitSSLError, DataError
+from cellvit_ssl import chammi
+from cellvit_ssl.errors import CellVitSSLError, ConfigError, DataError
+from cellvit_ssl.protocols import Task, build_tasks
 
-#: CHAMMI tasks scored by leave-one-group-out, per sub-dataset (MorphEm's benchmark settings).
-CHAMMI_LEAVE_OUT = {"hpa": ("Task_three", "cell_type"), "cp": ("Task_four", "Plate")}
-_DATASET_ALIASES = {"hpa": "hpa", "cp": "cp", "cellpainting": "cp", "cell_painting": "cp", "allen": "allen",
-                    "wtc": "allen", "wtc11": "allen", "wtc-11": "allen"}
+__all__ = ["Task", "build_tasks", "classifiers", "describe_classifier", "evaluate_features", "main", "run"]
+
+METRICS = {"macro_f1": "macro-F1", "accuracy": "accuracy"}
+#: The CHAMMI benchmark's classifier: MorphEm's ``run_benchmark`` defaults to 1-NN, L2 distance.
+CHAMMI_CLASSIFIER = "1nn_l2"
 
 
 # ----------------------------------------------------------------------------- classifiers
@@ -69,7 +84,7 @@ def knn_predict(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, k:
 
 
 def linear_probe_predict(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, seed: int = 0) -> np.ndarray:
-    """Logistic regression on standardised features (a linear probe)."""
+    """Logistic regression on standardised features (a linear probe; not MorphEm's classifier)."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
@@ -80,6 +95,23 @@ def linear_probe_predict(train_x: np.ndarray, train_y: np.ndarray, test_x: np.nd
     return clf.fit(train_x, train_y).predict(test_x)
 
 
+def sgd_predict(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, seed: int = 0) -> np.ndarray:
+    """MorphEm's linear classifier: ``SGDClassifier(alpha=0.001, max_iter=100)`` on the raw features.
+
+    As in MorphEm's evaluation (hinge loss, no standardisation), except that it is seeded.
+    """
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.linear_model import SGDClassifier
+
+    if len(np.unique(train_y)) < 2:
+        return np.full(len(test_x), train_y[0])
+    with warnings.catch_warnings():
+        # 100 epochs is MorphEm's setting; it often stops short of convergence there too
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        clf = SGDClassifier(alpha=0.001, max_iter=100, random_state=seed)
+        return clf.fit(train_x, train_y).predict(test_x)
+
+
 def scores(y_true: np.ndarray, y_pred: np.ndarray) -> dict[str, float]:
     """Macro-F1 over the labels present in ``y_true``, and accuracy."""
     from sklearn.metrics import f1_score
@@ -88,118 +120,56 @@ def scores(y_true: np.ndarray, y_pred: np.ndarray) -> dict[str, float]:
             "accuracy": float(np.mean(np.asarray(y_true) == np.asarray(y_pred)))}
 
 
+def per_class_report(y_true: np.ndarray, y_pred: np.ndarray) -> dict[str, dict[str, float]]:
+    """F1, precision, recall and support of every label present in ``y_true`` (macro-F1's terms)."""
+    from sklearn.metrics import precision_recall_fscore_support
+
+    labels = np.unique(y_true)
+    p, r, f, n = precision_recall_fscore_support(y_true, y_pred, labels=labels, zero_division=0)
+    return {str(c): {"f1": float(fi), "precision": float(pi), "recall": float(ri), "support": int(ni)}
+            for c, pi, ri, fi, ni in zip(labels, p, r, f, n)}
+
+
 def classifiers(k: int, seed: int = 0) -> dict[str, Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]]:
-    """The classifiers every feature set is scored with, by name."""
+    """The classifiers every feature set is scored with, by name (see :func:`describe_classifier`)."""
     out = {}
     for metric in ("cosine", "l2"):
         out[f"1nn_{metric}"] = lambda a, b, c, m=metric: knn_predict(a, b, c, 1, m)
         if k > 1:
             out[f"{k}nn_{metric}"] = lambda a, b, c, m=metric: knn_predict(a, b, c, k, m)
-    out["linear"] = lambda a, b, c: linear_probe_predict(a, b, c, seed)
+    out["logreg"] = lambda a, b, c: linear_probe_predict(a, b, c, seed)
+    out["sgd"] = lambda a, b, c: sgd_predict(a, b, c, seed)
     return out
 
 
-# ----------------------------------------------------------------------------- protocols
-@dataclass
-class Task:
-    """One scored task: either a train/test split or leave-one-group-out folds.
-
-    ``folds`` is a list of ``(train rows, test rows)``; predictions are pooled over folds.
-    """
-
-    name: str
-    kind: str
-    folds: list[tuple[np.ndarray, np.ndarray]]
-    dataset: str = ""
-
-
-def _truthy(values: pd.Series) -> np.ndarray:
-    if values.dtype == bool:
-        return values.to_numpy()
-    return values.astype(str).str.strip().str.lower().isin(["true", "1", "yes"]).to_numpy()
-
-
-def _logo_folds(rows: np.ndarray, groups: np.ndarray, base_train: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
-    folds = []
-    for g in pd.unique(groups[rows]):
-        held = rows[groups[rows] == g]
-        rest = rows[groups[rows] != g]
-        folds.append((np.concatenate([base_train, rest]), held))
-    return folds
-
-
-def build_tasks(obs: pd.DataFrame, labels: np.ndarray, split_key: str | None = None, train_value: str | None = None,
-                group_key: str | None = None, leave_out: dict[str, str] | None = None,
-                dataset_key: str | None = None, folds: int = 5, seed: int = 0) -> list[Task]:
-    """The tasks to score, from the columns of ``obs`` (see the module docstring).
+def describe_classifier(name: str) -> str:
+    """What a classifier name of :func:`classifiers` stands for, in words.
 
     Raises:
-        DataError: If a named column is missing or a split has no training rows.
+        ConfigError: On a name that is not one of them.
     """
-    for key in (split_key, group_key, dataset_key, *(leave_out or {}).values()):
-        if key is not None and key not in obs.columns:
-            raise DataError(f"column {key!r} is not in the embeddings' obs (columns: {list(obs.columns)})")
-    tasks: list[Task] = []
-    if split_key is not None:
-        datasets = obs[dataset_key].astype(str).to_numpy() if dataset_key else np.full(len(obs), "")
-        for ds in pd.unique(datasets):
-            tasks += _split_tasks(obs, datasets == ds, ds, split_key, train_value, leave_out)
-    if group_key is not None:
-        groups = obs[group_key].astype(str).to_numpy()
-        if len(np.unique(groups)) < 2:
-            raise DataError(f"--group-key {group_key!r} has a single value; leave-one-group-out needs two or more")
-        tasks.append(Task(f"leave-one-{group_key}-out", "leave-one-group-out",
-                          _logo_folds(np.arange(len(obs)), groups, np.zeros(0, int))))
-    if not tasks:
-        from sklearn.model_selection import StratifiedKFold
-
-        _, counts = np.unique(labels, return_counts=True)
-        n = int(min(folds, counts.min()))
-        if n < 2:
-            raise DataError("every label needs at least 2 rows for cross-validation; give --split-key or --group-key")
-        splitter = StratifiedKFold(n_splits=n, shuffle=True, random_state=seed)
-        tasks.append(Task(f"{n}-fold-cv", "cross-validation",
-                          [(tr, te) for tr, te in splitter.split(np.zeros(len(labels)), labels)]))
-    return tasks
+    if name == "logreg":
+        return ("logistic regression on standardised features (scikit-learn LogisticRegression), a linear probe; "
+                "not MorphEm's SGD classifier")
+    if name == "sgd":
+        return ("MorphEm's linear classifier: scikit-learn SGDClassifier(alpha=0.001, max_iter=100, hinge loss) "
+                "on the raw features, seeded")
+    k, _, metric = name.partition("nn_")
+    if k.isdigit() and int(k) >= 1 and metric in ("cosine", "l2"):
+        distance = "cosine distance" if metric == "cosine" else "L2 distance"
+        return f"1-nearest neighbour, {distance}" if k == "1" else f"{k}-nearest neighbours (majority vote), {distance}"
+    raise ConfigError(f"unknown classifier {name!r}; expected 1nn_cosine, 1nn_l2, <k>nn_cosine, <k>nn_l2, "
+                      "logreg or sgd")
 
 
-def _split_tasks(obs: pd.DataFrame, in_ds: np.ndarray, dataset: str, split_key: str, train_value: str | None,
-                 leave_out: dict[str, str] | None) -> list[Task]:
-    split = obs[split_key].astype(str).to_numpy()
-    values = list(pd.unique(split[in_ds]))
-    if train_value is None:
-        found = [v for v in values if v.lower() == "train"]
-        if not found:
-            raise DataError(f"split column {split_key!r} has no 'train' value (values: {values}); "
-                            "name it with --train-value")
-        train_value = found[0]
-    train = np.flatnonzero(in_ds & (split == train_value))
-    if len(train) == 0:
-        where = f" in dataset {dataset!r}" if dataset else ""
-        raise DataError(f"no rows with {split_key} == {train_value!r}{where}")
-    if len(values) < 2:
-        raise DataError(f"split column {split_key!r} holds only {values}: nothing to test on")
-    chammi_leave = CHAMMI_LEAVE_OUT.get(_DATASET_ALIASES.get(dataset.strip().lower(), ""), None)
-    leave = dict(leave_out or {})
-    if chammi_leave and chammi_leave[0] not in leave and chammi_leave[1] in obs.columns:
-        leave[chammi_leave[0]] = chammi_leave[1]
-    tasks = []
-    for task in (v for v in values if v != train_value):
-        if task in obs.columns:  # CHAMMI: a boolean column per task marks its test rows
-            rows = np.flatnonzero(in_ds & _truthy(obs[task]))
-        else:
-            rows = np.flatnonzero(in_ds & (split == task))
-        if task in leave:
-            groups = obs[leave[task]].astype(str).to_numpy()
-            tasks.append(Task(task, f"leave-one-{leave[task]}-out", _logo_folds(rows, groups, train), dataset))
-        else:
-            tasks.append(Task(task, "train/test", [(train, rows)], dataset))
-    return tasks
-
-
+# ----------------------------------------------------------------------------- scoring
 @dataclass
 class Result:
-    """One row of the results table (``n_train``: the largest fold's training rows)."""
+    """One row of the results table (``n_train``: the largest fold's training rows).
+
+    ``per_class`` maps each label present in the test rows to its ``f1``, ``precision``,
+    ``recall`` and ``support``.
+    """
 
     features: str
     dataset: str
@@ -210,6 +180,7 @@ class Result:
     accuracy: float
     n_train: int
     n_test: int
+    per_class: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
 def evaluate_features(name: str, x: np.ndarray, labels: np.ndarray, tasks: Sequence[Task], k: int = 10,
@@ -227,9 +198,10 @@ def evaluate_features(name: str, x: np.ndarray, labels: np.ndarray, tasks: Seque
                 n_train = max(n_train, len(train))
             if not truth:
                 continue
-            s = scores(np.concatenate(truth), np.concatenate(pred))
+            y_true, y_pred = np.concatenate(truth), np.concatenate(pred)
+            s = scores(y_true, y_pred)
             results.append(Result(name, task.dataset, task.name, task.kind, cname, s["macro_f1"], s["accuracy"],
-                                  n_train, int(sum(len(t) for t in truth))))
+                                  n_train, len(y_true), per_class_report(y_true, y_pred)))
     return results
 
 
@@ -338,15 +310,135 @@ def format_table(results: Sequence[Result]) -> str:
     return "\n".join(lines)
 
 
-def summarize(results: Sequence[Result], classifier: str) -> dict:
-    """Macro-F1 of one classifier per task and feature set: the trained model's lift at a glance."""
+def select_protocol(requested: str, obs: pd.DataFrame, split_key: str | None = None, group_key: str | None = None,
+                    train_value: str | None = None) -> tuple[str, str | None]:
+    """The protocol to score by, and its split column.
+
+    Args:
+        requested: ``auto`` (``chammi`` when the split column, ``--split-key`` or else
+            ``train_test_split`` without a group key, holds ``Train`` and ``Task_*``;
+            ``generic`` otherwise), ``chammi`` or ``generic``.
+        obs: The embeddings' rows.
+        split_key: The split column named by the user, if any.
+        group_key: The leave-one-group-out column named by the user, if any.
+        train_value: The training split value named by the user, if any (CHAMMI's is ``Train``).
+
+    Returns:
+        ``("chammi" | "generic", split column or None)``.
+
+    Raises:
+        ConfigError: On an unknown protocol, or a group key or a training value other than
+            ``Train`` with the CHAMMI protocol.
+        DataError: If ``chammi`` is requested and the split column is missing or not CHAMMI's.
+    """
+    if requested not in ("auto", "chammi", "generic"):
+        raise ConfigError(f"protocol {requested!r}; expected auto, chammi or generic")
+    if requested == "generic":
+        return "generic", split_key
+    candidate = split_key or chammi.SPLIT_KEY
+    if requested == "auto" and ((split_key is None and group_key is not None)
+                                or not chammi.looks_like_chammi(obs, candidate)):
+        return "generic", split_key
+    if requested == "chammi" and not chammi.looks_like_chammi(obs, candidate):
+        held = list(obs[candidate].astype(str).unique()[:10]) if candidate in obs.columns else None
+        raise DataError(f"--protocol chammi: split column {candidate!r} "
+                        + (f"holds {held}, not Train and Task_*" if held is not None else
+                           f"is not in the embeddings' obs (columns: {list(obs.columns)})")
+                        + "; name the CHAMMI split column with --split-key")
+    if group_key is not None:
+        raise ConfigError(f"--group-key {group_key!r} does not apply to the CHAMMI protocol (split column "
+                          f"{candidate!r} holds Train and Task_*; its leave-out tasks are fixed); drop it, or score "
+                          "without the CHAMMI rules with --protocol generic")
+    if train_value not in (None, chammi.TRAIN):
+        raise ConfigError(f"--train-value {train_value!r}: the CHAMMI protocol fits on {chammi.TRAIN!r} rows; drop "
+                          "it, or score without the CHAMMI rules with --protocol generic")
+    return "chammi", candidate
+
+
+def default_headline(protocol: str, k: int) -> str:
+    """The headline classifier when none is named: the benchmark's for CHAMMI, else k-NN cosine."""
+    if protocol == "chammi":
+        return CHAMMI_CLASSIFIER
+    return f"{k}nn_cosine" if k > 1 else "1nn_cosine"
+
+
+def check_headline(protocol: str, classifier: str, metric: str, k: int) -> None:
+    """Refuse a headline that is not scored in this run, or a CHAMMI headline not in macro-F1.
+
+    Raises:
+        ConfigError: Naming the classifiers / metrics there are.
+    """
+    names = list(classifiers(k))
+    if classifier not in names:
+        raise ConfigError(f"--headline {classifier!r} is not scored in this run; choose one of {names} "
+                          "(k-NN names follow --k)")
+    if metric not in METRICS:
+        raise ConfigError(f"--headline-metric {metric!r}; expected one of {list(METRICS)}")
+    if protocol == "chammi" and metric != "macro_f1":
+        raise ConfigError(f"--headline-metric {metric!r}: the CHAMMI table and score are macro-F1, the benchmark's "
+                          "metric; accuracy is in the full table and the JSON")
+
+
+def summarize(results: Sequence[Result], classifier: str, metric: str = "macro_f1") -> dict:
+    """One classifier's metric per task and feature set: the trained model's lift at a glance.
+
+    Returns:
+        ``classifier``, ``description``, ``metric``, ``scores`` (``{task: {features: value}}``,
+        tasks as ``dataset/task`` where there are sub-datasets) and the printed ``lines``.
+    """
     table: dict[str, dict[str, float]] = {}
     for r in results:
         if r.classifier == classifier:
-            table.setdefault(f"{r.dataset}/{r.task}" if r.dataset else r.task, {})[r.features] = r.macro_f1
-    lines = [f"{classifier} macro-F1, {task}: " + " | ".join(f"{name} {f1:.3f}" for name, f1 in row.items())
+            table.setdefault(f"{r.dataset}/{r.task}" if r.dataset else r.task, {})[r.features] = getattr(r, metric)
+    what = f"{METRICS[metric]}, {classifier} ({describe_classifier(classifier)})"
+    lines = [f"headline {what}, {task}: " + " | ".join(f"{name} {v:.3f}" for name, v in row.items())
              for task, row in table.items()]
-    return {"classifier": classifier, "macro_f1": table, "lines": lines}
+    return {"classifier": classifier, "description": describe_classifier(classifier), "metric": metric,
+            "scores": table, "lines": lines}
+
+
+def chammi_rows(results: Sequence[Result], shown: Sequence[str]) -> list[chammi.BenchmarkRow]:
+    """Benchmark-table rows (macro-F1 by ``WTC T1`` ... label), per feature set, for the ``shown`` classifiers."""
+    table: dict[tuple[str, str], dict[str, float]] = {}
+    for r in results:
+        label = chammi.task_label(r.dataset, r.task)
+        if r.classifier in shown and label is not None:
+            table.setdefault((r.features, r.classifier), {})[label] = r.macro_f1
+    features = list(dict.fromkeys(r.features for r in results))
+    return [chammi.BenchmarkRow(f, c, table[(f, c)]) for f in features for c in shown if (f, c) in table]
+
+
+def chammi_summary(results: Sequence[Result], headline: str) -> tuple[str, dict]:
+    """The CHAMMI benchmark table and headline lines, and their JSON.
+
+    The table shows the headline classifier, the benchmark's (1-NN, L2, marked ``*``), 1-NN
+    cosine and MorphEm's SGD classifier, for every feature set.
+    """
+    shown = list(dict.fromkeys([headline, CHAMMI_CLASSIFIER, "1nn_cosine", "sgd"]))
+    rows = chammi_rows(results, shown)
+    footnote = (f"the benchmark's classifier: {describe_classifier(CHAMMI_CLASSIFIER)} (MorphEm's run_benchmark "
+                "default knn_metric='l2'; its authors' training code used cosine, the 1nn_cosine rows)")
+    text = [chammi.format_benchmark_table(rows, CHAMMI_CLASSIFIER, footnote)]
+    head = [r for r in rows if r.classifier == headline]
+
+    def pct(v: float | None) -> str:
+        return "-" if v is None else f"{100 * v:.1f}"
+
+    what = f"{headline} ({describe_classifier(headline)}), macro-F1"
+    text.append(f"headline CHAMMI score (CHAMMI-75), {what}: "
+                + " | ".join(f"{r.features} {pct(r.score.chammi)}" for r in head))
+    text.append(f"headline CHAMMI score (WTC+HPA only), {what}: "
+                + " | ".join(f"{r.features} {pct(r.score.wtc_hpa)}" for r in head))
+    data = {"definition": chammi.SCORE_DEFINITION, "wtc_hpa_definition": chammi.WTC_HPA_DEFINITION,
+            "metric": "macro_f1", "benchmark_classifier": CHAMMI_CLASSIFIER,
+            "tasks": [t.label for t in chammi.TASKS],
+            "rows": [{"features": r.features, "classifier": r.classifier,
+                      "benchmark_choice": r.classifier == CHAMMI_CLASSIFIER, "macro_f1": dict(r.macro_f1),
+                      "chammi_score": r.score.chammi, "chammi_score_wtc_hpa": r.score.wtc_hpa,
+                      "subsets": r.score.subsets, "missing": list(r.score.missing)} for r in rows],
+            "score": {r.features: r.score.chammi for r in head},
+            "score_wtc_hpa": {r.features: r.score.wtc_hpa for r in head}}
+    return "\n".join(text), data
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -355,13 +447,23 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("embeddings", help="OUT.h5ad or OUT.zarr written by python -m cellvit_ssl.embed")
     p.add_argument("--label-key", required=True, help="obs column with the class labels")
-    p.add_argument("--split-key", help="obs column with train / test (or CHAMMI Train / Task_*) splits")
+    p.add_argument("--protocol", choices=("auto", "chammi", "generic"), default="auto",
+                   help="chammi: the CHAMMI benchmark's rules and score; generic: splits / groups / CV as given; "
+                        "auto (default): chammi when the split column holds Train and Task_*, and says so")
+    p.add_argument("--headline", help="classifier of the headline numbers (default: 1nn_l2, the benchmark's, for "
+                                      "CHAMMI; <k>nn_cosine otherwise); one of 1nn_cosine, 1nn_l2, <k>nn_cosine, "
+                                      "<k>nn_l2, logreg, sgd")
+    p.add_argument("--headline-metric", default="macro_f1", choices=tuple(METRICS),
+                   help="metric of the headline numbers (CHAMMI: macro_f1 only)")
+    p.add_argument("--split-key", help="obs column with train / test (or CHAMMI Train / Task_*) splits "
+                                       "(CHAMMI default: train_test_split)")
     p.add_argument("--train-value", help="value of --split-key marking training rows (default: train / Train)")
     p.add_argument("--group-key", help="obs column for leave-one-group-out (e.g. Plate)")
     p.add_argument("--leave-out", action="append", default=[], metavar="TASK=COLUMN",
-                   help="score split TASK by leave-one-COLUMN-out (CHAMMI defaults are added automatically)")
+                   help="score split TASK by leave-one-COLUMN-out (CHAMMI: HPA Task_three=cell_type and CP "
+                        "Task_four=Plate already)")
     p.add_argument("--dataset-key", help="obs column naming sub-datasets scored separately "
-                                         "(default: 'dataset' when present)")
+                                         "(default: 'dataset' when present; CHAMMI: required)")
     p.add_argument("--k", type=int, default=10, help="k of the k-NN classifiers (1-NN is always scored)")
     p.add_argument("--no-baselines", action="store_true", help="skip the random-init and raw-pixel baselines")
     p.add_argument("--root", help="base folder of relative obs paths (default: the one recorded at embedding)")
@@ -375,7 +477,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> dict:
-    """Evaluate the trained features and the baselines; print the table, write the JSON."""
+    """Evaluate the trained features and the baselines; print the tables, write the JSON."""
     from cellvit_ssl.embed_io import read_embeddings
 
     adata = read_embeddings(args.embeddings)
@@ -389,9 +491,20 @@ def run(args: argparse.Namespace) -> dict:
             raise DataError(f"--leave-out {item!r}: expected TASK=COLUMN")
         task, col = item.split("=", 1)
         leave_out[task] = col
-    dataset_key = args.dataset_key or ("dataset" if "dataset" in obs.columns else None)
-    tasks = build_tasks(obs, labels, args.split_key, args.train_value, args.group_key, leave_out, dataset_key,
-                        seed=args.seed)
+    protocol, split_key = select_protocol(args.protocol, obs, args.split_key, args.group_key, args.train_value)
+    headline = args.headline or default_headline(protocol, args.k)
+    check_headline(protocol, headline, args.headline_metric, args.k)
+    if protocol == "chammi":
+        dataset_key = args.dataset_key or chammi.DATASET_KEY
+        tasks = chammi.build_chammi_tasks(obs, split_key, dataset_key, leave_out)
+        detected = chammi.describe_layout(obs, tasks, split_key, dataset_key)
+        print(detected + ("" if args.protocol == "chammi" else " (--protocol generic scores the split without "
+                                                                 "the CHAMMI rules)"), file=sys.stderr)
+    else:
+        dataset_key = args.dataset_key or ("dataset" if "dataset" in obs.columns else None)
+        tasks = build_tasks(obs, labels, split_key, args.train_value, args.group_key, leave_out, dataset_key,
+                            seed=args.seed)
+        detected = None
     feature_sets = {"trained": np.asarray(adata.X, dtype=np.float32)}
     if not args.no_baselines:
         _check_index_unchanged(adata)
@@ -403,18 +516,29 @@ def run(args: argparse.Namespace) -> dict:
     results = []
     for name, x in feature_sets.items():
         results += evaluate_features(name, x, labels, tasks, args.k, args.seed)
+    summary = summarize(results, headline, args.headline_metric)
+    if protocol == "chammi":
+        text, summary["chammi"] = chammi_summary(results, headline)
+        print(text + "\n")
+    else:
+        print("\n".join(summary["lines"]) + "\n")
+    print("all scores (macro-F1 and accuracy as fractions):")
     print(format_table(results))
-    summary = summarize(results, f"{args.k}nn_cosine" if args.k > 1 else "1nn_cosine")
-    for line in summary["lines"]:
-        print(line)
+    names = list(classifiers(args.k))
+    print("classifiers:\n" + "\n".join(f"  {c}: {describe_classifier(c)}" for c in names))
     model = {k: (v.tolist() if hasattr(v, "tolist") else v) for k, v in dict(adata.uns.get("model", {})).items()}
     report = {"embeddings": str(Path(args.embeddings).resolve()), "label_key": args.label_key,
-              "split_key": args.split_key, "group_key": args.group_key, "k": args.k, "model": model,
+              "protocol": protocol, "detected": detected, "split_key": split_key, "group_key": args.group_key,
+              "dataset_key": dataset_key, "k": args.k, "model": model,
+              "classifiers": {c: describe_classifier(c) for c in names},
               "tasks": [{"dataset": t.dataset, "task": t.name, "protocol": t.kind, "folds": len(t.folds)}
                         for t in tasks],
-              "summary": summary["macro_f1"], "results": [asdict(r) for r in results]}
+              "summary": {k: v for k, v in summary.items() if k != "lines"},
+              "results": [asdict(r) for r in results]}
     out = Path(args.json) if args.json else Path(args.embeddings).with_suffix(".eval.json")
-    out.write_text(json.dumps(report, indent=2))
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(json.dumps(report, indent=2))
+    os.replace(tmp, out)
     print(f"wrote {out}", file=sys.stderr)
     return report
 

@@ -22,7 +22,7 @@ def test_probe_scores_all_three_feature_sets(tiny_cfg, tmp_path, capsys):
     ckpt = save_checkpoint({"format": ENCODER_FORMAT, "config": config_to_dict(tiny_cfg),
                             "backbone": model.state_dict()}, tmp_path / "teacher.pt")
     report = demo_knn.probe(ckpt, tmp_path / "probe", n_images=3, seed=5, k=3)
-    scores = report["summary"][TASK]
+    scores = report["summary"]["scores"][TASK]
     assert set(scores) == {"trained", "random-init", "raw-pixels"}
     # the checkpoint is the seed-0 random init: the baseline must reproduce its score exactly
     assert scores["trained"] == scores["random-init"]
@@ -36,7 +36,7 @@ def test_demo_run_beats_random_init_and_raw_pixels(tmp_path):
     run = tmp_path / "run"
     assert train_main(["configs/demo.yaml", f"train.output_dir={run}", f"data.demo.cache_dir={tmp_path / 'demo'}",
                        "train.progress=false", "train.tensorboard=false"]) == 0
-    scores = demo_knn.probe(run / "teacher.pt", tmp_path / "probe")["summary"][TASK]
+    scores = demo_knn.probe(run / "teacher.pt", tmp_path / "probe")["summary"]["scores"][TASK]
     print(json.dumps(scores))
     assert scores["trained"] > scores["raw-pixels"] + 0.03
     assert scores["trained"] > scores["random-init"] + 0.15
