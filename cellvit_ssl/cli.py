@@ -75,7 +75,7 @@ class CommandLine:
     def __post_init__(self) -> None:
         self._by_name = {name: flag for flag in self.flags for name in flag.names}
         self._lists = {key for key, kind in _leaf_types(self.schema).items() if _is_list(kind)}
-        self._bools = {key for key, kind in _leaf_types(self.schema).items() if kind is bool}
+        self._dicts = {key for key, kind in _leaf_types(self.schema).items() if typing.get_origin(kind) is dict}
 
     # ---------------------------------------------------------------- help
     def help(self) -> str:
@@ -113,7 +113,10 @@ class CommandLine:
         """
         argv = list(argv)
         if "-h" in argv or "--help" in argv:
-            print(self.help())
+            try:
+                print(self.help())
+            except BrokenPipeError:  # `--help | head`
+                pass
             raise SystemExit(0)
         overrides: list[str] = []
         config: str | None = None
@@ -122,7 +125,7 @@ class CommandLine:
         while i < len(argv):
             token = argv[i]
             i += 1
-            if token.startswith("--"):
+            if token.startswith("--") or token.partition("=")[0] in self._by_name:
                 name, _, inline = token.partition("=")
                 flag = self._flag(name)
                 if flag.value is not None:
@@ -131,15 +134,17 @@ class CommandLine:
                     overrides.append(f"{flag.key}={_show(flag.value)}")
                     continue
                 values = [inline] if inline else []
+                takes_pairs = flag.key in self._dicts
                 if not values:
-                    while i < len(argv) and not self._is_option(argv[i]):
+                    while i < len(argv) and (not self._is_option(argv[i])
+                                             or (takes_pairs and not argv[i].startswith("--") and not values)):
                         values.append(argv[i])
                         i += 1
-                        if flag.key not in self._lists:
+                        if flag.key not in self._lists and flag.key not in self._dicts:
                             break
                 if not values:
                     raise ConfigError(f"{name} needs a value (it sets {flag.key})")
-                overrides.append(self._as_override(flag.key, values))
+                overrides += self._as_overrides(name, flag.key, values)
             elif "=" in token and not token.startswith("="):
                 overrides.append(token)
             elif self.config_file and token.lower().endswith((".yaml", ".yml")) and config is None:
@@ -166,7 +171,7 @@ class CommandLine:
         return ", ".join(parts) if parts else "no bare arguments"
 
     def _is_option(self, token: str) -> bool:
-        return token.startswith("--") or ("=" in token and not token.startswith("="))
+        return token.startswith("--") or token in self._by_name or ("=" in token and not token.startswith("="))
 
     def _flag(self, name: str) -> Flag:
         if name in self._by_name:
@@ -181,11 +186,17 @@ class CommandLine:
         suggestion = f"; did you mean {hint!r}?" if hint else (f"; did you mean {near}=...?" if near else "")
         raise ConfigError(f"unknown flag {name!r}{suggestion} (see {self.prog} --help)")
 
-    def _as_override(self, key: str, values: list[str]) -> str:
+    def _as_overrides(self, flag: str, key: str, values: list[str]) -> list[str]:
+        items = [part for v in values for part in v.split(",") if part != ""]
         if key in self._lists:
-            items = [part for v in values for part in v.split(",") if part != ""]
-            return f"{key}=[{','.join(_quote(v) for v in items)}]"
-        return f"{key}={_quote(values[0])}"
+            return [f"{key}=[{','.join(_quote(v) for v in items)}]"]
+        if key in self._dicts:
+            pairs = [item.split("=", 1) for item in items]
+            bad = [item for item, pair in zip(items, pairs) if len(pair) != 2 or not pair[0]]
+            if bad:
+                raise ConfigError(f"{flag} {bad[0]!r}: expected NAME=VALUE pairs, e.g. {flag} a=b,c=d")
+            return [f"{key}.{_quote(k)}={_quote(v)}" for k, v in pairs]
+        return [f"{key}={_quote(values[0])}"]
 
 
 def difflib_close(word: str, options: Sequence[str]) -> str | None:

@@ -161,12 +161,12 @@ class DistBackend(Choice):
 class DemoConfig:
     """Synthetic HPA-like demo data, generated on first use into ``cache_dir``."""
 
-    enabled: bool = False
-    cache_dir: str = "~/.cache/cellvit_ssl/demo"
-    n_images: int = 8
-    image_size: int = 192
-    cells_per_image: int = 12
-    seed: int = 0
+    enabled: bool = False  # train on the built-in synthetic demo data instead of data.index
+    cache_dir: str = "~/.cache/cellvit_ssl/demo"  # where the demo data is generated (reused afterwards)
+    n_images: int = 8  # demo fields of view
+    image_size: int = 192  # side of a demo field in px
+    cells_per_image: int = 12  # cells per demo field
+    seed: int = 0  # seed of the demo generator
     format: DemoFormat = DemoFormat.ome_zarr  # ome_zarr | ome_tiff
 
 
@@ -176,11 +176,11 @@ class DataConfig:
 
     index: str | None = None  # CSV / parquet index: one row per image or per cell crop
     root: str | None = None  # base folder for relative paths in the index
-    channels: list[str] = field(default_factory=lambda: ["nucleus", "microtubules", "er", "protein"])
+    channels: list[str] = field(default_factory=lambda: ["nucleus", "microtubules", "er", "protein"])  # model channels
     channel_map: dict[str, str] = field(default_factory=dict)  # your channel names -> vocabulary names
     extra_channels: list[str] = field(default_factory=list)  # new stains the built-in vocabulary lacks (ids follow)
     sample_size: int = 64  # side of the square cut around a cell / from an image, in px
-    normalize_percentiles: list[float] = field(default_factory=lambda: [1.0, 99.8])
+    normalize_percentiles: list[float] = field(default_factory=lambda: [1.0, 99.8])  # [low, high] mapped to 0, 1
     mode: SampleMode = SampleMode.auto  # auto | cells (centroid crops) | tiles (random tiles) | image (whole, fit)
     normalize: Normalization = Normalization.percentile  # percentile (per sample) | dataset (stats) | none
     stats_cache: str | None = None  # JSON for dataset stats; default ~/.cache/cellvit_ssl/stats/<hash>.json
@@ -197,7 +197,7 @@ class DataConfig:
     t_frame: int = 0  # time frame read
     metadata_columns: list[str] = field(default_factory=list)  # index columns returned with each sample
     batch_size: int = 32  # per process
-    num_workers: int = 2
+    num_workers: int = 2  # data-loading processes per GPU process (0: load in the main process)
     demo: DemoConfig = field(default_factory=DemoConfig)
 
 
@@ -205,14 +205,14 @@ class DataConfig:
 class ViewsConfig:
     """Multi-crop DINO views (lightly DINOTransform's structure, channel-agnostic ops)."""
 
-    global_crop_size: int = 224
-    global_crop_scale: list[float] = field(default_factory=lambda: [0.4, 1.0])
-    n_local_views: int = 6
-    local_crop_size: int = 96
-    local_crop_scale: list[float] = field(default_factory=lambda: [0.05, 0.4])
-    hflip_prob: float = 0.5
-    vflip_prob: float = 0.5
-    rot90: bool = True
+    global_crop_size: int = 224  # side of the 2 global views in px (the model input size at inference)
+    global_crop_scale: list[float] = field(default_factory=lambda: [0.4, 1.0])  # area fraction of the sample
+    n_local_views: int = 6  # local views per sample
+    local_crop_size: int = 96  # side of the local views in px
+    local_crop_scale: list[float] = field(default_factory=lambda: [0.05, 0.4])  # area fraction of the sample
+    hflip_prob: float = 0.5  # probability of a horizontal flip per view
+    vflip_prob: float = 0.5  # probability of a vertical flip per view
+    rot90: bool = True  # random multiples of 90° rotation per view
     gamma: float = 0.2  # per-channel gamma exponent in [1/(1+g), 1+g] (log-uniform)
     brightness: float = 0.3  # per-channel additive shift (in std units when standardize)
     contrast: float = 0.3  # per-channel multiplicative jitter
@@ -220,7 +220,7 @@ class ViewsConfig:
     blur_prob: list[float] = field(default_factory=lambda: [1.0, 0.1, 0.5])  # global 1, global 2, local
     blur_sigma: list[float] = field(default_factory=lambda: [0.1, 2.0])  # px of the view
     noise: Noise = Noise.gaussian  # none | gaussian | poisson
-    noise_prob: float = 0.5
+    noise_prob: float = 0.5  # probability of noise per view
     noise_std: list[float] = field(default_factory=lambda: [0.0, 0.05])  # gaussian, image units
     noise_photons: list[float] = field(default_factory=lambda: [50.0, 1000.0])  # poisson counts at 1.0
     standardize: bool = False  # per-view, per-channel zero mean / unit variance (embed must match)
@@ -234,22 +234,22 @@ class ModelConfig:
     """Channel-adaptive ViT: variant and backbone size."""
 
     variant: Variant = Variant.boc  # fixed | boc | hierarchical | channelvit
-    arch: str = "vit_small"  # vit_tiny | vit_small | vit_base | vit_large | vit_giant, or "custom"
-    patch_size: int = 16
+    arch: str = "vit_small"  # vit_tiny | vit_small | vit_base | vit_large | vit_giant2, or custom
+    patch_size: int = 16  # side of a patch token in px
     img_size: int = 224  # native size of the position embedding
     embed_dim: int = 384  # used when arch == "custom"
-    depth: int = 12
-    num_heads: int = 6
-    mlp_ratio: float = 4.0
-    drop_path_rate: float = 0.0
-    layerscale_init: float | None = 1.0e-5
-    num_register_tokens: int = 0
-    qkv_bias: bool = True
+    depth: int = 12  # transformer blocks, when arch == custom
+    num_heads: int = 6  # attention heads, when arch == custom
+    mlp_ratio: float = 4.0  # MLP hidden width / embed_dim
+    drop_path_rate: float = 0.0  # stochastic depth of the last block (linear in depth)
+    layerscale_init: float | None = 1.0e-5  # LayerScale start value (null: no LayerScale)
+    num_register_tokens: int = 0  # register tokens (DINOv2 with registers: 4)
+    qkv_bias: bool = True  # bias on the attention's qkv projection
     ffn_layer: FfnLayer = FfnLayer.mlp  # mlp | swiglu (DINOv2's fused SwiGLU, e.g. for vit_giant2)
     pool_patch_tokens: bool = False  # embed(): append the mean patch token to each CLS token
     attn_backend: AttnBackend = AttnBackend.sdpa  # sdpa | xformers (used only when installed and on CUDA)
     interpolate_offset: float = 0.0  # pos-embed resize: 0 = exact grid; 0.1 = DINOv2's scale-factor resize
-    interpolate_antialias: bool = False
+    interpolate_antialias: bool = False  # antialias the position-embedding resize
     pretrained: str | None = None  # local DINOv2-layout .pth loaded into the backbone at build time
     pretrained_strict: bool = True  # missing / unexpected checkpoint keys are an error (else a warning)
 
@@ -261,44 +261,44 @@ class SSLConfig:
     dino: bool = True  # DINO loss on CLS tokens
     ibot: bool = True  # iBOT masked-patch loss
     koleo: bool = True  # KoLeo regulariser on the student's global CLS tokens
-    dino_loss_weight: float = 1.0
-    ibot_loss_weight: float = 1.0
-    koleo_loss_weight: float = 0.1
-    head_hidden_dim: int = 2048
-    head_bottleneck_dim: int = 256
-    head_output_dim: int = 65536
+    dino_loss_weight: float = 1.0  # weight of the DINO term
+    ibot_loss_weight: float = 1.0  # weight of the iBOT term
+    koleo_loss_weight: float = 0.1  # weight of the KoLeo term
+    head_hidden_dim: int = 2048  # projection head hidden width
+    head_bottleneck_dim: int = 256  # projection head bottleneck width
+    head_output_dim: int = 65536  # prototypes of the DINO head
     ibot_head_output_dim: int | None = None  # None: same as head_output_dim
-    student_temp: float = 0.1
-    teacher_temp: float = 0.07
-    warmup_teacher_temp: float = 0.04
-    warmup_teacher_temp_epochs: int = 30
+    student_temp: float = 0.1  # student softmax temperature
+    teacher_temp: float = 0.07  # teacher temperature after the warm-up
+    warmup_teacher_temp: float = 0.04  # teacher temperature at the start
+    warmup_teacher_temp_epochs: int = 30  # epochs of the linear teacher-temperature warm-up
     centering: Centering = Centering.sinkhorn_knopp  # sinkhorn_knopp | mean
-    sinkhorn_iterations: int = 3
+    sinkhorn_iterations: int = 3  # Sinkhorn-Knopp normalisations per batch
     center_momentum: float = 0.9  # mean centering only
     mask_ratio: list[float] = field(default_factory=lambda: [0.1, 0.5])  # iBOT per-sample range
     mask_sample_probability: float = 0.5  # fraction of global-view samples that get a mask
-    freeze_last_layer_epochs: int = 1
+    freeze_last_layer_epochs: int = 1  # epochs the heads' last layer is frozen
     channel_sampling: ChannelSampling = ChannelSampling.none  # none | hierarchical (k ~ U{1..C}, then a k-subset)
-    momentum_start: float = 0.996
-    momentum_end: float = 1.0
+    momentum_start: float = 0.996  # teacher EMA momentum at the start (cosine to momentum_end)
+    momentum_end: float = 1.0  # teacher EMA momentum at the end
 
 
 @dataclass(frozen=True)
 class TrainConfig:
     """Optimisation loop, distribution, checkpoints and logging."""
 
-    output_dir: str = "runs/default"
-    epochs: int = 100
+    output_dir: str = "runs/default"  # folder of checkpoints, teacher.pt, config.yaml and metrics
+    epochs: int = 100  # passes over the index
     base_lr: float = 5.0e-4  # per `lr_reference_batch` images of global batch
     lr_reference_batch: int = 256  # lr = base_lr * global batch / this
-    min_lr: float = 1.0e-6
-    warmup_epochs: int = 10
-    weight_decay: float = 0.04
+    min_lr: float = 1.0e-6  # learning rate at the end of the cosine schedule
+    warmup_epochs: int = 10  # epochs of linear learning-rate warm-up
+    weight_decay: float = 0.04  # AdamW weight decay at the start
     weight_decay_end: float = 0.4  # cosine schedule from weight_decay to this
     layer_decay: float = 1.0  # layer-wise lr decay (1 = off; 0.65-0.9 for fine-tuning)
     clip_grad: float = 3.0  # max total grad norm (0 = off)
     accumulate_steps: int = 1  # micro-batches per optimiser step
-    seed: int = 0
+    seed: int = 0  # seed of data order, crops and initialisation
     device: str = "auto"  # auto | cpu | cuda | cuda:N (under torchrun: cuda:LOCAL_RANK)
     precision: Precision = Precision.auto  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
     strategy: Strategy = Strategy.ddp  # ddp | fsdp (FSDP2, fully_shard per transformer block)
@@ -307,7 +307,7 @@ class TrainConfig:
     activation_checkpointing: bool = False  # recompute student blocks in backward
     deterministic: bool = False  # deterministic kernels (slower; for exact reproducibility)
     log_every: int = 10  # steps between JSONL / TensorBoard records
-    tensorboard: bool = True
+    tensorboard: bool = True  # TensorBoard scalars in output_dir/tb (needs tensorboard installed)
     progress: bool = True  # progress bar on rank 0
     checkpoint_every: int = 0  # steps; 0 = only at each epoch end
     keep_last: int = 3  # step checkpoints kept (checkpoint.pt always points at the newest)
@@ -359,9 +359,10 @@ def describe(schema: type, prefix: str = "") -> list[tuple[str, str, str]]:
             continue
         shown = value.value if isinstance(value, enum.Enum) else value
         if isinstance(hints[f.name], type) and issubclass(hints[f.name], enum.Enum):
-            choices = " | ".join(m.name for m in hints[f.name])
+            names = [m.name for m in hints[f.name]]
             doc = docs.get(f.name, "")
-            docs[f.name] = doc if choices in doc else f"{choices}; {doc}".rstrip("; ")
+            if not any(n in doc for n in names):
+                docs[f.name] = f"{' | '.join(names)}; {doc}".rstrip("; ")
         rows.append((f"{prefix}{f.name}", _yaml_value(shown if not isinstance(value, enum.Enum) else value.name),
                      docs.get(f.name, "")))
     return rows
@@ -506,7 +507,12 @@ def dotlist(overrides: Sequence[str]) -> DictConfig:
 
 
 # ----------------------------------------------------------------------------- the training config
-def _validate(cfg: Config) -> None:
+def validate_config(cfg: Config) -> None:
+    """Check a merged training config for inconsistent values.
+
+    Raises:
+        ConfigError: Naming the key, its value and what was expected.
+    """
     from cellvit_ssl.models.vit import ARCHS
 
     if cfg.model.arch not in (*ARCHS, "custom"):
@@ -642,7 +648,7 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
         sources.append((str(path), read_yaml(path)))
     sources.append(("command-line override", dotlist(overrides)))
     cfg = merge_config(Config, sources)
-    _validate(cfg)
+    validate_config(cfg)
     return cfg
 
 

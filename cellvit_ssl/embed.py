@@ -81,7 +81,8 @@ CONTRACT_KEYS = ("channels", "channel_map", "extra_channels", "normalize", "norm
 
 COMMAND_LINE = CommandLine(
     prog="python -m cellvit_ssl.embed",
-    description="Embed the rows of an index (or a list of images) with a trained checkpoint into AnnData.",
+    description="Embed the rows of an index (or a list of images) with a trained checkpoint into AnnData. The "
+                "data.* defaults are the checkpoint's own (its preprocessing contract cannot be changed here).",
     schema=EmbedCommand,
     positionals=("embed.checkpoint",),
     flags=(

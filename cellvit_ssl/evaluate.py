@@ -38,9 +38,7 @@ Examples:
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
 import sys
 import warnings
 from collections.abc import Callable, Sequence
@@ -51,7 +49,9 @@ import numpy as np
 import pandas as pd
 
 from cellvit_ssl import chammi
+from cellvit_ssl.cli import CommandLine, Flag
 from cellvit_ssl.errors import CellVitSSLError, ConfigError, DataError
+from cellvit_ssl.io import atomic_write_text
 from cellvit_ssl.protocols import Task, build_tasks
 
 __all__ = ["Task", "build_tasks", "classifiers", "describe_classifier", "evaluate_features", "main", "run"]
@@ -441,56 +441,100 @@ def chammi_summary(results: Sequence[Result], headline: str) -> tuple[str, dict]
     return "\n".join(text), data
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The command-line interface of ``python -m cellvit_ssl.evaluate``."""
-    p = argparse.ArgumentParser(prog="python -m cellvit_ssl.evaluate", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("embeddings", help="OUT.h5ad or OUT.zarr written by python -m cellvit_ssl.embed")
-    p.add_argument("--label-key", required=True, help="obs column with the class labels")
-    p.add_argument("--protocol", choices=("auto", "chammi", "generic"), default="auto",
-                   help="chammi: the CHAMMI benchmark's rules and score; generic: splits / groups / CV as given; "
-                        "auto (default): chammi when the split column holds Train and Task_*, and says so")
-    p.add_argument("--headline", help="classifier of the headline numbers (default: 1nn_l2, the benchmark's, for "
-                                      "CHAMMI; <k>nn_cosine otherwise); one of 1nn_cosine, 1nn_l2, <k>nn_cosine, "
-                                      "<k>nn_l2, logreg, sgd")
-    p.add_argument("--headline-metric", default="macro_f1", choices=tuple(METRICS),
-                   help="metric of the headline numbers (CHAMMI: macro_f1 only)")
-    p.add_argument("--split-key", help="obs column with train / test (or CHAMMI Train / Task_*) splits "
-                                       "(CHAMMI default: train_test_split)")
-    p.add_argument("--train-value", help="value of --split-key marking training rows (default: train / Train)")
-    p.add_argument("--group-key", help="obs column for leave-one-group-out (e.g. Plate)")
-    p.add_argument("--leave-out", action="append", default=[], metavar="TASK=COLUMN",
-                   help="score split TASK by leave-one-COLUMN-out (CHAMMI: HPA Task_three=cell_type and CP "
-                        "Task_four=Plate already)")
-    p.add_argument("--dataset-key", help="obs column naming sub-datasets scored separately "
-                                         "(default: 'dataset' when present; CHAMMI: required)")
-    p.add_argument("--k", type=int, default=10, help="k of the k-NN classifiers (1-NN is always scored)")
-    p.add_argument("--no-baselines", action="store_true", help="skip the random-init and raw-pixel baselines")
-    p.add_argument("--root", help="base folder of relative obs paths (default: the one recorded at embedding)")
-    p.add_argument("--pixel-size", type=int, default=8, help="raw-pixel baseline: side per channel before PCA")
-    p.add_argument("--pca", type=int, default=64, help="raw-pixel baseline: PCA dimensions")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", help="device of the random-init baseline (default: CUDA when available)")
-    p.add_argument("--workers", type=int, default=0, help="processes reading crops for the baselines")
-    p.add_argument("--json", help="results JSON path (default: next to the embeddings, *.eval.json)")
-    return p
+@dataclass(frozen=True)
+class EvaluateConfig:
+    """Settings of one evaluation (the ``evaluate`` section)."""
+
+    embeddings: str | None = None  # OUT.h5ad or OUT.zarr written by python -m cellvit_ssl.embed
+    label_key: str | None = None  # obs column with the class labels
+    protocol: str = "auto"  # auto | chammi (the benchmark's rules and score) | generic (splits / groups / CV)
+    headline: str | None = None  # classifier of the headline numbers (default: 1nn_l2 for CHAMMI, <k>nn_cosine)
+    headline_metric: str = "macro_f1"  # macro_f1 | accuracy (CHAMMI: macro_f1 only)
+    split_key: str | None = None  # obs column with train / test (or CHAMMI Train / Task_*) splits
+    train_value: str | None = None  # value of split_key marking training rows (default: train / Train)
+    group_key: str | None = None  # obs column for leave-one-group-out over all rows (e.g. Plate)
+    leave_out: dict[str, str] = field(default_factory=dict)  # TASK: COLUMN scored leave-one-COLUMN-out
+    dataset_key: str | None = None  # obs column naming sub-datasets scored apart (default: dataset if present)
+    k: int = 10  # k of the k-NN classifiers (1-NN is always scored)
+    baselines: bool = True  # also score random-init weights and raw pixels on the same samples
+    pixel_size: int = 8  # raw-pixel baseline: side per channel before PCA
+    pca: int = 64  # raw-pixel baseline: PCA dimensions
+    seed: int = 0  # seed of the random-init baseline, CV folds and classifiers
+    device: str = "auto"  # device of the random-init baseline: auto | cpu | cuda | cuda:N
+    json: str | None = None  # results JSON path (default: next to the embeddings, *.eval.json)
 
 
-def run(args: argparse.Namespace) -> dict:
+@dataclass(frozen=True)
+class EvalData:
+    """How evaluate's baselines read the samples again (training key names)."""
+
+    root: str | None = None  # base folder of relative obs paths (default: the one recorded by embed)
+    num_workers: int = 0  # processes reading samples for the baselines
+    batch_size: int = 64  # images per forward pass of the random-init baseline
+
+
+@dataclass(frozen=True)
+class EvaluateCommand:
+    """``python -m cellvit_ssl.evaluate``."""
+
+    data: EvalData = field(default_factory=EvalData)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+
+
+COMMAND_LINE = CommandLine(
+    prog="python -m cellvit_ssl.evaluate",
+    description="Score how well embeddings separate known labels, beside random-init and raw-pixel baselines.",
+    schema=EvaluateCommand,
+    positionals=("evaluate.embeddings",),
+    flags=(
+        Flag(("--label-key",), "evaluate.label_key"), Flag(("--protocol",), "evaluate.protocol"),
+        Flag(("--headline",), "evaluate.headline"), Flag(("--headline-metric",), "evaluate.headline_metric"),
+        Flag(("--split-key",), "evaluate.split_key"), Flag(("--train-value",), "evaluate.train_value"),
+        Flag(("--group-key",), "evaluate.group_key"), Flag(("--leave-out",), "evaluate.leave_out"),
+        Flag(("--dataset-key",), "evaluate.dataset_key"), Flag(("--k",), "evaluate.k"),
+        Flag(("--no-baselines",), "evaluate.baselines", False), Flag(("--root",), "data.root"),
+        Flag(("--pixel-size",), "evaluate.pixel_size"), Flag(("--pca",), "evaluate.pca"),
+        Flag(("--seed",), "evaluate.seed"), Flag(("--device",), "evaluate.device"),
+        Flag(("--workers",), "data.num_workers"), Flag(("--json",), "evaluate.json"),
+    ),
+    examples=(
+        "python -m cellvit_ssl.evaluate cells.h5ad --label-key label --split-key split",
+        "python -m cellvit_ssl.evaluate cells.h5ad evaluate.label_key=label evaluate.group_key=Plate",
+        "python -m cellvit_ssl.evaluate chammi.h5ad --label-key label --protocol chammi",
+    ),
+)
+
+
+def _check(cfg: EvaluateCommand) -> None:
+    e = cfg.evaluate
+    if not e.embeddings:
+        raise ConfigError("give the embeddings file to evaluate (written by python -m cellvit_ssl.embed)")
+    if not e.label_key:
+        raise ConfigError("give the obs column holding the labels: evaluate.label_key=... (--label-key)")
+    if e.protocol not in ("auto", "chammi", "generic"):
+        raise ConfigError(f"evaluate.protocol={e.protocol!r}; expected auto, chammi or generic")
+    if e.headline_metric not in METRICS:
+        raise ConfigError(f"evaluate.headline_metric={e.headline_metric!r}; expected one of {list(METRICS)}")
+    for key in ("k", "pixel_size", "pca"):
+        if getattr(e, key) < 1:
+            raise ConfigError(f"evaluate.{key}={getattr(e, key)}; expected >= 1")
+    if cfg.data.num_workers < 0 or cfg.data.batch_size < 1:
+        raise ConfigError(f"data.num_workers={cfg.data.num_workers} must be >= 0 and data.batch_size="
+                          f"{cfg.data.batch_size} >= 1")
+
+
+def run(cfg: EvaluateCommand) -> dict:
     """Evaluate the trained features and the baselines; print the tables, write the JSON."""
     from cellvit_ssl.embed_io import read_embeddings
 
+    _check(cfg)
+    args, data = cfg.evaluate, cfg.data
     adata = read_embeddings(args.embeddings)
     obs = adata.obs.reset_index(drop=True)
     if args.label_key not in obs.columns:
         raise DataError(f"--label-key {args.label_key!r} is not in obs (columns: {list(obs.columns)})")
     labels = obs[args.label_key].astype(str).to_numpy()
-    leave_out = {}
-    for item in args.leave_out:
-        if "=" not in item:
-            raise DataError(f"--leave-out {item!r}: expected TASK=COLUMN")
-        task, col = item.split("=", 1)
-        leave_out[task] = col
+    leave_out = dict(args.leave_out)
     protocol, split_key = select_protocol(args.protocol, obs, args.split_key, args.group_key, args.train_value)
     headline = args.headline or default_headline(protocol, args.k)
     check_headline(protocol, headline, args.headline_metric, args.k)
@@ -506,13 +550,13 @@ def run(args: argparse.Namespace) -> dict:
                             seed=args.seed)
         detected = None
     feature_sets = {"trained": np.asarray(adata.X, dtype=np.float32)}
-    if not args.no_baselines:
+    if args.baselines:
         _check_index_unchanged(adata)
         print("computing baselines: random-init encoder, raw pixels ...", file=sys.stderr)
-        feature_sets["random-init"] = random_init_features(adata, args.root, args.seed, device=args.device,
-                                                           workers=args.workers)
-        feature_sets["raw-pixels"] = raw_pixel_features(adata, args.root, args.pixel_size, args.pca, args.seed,
-                                                        args.workers)
+        feature_sets["random-init"] = random_init_features(adata, data.root, args.seed, data.batch_size,
+                                                           device=args.device, workers=data.num_workers)
+        feature_sets["raw-pixels"] = raw_pixel_features(adata, data.root, args.pixel_size, args.pca, args.seed,
+                                                        data.num_workers)
     results = []
     for name, x in feature_sets.items():
         results += evaluate_features(name, x, labels, tasks, args.k, args.seed)
@@ -536,18 +580,15 @@ def run(args: argparse.Namespace) -> dict:
               "summary": {k: v for k, v in summary.items() if k != "lines"},
               "results": [asdict(r) for r in results]}
     out = Path(args.json) if args.json else Path(args.embeddings).with_suffix(".eval.json")
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(json.dumps(report, indent=2))
-    os.replace(tmp, out)
+    atomic_write_text(out, json.dumps(report, indent=2))
     print(f"wrote {out}", file=sys.stderr)
     return report
 
 
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point; returns the exit code (0 ok, 2 user error)."""
-    args = build_parser().parse_args(argv)
     try:
-        run(args)
+        run(COMMAND_LINE.load(COMMAND_LINE.parse(sys.argv[1:] if argv is None else argv)))
     except CellVitSSLError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -18,7 +18,6 @@ exit cleanly; a NaN / Inf loss stops the run and keeps the last good checkpoint.
 
 from __future__ import annotations
 
-import argparse
 import functools
 import json
 import os
@@ -48,7 +47,8 @@ from cellvit_ssl.checkpoint import (
     save_training_checkpoint,
     set_rng_state,
 )
-from cellvit_ssl.config import Config, Precision, config_to_dict, load_config, save_config
+from cellvit_ssl.cli import CommandLine
+from cellvit_ssl.config import Config, Precision, config_to_dict, save_config, validate_config
 from cellvit_ssl.data.collate import collate_channels
 from cellvit_ssl.data.dataset import build_dataset as build_index_dataset
 from cellvit_ssl.data.synthetic import DemoSpec, generate_demo
@@ -553,14 +553,24 @@ def run(cfg: Config) -> Path:
         D.cleanup()
 
 
+COMMAND_LINE = CommandLine(
+    prog="python -m cellvit_ssl.train",
+    description="Self-supervised DINO / DINOv2 training of a channel-adaptive ViT. The same command runs on one "
+                "CPU or GPU, and under torchrun / srun on many GPUs and nodes.",
+    schema=Config,
+    examples=(
+        "python -m cellvit_ssl.train configs/demo.yaml",
+        "python -m cellvit_ssl.train configs/hpa.yaml data.index=data/hpa/index.csv train.epochs=5",
+        "torchrun --standalone --nproc_per_node 8 -m cellvit_ssl.train configs/hpa.yaml train.strategy=fsdp",
+    ),
+)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point; returns the process exit code."""
-    parser = argparse.ArgumentParser(prog="python -m cellvit_ssl.train", description=__doc__.splitlines()[0])
-    parser.add_argument("config", help="YAML config (only what differs from the defaults)")
-    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.epochs=5")
-    args = parser.parse_args(argv)
     try:
-        cfg = load_config(args.config, args.overrides)
+        cfg = COMMAND_LINE.load(COMMAND_LINE.parse(sys.argv[1:] if argv is None else argv))
+        validate_config(cfg)
         run(cfg)
     except CellVitSSLError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -22,20 +22,22 @@ Two builders:
 
 from __future__ import annotations
 
-import argparse
 import fnmatch
 import re
 import sys
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from cellvit_ssl.channels import CHAMMI_PRESETS, canonical_names, preset
+from cellvit_ssl.channels import CHAMMI_PRESETS, ChannelVocabulary, preset
+from cellvit_ssl.cli import CommandLine, Flag
+from cellvit_ssl.config import Choice
 from cellvit_ssl.data.readers import PNG_SUFFIXES, TIFF_SUFFIXES, ZARR_MARKERS, open_labels, open_stack
 from cellvit_ssl.data.samples import cells_from_mask
-from cellvit_ssl.errors import CellVitSSLError, DataError
+from cellvit_ssl.errors import CellVitSSLError, ConfigError, DataError
 
 CHAMMI_META = "enriched_meta.csv"
 IMAGE_SUFFIXES = (".ome.zarr", ".ome.tiff", ".ome.tif", ".zarr", ".tiff", ".tif", ".png")
@@ -94,7 +96,7 @@ def read_mask(image: Path, masks: str) -> tuple[np.ndarray, str]:
 def build_folder_index(
     root: str | Path,
     channels: Sequence[str] | None = None,
-    channel_map: Mapping[str, str] | None = None,
+    channel_map: Mapping[str, str] | ChannelVocabulary | None = None,
     pattern: str | None = None,
     channel_width: int | None = None,
     recursive: bool = True,
@@ -107,7 +109,8 @@ def build_folder_index(
         root: Folder to scan.
         channels: Channel names for files that do not store them (plain TIFF, Zarr, PNG
             tapes); with ``pattern``, the wanted channels in output order.
-        channel_map: Your names (or the ``channel`` tokens of ``pattern``) → vocabulary names.
+        channel_map: Your names (or the ``channel`` tokens of ``pattern``) → vocabulary names, or a
+            whole :class:`~cellvit_ssl.channels.ChannelVocabulary` (with new stains).
         pattern: Regular expression matched against each TIFF's path relative to ``root``,
             with a named group ``channel`` and any other named groups (e.g. ``plate``,
             ``well``, ``site``) that identify one image; files of the same image become one
@@ -124,6 +127,8 @@ def build_folder_index(
         DataError: If the folder holds no image, a file cannot be opened, does not name its
             channels and none were given, or a channel is unknown or missing.
     """
+    vocabulary = channel_map if isinstance(channel_map, ChannelVocabulary) else \
+        ChannelVocabulary.extended((), channel_map)
     root = Path(root).expanduser()
     if not root.is_dir():
         raise DataError(f"{root}: no such folder")
@@ -131,7 +136,7 @@ def build_folder_index(
     if include:
         images = [p for p in images if fnmatch.fnmatch(_relative(p, root), include)]
     if pattern:
-        return _grouped_index(root, images, pattern, channels, channel_map)
+        return _grouped_index(root, images, pattern, channels, vocabulary)
     if masks and not masks.startswith("labels/"):
         images = [p for p in images if not p.name.endswith(masks)]
     rows = []
@@ -140,7 +145,7 @@ def build_folder_index(
             stack = open_stack(path, channel_names=list(channels), channel_width=channel_width)
         else:
             stack = _open_named(path, channel_width)
-        names = canonical_names(stack.channel_names, channel_map, source=stack.path)
+        names = vocabulary.canonical_names(stack.channel_names, source=stack.path)
         row = {"path": _relative(path, root), "channels": ";".join(names),
                "n_channels": stack.num_channels, "height": stack.shape[1], "width": stack.shape[2],
                "format": stack.metadata.get("format", "")}
@@ -169,7 +174,7 @@ def _open_named(path: Path, channel_width: int | None):
 
 
 def _grouped_index(root: Path, images: list[Path], pattern: str, channels: Sequence[str] | None,
-                   channel_map: Mapping[str, str] | None) -> pd.DataFrame:
+                   vocabulary: ChannelVocabulary) -> pd.DataFrame:
     try:
         regex = re.compile(pattern)
     except re.error as exc:
@@ -183,14 +188,14 @@ def _grouped_index(root: Path, images: list[Path], pattern: str, channels: Seque
         m = regex.search(rel)
         if m is None or not rel.lower().endswith(TIFF_SUFFIXES):
             continue
-        name = canonical_names([m.group("channel")], channel_map, source=rel)[0]
+        name = vocabulary.canonical_names([m.group("channel")], source=rel)[0]
         files = groups.setdefault(tuple(m.group(k) for k in keys), {})
         if name in files:
             raise DataError(f"{rel}: channel {name!r} of image {dict(zip(keys, m.groups()))} is already {files[name]}")
         files[name] = rel
     if not groups:
         raise DataError(f"{root}: no TIFF file matches --pattern {pattern!r}")
-    wanted = canonical_names(channels, channel_map, source="--channels") if channels else None
+    wanted = vocabulary.canonical_names(channels, source="index.channels") if channels else None
     rows = []
     for key, files in sorted(groups.items()):
         order = wanted or sorted(files)
@@ -281,16 +286,6 @@ def write_index(table: pd.DataFrame, path: str | Path) -> Path:
     return path
 
 
-def _parse_map(text: str | None) -> dict[str, str]:
-    if not text:
-        return {}
-    pairs = [p.split("=", 1) for p in text.split(",") if p]
-    bad = [p for p in pairs if len(p) != 2]
-    if bad:
-        raise DataError(f"--channel-map {text!r}: expected name=vocabulary pairs, e.g. DAPI=nucleus,ch2=rna")
-    return {k.strip(): v.strip() for k, v in pairs}
-
-
 def summary(table: pd.DataFrame) -> str:
     """A few lines describing an index: rows, channel sets, splits / datasets."""
     lines = [f"{len(table)} rows"]
@@ -301,42 +296,100 @@ def summary(table: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
+class IndexSource(Choice):
+    """What an index is built from."""
+
+    folder = "folder"
+    chammi = "chammi"
+
+
+@dataclass(frozen=True)
+class IndexConfig:
+    """Settings of the index builder (the ``index`` section)."""
+
+    source: IndexSource = IndexSource.folder  # folder (every image under a folder) | chammi (a CHAMMI download)
+    root: str | None = None  # the folder to index
+    out: str | None = None  # index file to write (.csv or .parquet)
+    channels: list[str] = field(default_factory=list)  # channel names, in file order, of files that lack them
+    pattern: str | None = None  # regex grouping single-channel TIFFs, with a (?P<channel>...) group
+    channel_width: int | None = None  # channel width of tapes (default: square channels)
+    masks: str | None = None  # one row per cell: 'labels/<name>' inside OME-Zarr, or a suffix such as _labels.tif
+    include: str | None = None  # glob on relative paths that images must match, e.g. '*.ome.zarr'
+    recursive: bool = True  # descend into sub-folders
+    subsets: list[str] = field(default_factory=list)  # chammi: sub-datasets to include (default: all found)
+
+
+@dataclass(frozen=True)
+class IndexData:
+    """Channel naming shared with training (same keys as ``data``)."""
+
+    channel_map: dict[str, str] = field(default_factory=dict)  # your channel names -> vocabulary names
+    extra_channels: list[str] = field(default_factory=list)  # new stains the built-in vocabulary lacks
+
+
+@dataclass(frozen=True)
+class IndexCommand:
+    """``python -m cellvit_ssl.data.index``."""
+
+    data: IndexData = field(default_factory=IndexData)
+    index: IndexConfig = field(default_factory=IndexConfig)
+
+
+COMMAND_LINE = CommandLine(
+    prog="python -m cellvit_ssl.data.index",
+    description="Build an index table (one row per image or cell) from a folder of images or a CHAMMI download.",
+    schema=IndexCommand,
+    positionals=("index.source", "index.root"),
+    config_file=False,
+    flags=(
+        Flag(("-o", "--out"), "index.out"), Flag(("--channels",), "index.channels"),
+        Flag(("--channel-map",), "data.channel_map"), Flag(("--pattern",), "index.pattern"),
+        Flag(("--channel-width",), "index.channel_width"), Flag(("--masks",), "index.masks"),
+        Flag(("--include",), "index.include"), Flag(("--no-recursive",), "index.recursive", False),
+        Flag(("--subsets",), "index.subsets"),
+    ),
+    examples=(
+        "python -m cellvit_ssl.data.index folder /data/plate1 --out plate1.csv --channels nucleus,rna,er,agp,mito",
+        "python -m cellvit_ssl.data.index folder /data/fovs --out cells.csv --include '*.ome.zarr' "
+        "--masks labels/cells",
+        "python -m cellvit_ssl.data.index chammi /data/CHAMMI --out /data/CHAMMI/index.csv",
+    ),
+)
+
+
+def run(cfg: IndexCommand) -> tuple[pd.DataFrame, Path]:
+    """Build and write the index a command config describes.
+
+    Raises:
+        ConfigError: If the folder or the output is not given.
+        DataError: On unreadable or unnamed images.
+    """
+    idx = cfg.index
+    if not idx.root or not idx.out:
+        raise ConfigError("give the folder to index and the output: ... folder ROOT --out INDEX.csv "
+                          "(index.root=..., index.out=...)")
+    if idx.source == IndexSource.folder:
+        vocabulary = ChannelVocabulary.extended(list(cfg.data.extra_channels), dict(cfg.data.channel_map))
+        table = build_folder_index(idx.root, channels=list(idx.channels) or None, channel_map=vocabulary,
+                                   pattern=idx.pattern, channel_width=idx.channel_width, recursive=idx.recursive,
+                                   masks=idx.masks, include=idx.include)
+    else:
+        table = build_chammi_index(idx.root, list(idx.subsets) or None)
+    return table, write_index(table, idx.out)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point; returns the process exit code."""
-    parser = argparse.ArgumentParser(prog="python -m cellvit_ssl.data.index", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="source", required=True)
-    folder = sub.add_parser("folder", help="every image under a folder")
-    folder.add_argument("root")
-    folder.add_argument("-o", "--out", required=True, help="index file (.csv or .parquet)")
-    folder.add_argument("--channels", help="comma-separated channel names (files that do not name them)")
-    folder.add_argument("--channel-map", help="name=vocabulary pairs, e.g. DAPI=nucleus,ch2=rna")
-    folder.add_argument("--pattern", help=r"regex grouping single-channel TIFFs, e.g. '(?P<site>.+)-(?P<channel>ch\d)'")
-    folder.add_argument("--channel-width", type=int, help="channel width of tapes")
-    folder.add_argument("--masks", help="one row per cell from label images: 'labels/<name>' inside OME-Zarr, "
-                        "or a suffix replacing the image's, e.g. _labels.tif")
-    folder.add_argument("--include", help="glob on relative paths that images must match, e.g. '*.ome.zarr'")
-    folder.add_argument("--no-recursive", action="store_true")
-    chammi = sub.add_parser("chammi", help="a CHAMMI root (Allen/, HPA/, CP/ with enriched_meta.csv)")
-    chammi.add_argument("root")
-    chammi.add_argument("-o", "--out", required=True, help="index file (.csv or .parquet)")
-    chammi.add_argument("--subsets", help="comma-separated sub-datasets (default: all found)")
-    args = parser.parse_args(argv)
     try:
-        if args.source == "folder":
-            table = build_folder_index(
-                args.root, channels=args.channels.split(",") if args.channels else None,
-                channel_map=_parse_map(args.channel_map), pattern=args.pattern,
-                channel_width=args.channel_width, recursive=not args.no_recursive, masks=args.masks,
-                include=args.include)
-        else:
-            table = build_chammi_index(args.root, args.subsets.split(",") if args.subsets else None)
-        out = write_index(table, args.out)
+        cfg = COMMAND_LINE.load(COMMAND_LINE.parse(sys.argv[1:] if argv is None else argv))
+        table, out = run(cfg)
     except CellVitSSLError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(f"wrote {out}: {summary(table)}")
-    if out.resolve().parent != Path(args.root).expanduser().resolve():
-        print(f"paths are relative to {args.root}: train with data.index={out} data.root={args.root}")
+    root = cfg.index.root
+    if out.resolve().parent != Path(root).expanduser().resolve():
+        print(f"paths are relative to {root}: train with data.index={out} data.root={root}")
     return 0
 
 
