@@ -27,6 +27,7 @@ from cellvit_ssl.data.channels import channel_ids as names_to_ids
 from cellvit_ssl.data.dataset import normalize_percentiles
 from cellvit_ssl.errors import CheckpointError, DataError
 from cellvit_ssl.models.channels import ChannelAdaptiveViT, build_model
+from cellvit_ssl.ssl import teacher_backbone_state
 from cellvit_ssl.transforms import PerChannelStandardize
 
 #: ``progress`` argument: False, True (a tqdm bar on stderr) or a callable ``(done, total)``
@@ -446,12 +447,12 @@ def load_encoder(path: str | Path, device: str | torch.device | None = None) -> 
     payload = load_checkpoint(path)
     config = config_from_dict(payload["config"])
     model = build_model(config.model, list(config.data.channels), load_pretrained=False)
-    if payload["format"] == ENCODER_FORMAT:
-        state = payload["backbone"]
-    else:
-        assert payload["format"] == TRAINING_FORMAT
-        state = {k[len("teacher."):]: v for k, v in payload["model"].items() if k.startswith("teacher.")}
     try:
+        if payload["format"] == ENCODER_FORMAT:
+            state = payload["backbone"]
+        else:
+            assert payload["format"] == TRAINING_FORMAT
+            state = teacher_backbone_state(payload["model"], config)
         model.load_state_dict(state)
     except RuntimeError as exc:
         raise CheckpointError(f"checkpoint {str(path)!r} does not match its own config: {exc}") from exc
