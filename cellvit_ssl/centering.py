@@ -81,7 +81,7 @@ def sinkhorn_knopp_jointly(logits: Sequence[Tensor], temperature: float, n_itera
             raise ValueError(f"sinkhorn_knopp expects (B, K) logits, got shape {tuple(x.shape)}")
     if n_iterations < 1:
         raise ValueError(f"sinkhorn_knopp needs at least one iteration, got {n_iterations}")
-    # (K, B) per problem: prototypes x samples, in the log domain
+    # (K, B) per problem: prototypes x samples, in the log domain (a new tensor, not the input)
     log_q = [(x.float() / temperature).t() for x in logits]
     widths = [q.shape[0] for q in log_q]
 
@@ -89,14 +89,17 @@ def sinkhorn_knopp_jointly(logits: Sequence[Tensor], temperature: float, n_itera
     local_max = [q.amax(dim=1) if q.shape[1] else q.new_full((q.shape[0],), -torch.inf) for q in log_q]
     shift = all_reduce_max_(torch.cat(local_max)).split(widths)
     shift = [torch.where(torch.isfinite(m), m, torch.zeros_like(m)).unsqueeze(1) for m in shift]
-    log_q = [q - m for q, m in zip(log_q, shift)]  # every entry <= 0, the largest of each row 0
+    # In place from here on: a (K, B) matrix of iBOT patch targets can take gigabytes.
+    for q, m in zip(log_q, shift):
+        q.sub_(m)  # every entry <= 0, the largest of each row 0
     for _ in range(n_iterations):
         # Each prototype's mass over the whole batch, a float32 sum of exps that neither overflows
         # nor vanishes: every entry is <= 0, so the mass is at most B_total; it is at least 1 in
         # the first iteration (the row maximum is exp(0)) and at least 1 / K later (the prototype
         # normalisation leaves a total mass of 1, so each sample normalisation divides by <= 1).
         mass = all_reduce_sum_(torch.cat([q.exp().sum(dim=1) for q in log_q])).split(widths)
-        log_q = [q - (m.log() + math.log(q.shape[0])).unsqueeze(1) for q, m in zip(log_q, mass)]
-        # Each sample's mass (local): columns sum to 1.
-        log_q = [q - torch.logsumexp(q, dim=0, keepdim=True) for q in log_q]
-    return [q.exp().t() for q in log_q]
+        for q, m in zip(log_q, mass):
+            q.sub_((m.log() + math.log(q.shape[0])).unsqueeze(1))
+            # Each sample's mass (local): columns sum to 1.
+            q.sub_(torch.logsumexp(q, dim=0, keepdim=True))
+    return [q.exp_().t() for q in log_q]

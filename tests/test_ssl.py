@@ -144,6 +144,9 @@ def test_sinkhorn_jointly_solves_each_problem_as_on_its_own():
 
     torch.manual_seed(3)
     cls, patches = torch.randn(8, 40), torch.randn(30, 24)
+    inputs = (cls.clone(), patches.clone())
+    joint = sinkhorn_knopp_jointly([cls, patches], temperature=1.0, n_iterations=3)
+    assert torch.equal(cls, inputs[0]) and torch.equal(patches, inputs[1]), "the logits are left as they are"
     joint = sinkhorn_knopp_jointly([cls, patches], temperature=0.1, n_iterations=3)
     for q, logits in zip(joint, (cls, patches)):
         torch.testing.assert_close(q, sinkhorn_knopp(logits, 0.1, 3), atol=0, rtol=0)
