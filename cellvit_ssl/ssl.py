@@ -20,9 +20,11 @@ The objective is DINOv2's:
   ``random_block_mask``), with its own head (untied from the DINO head);
 - KoLeo on the student's global CLS tokens (lightly ``KoLeoLoss``);
 - teacher centring by lightly's running mean (lightly ``DINOLoss`` / ``IBOTPatchLoss``, which
-  all-reduce their centres) or by Sinkhorn-Knopp
+  all-reduce their centres: two all-reduces a step with both terms) or by Sinkhorn-Knopp
   (:func:`cellvit_ssl.centering.sinkhorn_knopp_jointly`: ``ssl.sinkhorn_iterations + 1``
-  all-reduces a step for DINO and iBOT together, and no centre at all).
+  all-reduces a step for DINO and iBOT together, and no centre at all). These are the
+  objective's own collectives; the trainer adds one all-reduce of the step's loss terms, and
+  DDP's gradient buckets or FSDP's gathers and reductions come on top.
 
 Every term is switchable in ``ssl``; the returned dict holds ``loss`` and each enabled term.
 The key layout of checkpoints written before these module dicts is mapped by
