@@ -45,8 +45,9 @@ def probe(checkpoint: str | Path, workdir: str | Path, n_images: int = 48, seed:
     if embed_cli.main([str(checkpoint), "--index", str(index), "--out", str(out), "--overwrite",
                        "--no-progress"]) != 0:
         raise CellVitSSLError(f"embedding {index} with {checkpoint} failed (see above)")
-    report = ev.run(ev.build_parser().parse_args([str(out), "--label-key", "label", "--group-key", "image_id",
-                                                  "--k", str(k), "--device", "cpu"]))
+    line = ev.COMMAND_LINE
+    report = ev.run(line.load(line.parse([str(out), "--label-key", "label", "--group-key", "image_id",
+                                          "--k", str(k), "--device", "cpu"])))
     report["heldout"] = {"n_images": n_images, "seed": seed}
     return report
 

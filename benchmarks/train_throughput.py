@@ -151,7 +151,7 @@ class OursDINO(nn.Module):
         self.meta.update_teacher(m)
 
     def compile_backbones(self, backend: str = "inductor") -> None:
-        for net in (self.meta.student, self.meta.teacher):
+        for net in self.meta.backbones():
             net.forward_features = torch.compile(net.forward_features, dynamic=False, backend=backend)
 
 

@@ -28,6 +28,81 @@ from cellvit_ssl.errors import CheckpointError
 TRAINING_FORMAT = "cellvit_ssl.training"
 ENCODER_FORMAT = "cellvit_ssl.encoder"
 
+#: Key layout of the ``model`` and ``optimizer`` entries of a training checkpoint, stored under
+#: ``state_layout``. 1 (checkpoints without the key): the meta-architecture's flat attributes
+#: (``student.*``, ``teacher.*``, ``student_dino_head.*``, ...). 2: its ``student`` / ``teacher``
+#: module dicts (``student.backbone.*``, ``teacher.dino_head.*``, ...). An encoder export holds
+#: the teacher backbone alone, whose keys are the same in both.
+STATE_LAYOUT = 2
+
+# Layout 1 -> 2 key prefixes. The head prefixes cannot be confused with the backbones'
+# ("student_" is not "student.").
+_LAYOUT_1_PREFIXES = (
+    ("student_dino_head.", "student.dino_head."),
+    ("teacher_dino_head.", "teacher.dino_head."),
+    ("student_ibot_head.", "student.ibot_head."),
+    ("teacher_ibot_head.", "teacher.ibot_head."),
+    ("student.", "student.backbone."),
+    ("teacher.", "teacher.backbone."),
+)
+# Under Sinkhorn-Knopp centring, layout 1 kept lightly's loss modules with a centre frozen at
+# zero (momentum 1); layout 2 holds no centre in that mode.
+_LAYOUT_1_SINKHORN_CENTRES = ("dino_loss.", "ibot_loss.")
+
+
+def upgrade_state_layout(payload: dict[str, Any]) -> dict[str, Any]:
+    """A training checkpoint's payload with ``model`` and ``optimizer`` in the current key layout.
+
+    The one place that knows older layouts (see :data:`STATE_LAYOUT`). From layout 1 the keys of
+    the model state, of the optimizer state and of the optimizer's parameter groups are
+    renamed::
+
+        student.<k>             -> student.backbone.<k>
+        teacher.<k>             -> teacher.backbone.<k>
+        student_dino_head.<k>   -> student.dino_head.<k>    (teacher_dino_head likewise)
+        student_ibot_head.<k>   -> student.ibot_head.<k>    (teacher_ibot_head likewise)
+        dino_loss.<k>, ibot_loss.<k>: kept under mean centring; dropped under Sinkhorn-Knopp
+                                      centring (the checkpoint's ``ssl.centering``), where they
+                                      were a constant zero centre
+
+    Payloads of the current layout, and encoder exports, are returned as they are.
+
+    Raises:
+        CheckpointError: If the payload says it has a layout newer than this code knows.
+    """
+    if payload.get("format") != TRAINING_FORMAT:
+        return payload
+    layout = int(payload.get("state_layout", 1))
+    if layout == STATE_LAYOUT:
+        return payload
+    if layout > STATE_LAYOUT:
+        raise CheckpointError(
+            f"the checkpoint has state_layout={layout}, newer than this version of cellvit_ssl reads "
+            f"({STATE_LAYOUT}); update cellvit_ssl"
+        )
+    ssl = payload.get("config", {}).get("ssl", {})
+    sinkhorn = ssl.get("centering", "sinkhorn_knopp") == "sinkhorn_knopp"
+
+    def rename(key: str) -> str | None:
+        if sinkhorn and key.startswith(_LAYOUT_1_SINKHORN_CENTRES):
+            return None
+        for old, new in _LAYOUT_1_PREFIXES:
+            if key.startswith(old):
+                return new + key[len(old):]
+        return key
+
+    def renamed(state: dict[str, Any]) -> dict[str, Any]:
+        return {new: v for k, v in state.items() if (new := rename(k)) is not None}
+
+    out = {**payload, "state_layout": STATE_LAYOUT}
+    if "model" in payload:
+        out["model"] = renamed(payload["model"])
+    optim = payload.get("optimizer")
+    if optim is not None:  # keyed by parameter name (torch.distributed.checkpoint's full state dict)
+        groups = [{**g, "params": [rename(k) for k in g["params"]]} for g in optim.get("param_groups", [])]
+        out["optimizer"] = {**optim, "state": renamed(optim.get("state", {})), "param_groups": groups}
+    return out
+
 
 def save_checkpoint(payload: dict[str, Any], path: str | Path) -> Path:
     """Write ``payload`` to ``path`` atomically (temp file + fsync + rename)."""
@@ -48,7 +123,10 @@ def save_checkpoint(payload: dict[str, Any], path: str | Path) -> Path:
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu",
                     expect: tuple[str, ...] = (TRAINING_FORMAT, ENCODER_FORMAT)) -> dict[str, Any]:
-    """Load a checkpoint with ``weights_only=True`` and check what it is.
+    """Load a checkpoint with ``weights_only=True``, check what it is, bring it to the current layout.
+
+    Training checkpoints of an older key layout come back in the current one
+    (:func:`upgrade_state_layout`).
 
     Args:
         path: Checkpoint file.
@@ -75,7 +153,10 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu",
             f"checkpoint {str(path)!r} is not a cellvit_ssl checkpoint of kind {list(expect)} "
             f"(format key: {fmt!r})"
         )
-    return payload
+    try:
+        return upgrade_state_layout(payload)
+    except CheckpointError as exc:
+        raise CheckpointError(f"checkpoint {str(path)!r}: {exc}") from exc
 
 
 LATEST = "checkpoint.pt"

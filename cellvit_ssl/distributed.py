@@ -1,10 +1,15 @@
-"""Everything that touches ``torch.distributed``: process group, wrapping, sharded sampling.
+"""Everything of ours that touches ``torch.distributed``: process group, collectives, wrapping, sampling.
+
+(lightly's mean-centring losses all-reduce their centres themselves.)
 
 One process per device, started by ``torchrun`` (single node, multi-node through its
 rendezvous) or by SLURM's ``srun`` (one task per GPU); launching is their job, not ours.
 Without either, everything here degrades to a single process and no process group.
 
 - :func:`init_distributed` reads the launcher's environment and joins the process group.
+- :func:`all_reduce_sum_`, :func:`all_reduce_max_`, :func:`all_reduce_mean` and
+  :func:`gather_objects` are the collectives the rest of the package uses (each a no-op, or a
+  one-rank answer, without a process group).
 - :func:`wrap_model` puts the student/teacher under DDP (default) or FSDP2 (``fully_shard``
   per transformer block).
 - :func:`full_state_dict` / :func:`load_full_state_dict` give checkpoint-ready state of model
@@ -133,20 +138,26 @@ def barrier() -> None:
         dist.barrier()
 
 
+def all_reduce_sum_(values: torch.Tensor) -> torch.Tensor:
+    """Element-wise sum over ranks, in place (one ``all_reduce``); returns ``values``."""
+    if dist.is_initialized():
+        dist.all_reduce(values, op=dist.ReduceOp.SUM)
+    return values
+
+
+def all_reduce_max_(values: torch.Tensor) -> torch.Tensor:
+    """Element-wise maximum over ranks, in place (one ``all_reduce``); returns ``values``."""
+    if dist.is_initialized():
+        dist.all_reduce(values, op=dist.ReduceOp.MAX)
+    return values
+
+
 def all_reduce_mean(values: torch.Tensor) -> torch.Tensor:
     """Mean of a tensor over ranks (a copy; the input is left as is)."""
     out = values.detach().clone()
     if dist.is_initialized():
         dist.all_reduce(out)
         out /= dist.get_world_size()
-    return out
-
-
-def all_reduce_max(values: torch.Tensor) -> torch.Tensor:
-    """Element-wise maximum of a tensor over ranks (a copy)."""
-    out = values.detach().clone()
-    if dist.is_initialized():
-        dist.all_reduce(out, op=dist.ReduceOp.MAX)
     return out
 
 
@@ -159,34 +170,17 @@ def gather_objects(obj) -> list:
     return out
 
 
-def broadcast_object(obj):
-    """Rank 0's ``obj`` on every rank."""
-    if not dist.is_initialized():
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-def transformer_blocks(module: nn.Module) -> list[nn.Module]:
-    """Every transformer block of a backbone: the items of each ``ModuleList`` named ``blocks``."""
-    found = []
-    for name, sub in module.named_modules():
-        if isinstance(sub, nn.ModuleList) and name.rsplit(".", 1)[-1] == "blocks":
-            found.extend(sub)
-    return found
-
-
 def wrap_model(meta: nn.Module, info: DistInfo, strategy: str = "ddp", bf16: bool = False) -> nn.Module:
     """Wrap the student/teacher meta-architecture for data-parallel training.
 
     Args:
-        meta: The :class:`~cellvit_ssl.ssl.DINOMetaArch` (on ``info.device``), with
-            ``student``, ``teacher`` and its projection heads (``meta.heads()``).
+        meta: The :class:`~cellvit_ssl.ssl.DINOMetaArch` (on ``info.device``); its
+            ``transformer_blocks()``, ``backbones()`` and ``heads()`` are the units sharded.
         info: From :func:`init_distributed`.
         strategy: ``ddp`` (replicated weights, averaged gradients) or ``fsdp`` (FSDP2: each
-            transformer block, each backbone and each head sharded over the ranks; the teacher
-            is sharded like the student, so the EMA update runs shard by shard).
+            transformer block (hierarchical attention's cross-channel blocks included), each
+            backbone and each head sharded over the ranks; the teacher is sharded like the
+            student, so the EMA update runs shard by shard).
         bf16: Under FSDP, compute in bf16 and reduce gradients in fp32.
 
     Returns:
@@ -202,7 +196,7 @@ def wrap_model(meta: nn.Module, info: DistInfo, strategy: str = "ddp", bf16: boo
         return meta
     if strategy == "ddp":
         device_ids = [info.device.index] if info.device.type == "cuda" else None
-        # The DINO center is already all-reduced by the loss: no buffer broadcast needed. Some
+        # lightly's mean-centring losses all-reduce their centre: no buffer broadcast needed. Some
         # parameters take no part in some steps (the mask token without iBOT masks, absent
         # channels' embeddings), hence find_unused_parameters.
         return nn.parallel.DistributedDataParallel(meta, device_ids=device_ids, broadcast_buffers=False,
@@ -213,15 +207,13 @@ def wrap_model(meta: nn.Module, info: DistInfo, strategy: str = "ddp", bf16: boo
     mesh = init_device_mesh(info.device.type, (info.world_size,))
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else None
     kwargs = {"mesh": mesh, **({"mp_policy": policy} if policy is not None else {})}
-    backbones = (meta.student, meta.teacher)
-    for net in backbones:
-        for block in transformer_blocks(net):
-            fully_shard(block, **kwargs)
+    for block in meta.transformer_blocks():
+        fully_shard(block, **kwargs)
+    for net in meta.backbones():
         fully_shard(net, **kwargs)
         # The objective calls forward_features, not forward: FSDP must gather around it too.
-        for method in ("forward_features", "embed"):
-            if hasattr(net, method):
-                register_fsdp_forward_method(net, method)
+        register_fsdp_forward_method(net, "forward_features")
+        register_fsdp_forward_method(net, "embed")
     for head in meta.heads():
         fully_shard(head, **kwargs)
     fully_shard(meta, **kwargs)

@@ -26,6 +26,7 @@ from cellvit_ssl.data.samples import Box, cells_from_mask, read_region
 from cellvit_ssl.errors import CheckpointError, ConfigError, DataError
 from cellvit_ssl.models.channels import ChannelAdaptiveViT, build_model
 from cellvit_ssl.preprocess import Preprocess
+from cellvit_ssl.ssl import teacher_backbone_state
 
 #: ``progress`` argument: False, True (a tqdm bar on stderr) or a callable ``(done, total)``
 #: called after every batch (raise from it to cancel).
@@ -627,12 +628,12 @@ def load_encoder(path: str | Path, device: str | torch.device | None = None, pay
     config = config_from_dict(payload["config"])
     vocabulary = vocabulary_of(payload, config)
     model = build_model(config.model, list(config.data.channels), vocabulary=vocabulary, load_pretrained=False)
-    if payload["format"] == ENCODER_FORMAT:
-        state = payload["backbone"]
-    else:
-        assert payload["format"] == TRAINING_FORMAT
-        state = {k[len("teacher."):]: v for k, v in payload["model"].items() if k.startswith("teacher.")}
     try:
+        if payload["format"] == ENCODER_FORMAT:
+            state = payload["backbone"]
+        else:
+            assert payload["format"] == TRAINING_FORMAT
+            state = teacher_backbone_state(payload["model"], config, vocabulary)
         model.load_state_dict(state)
     except RuntimeError as exc:
         raise CheckpointError(f"checkpoint {str(path)!r} does not match its own config: {exc}") from exc

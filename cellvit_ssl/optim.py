@@ -1,60 +1,56 @@
 """AdamW parameter groups and the per-step schedules of a DINO run.
 
 Schedules are pure functions of the optimiser step, so restoring the step restores them
-exactly: learning rate (linear warm-up, then cosine to ``min_lr``), weight decay (cosine from
-``weight_decay`` to ``weight_decay_end``) and teacher momentum (lightly's ``cosine_schedule``).
+exactly. They are lightly's: learning rate ``cosine_warmup_schedule`` (linear warm-up, then
+cosine to ``min_lr``), weight decay and teacher momentum ``cosine_schedule``.
+
+The parameter groups are ours: lightly's ``get_weight_decay_parameters`` spares norms and
+biases only (it would decay LayerScale, the tokens and the position and channel embeddings)
+and has no layer-wise learning-rate decay.
 """
 
 from __future__ import annotations
 
-import math
-import re
 from dataclasses import dataclass
 
 import torch
-from lightly.utils.scheduler import cosine_schedule
-from torch import nn
+from lightly.utils.scheduler import cosine_schedule, cosine_warmup_schedule
 
-_BLOCK = re.compile(r"(?:^|\.)blocks\.(\d+)\.")
 _EMBEDDINGS = ("patch_embed", "cls_token", "pos_embed", "register_tokens", "mask_token", "channel_embed")
 
 
 def _no_weight_decay(name: str, p: torch.Tensor) -> bool:
+    """Biases, norms, LayerScale (all 1-D), tokens, position and channel embeddings."""
     leaf = name.rsplit(".", 1)[-1]
     return p.ndim <= 1 or "token" in leaf or leaf in ("pos_embed", "channel_embed")
 
 
-def _layer_id(name: str, depth: int) -> int:
-    """0 for embeddings, i + 1 for block i, depth + 1 for the rest (final norm, heads)."""
-    match = _BLOCK.search(name)
-    if match:
-        return int(match.group(1)) + 1
-    if any(part in name for part in _EMBEDDINGS):
-        return 0
-    return depth + 1
+def param_groups(meta, weight_decay: float, layer_decay: float = 1.0) -> list[dict]:
+    """AdamW parameter groups of the trainable parameters of a meta-architecture.
 
-
-def param_groups(module: nn.Module, weight_decay: float, layer_decay: float = 1.0) -> list[dict]:
-    """AdamW parameter groups of the trainable parameters of ``module``.
-
-    Biases, norms, LayerScale and tokens / position embeddings get no weight decay. With
-    ``layer_decay < 1`` the learning rate of block ``i`` of ``depth`` is scaled by
-    ``layer_decay ** (depth + 1 - (i + 1))``, embeddings by ``layer_decay ** (depth + 1)``,
-    the final norm and the heads by 1.
+    Biases, norms, LayerScale and tokens / position / channel embeddings get no weight decay.
+    With ``layer_decay < 1`` the learning rate of the blocks at depth ``i`` of ``depth``
+    (``meta.student.backbone.transformer_layers()``: hierarchical attention's cross-channel
+    block with the ViT block of its depth) is scaled by ``layer_decay ** (depth - i)``, the
+    embeddings by ``layer_decay ** (depth + 1)``, the final norm and the heads by 1.
 
     Each group carries ``lr_scale`` and ``apply_wd``, read by :func:`apply_schedules`.
 
     Args:
-        module: Usually the :class:`~cellvit_ssl.ssl.DINOMetaArch` (frozen teacher skipped).
+        meta: The :class:`~cellvit_ssl.ssl.DINOMetaArch` (its frozen teacher is skipped).
         weight_decay: Initial weight decay of the decayed groups.
         layer_decay: Layer-wise learning-rate decay factor (1 = off).
     """
-    named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
-    depth = 1 + max((int(m.group(1)) for n, _ in named if (m := _BLOCK.search(n))), default=-1)
+    layers = meta.student.backbone.transformer_layers()
+    depth = len(layers)
+    layer_of = {id(p): i + 1 for i, layer in enumerate(layers) for block in layer for p in block.parameters()}
     groups: dict[tuple[bool, float], dict] = {}
-    for name, p in named:
+    for name, p in meta.named_parameters():
+        if not p.requires_grad:
+            continue
         apply_wd = not _no_weight_decay(name, p)
-        scale = layer_decay ** (depth + 1 - _layer_id(name, depth)) if layer_decay != 1.0 else 1.0
+        layer = layer_of.get(id(p), 0 if any(part in name for part in _EMBEDDINGS) else depth + 1)
+        scale = layer_decay ** (depth + 1 - layer) if layer_decay != 1.0 else 1.0
         group = groups.setdefault((apply_wd, scale), {
             "params": [], "weight_decay": weight_decay if apply_wd else 0.0,
             "lr_scale": scale, "apply_wd": apply_wd,
@@ -65,7 +61,7 @@ def param_groups(module: nn.Module, weight_decay: float, layer_decay: float = 1.
 
 @dataclass(frozen=True)
 class Schedules:
-    """Per-step learning rate, weight decay and teacher momentum.
+    """Per-step learning rate, weight decay and teacher momentum (lightly's schedules).
 
     Args:
         total_steps: Optimiser steps of the whole run.
@@ -88,22 +84,20 @@ class Schedules:
     momentum_end: float
 
     def lr(self, step: int) -> float:
-        """Linear warm-up to ``peak_lr``, then cosine down to ``min_lr``."""
-        if step < self.warmup_steps:
-            return self.peak_lr * (step + 1) / self.warmup_steps
-        span = max(self.total_steps - self.warmup_steps, 1)
-        progress = min((step - self.warmup_steps) / span, 1.0)
-        return self.min_lr + (self.peak_lr - self.min_lr) * 0.5 * (1 + math.cos(math.pi * progress))
+        """Linear warm-up from 0 to ``peak_lr`` (reached at step ``warmup_steps - 1``), then cosine.
+
+        The cosine reaches ``min_lr`` at step ``total_steps``, one past the last optimiser
+        step (lightly's schedule ends at ``max_steps - 1``, hence ``total_steps + 1``).
+        """
+        return cosine_warmup_schedule(step, self.total_steps + 1, self.peak_lr, self.min_lr,
+                                      warmup_steps=self.warmup_steps, warmup_start_value=0.0)
 
     def wd(self, step: int) -> float:
-        """Cosine from ``weight_decay`` to ``weight_decay_end``."""
-        progress = min(step / max(self.total_steps - 1, 1), 1.0)
-        return self.weight_decay_end + (self.weight_decay - self.weight_decay_end) * 0.5 * (
-            1 + math.cos(math.pi * progress)
-        )
+        """Cosine from ``weight_decay`` (step 0) to ``weight_decay_end`` (the last step)."""
+        return cosine_schedule(step, self.total_steps, self.weight_decay, self.weight_decay_end)
 
     def momentum(self, step: int) -> float:
-        """Teacher momentum (lightly's cosine schedule)."""
+        """Cosine from ``momentum_start`` (step 0) to ``momentum_end`` (the last step)."""
         return cosine_schedule(step, self.total_steps, self.momentum_start, self.momentum_end)
 
 

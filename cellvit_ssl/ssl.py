@@ -1,32 +1,53 @@
 """Student/teacher meta-architecture: the only object that knows backbones, heads and the EMA.
 
-The training loop calls ``meta(views, channel_ids, epoch=epoch)`` for a loss dict,
-``cancel_last_layer_gradients(epoch)`` before the optimiser step and ``update_teacher(m)``
-after it; it never reaches inside. The objective is DINOv2's:
+It has DINOv2's shape: ``student`` and ``teacher`` are ``nn.ModuleDict`` s holding ``backbone``
+(a :class:`~cellvit_ssl.models.base.ChannelAdaptiveViT`), ``dino_head`` (when ``ssl.dino``) and
+``ibot_head`` (when ``ssl.ibot``), so parameter names read ``student.backbone.*``,
+``teacher.dino_head.*``. Code outside asks it, never attribute names, for what it needs:
 
-- DINO on CLS tokens (lightly ``DINOLoss``): teacher on the global views, student on all views;
-- iBOT on masked patch tokens of the global views (lightly ``IBOTPatchLoss``, block masks from
-  lightly's ``random_block_mask``), with its own head (untied from the DINO head);
+- ``meta(views, channel_ids, epoch=epoch)`` for a loss dict, ``cancel_last_layer_gradients(epoch)``
+  before the optimiser step and ``update_teacher(m)`` after it;
+- :meth:`DINOMetaArch.transformer_blocks` (every block; hierarchical attention's cross-channel
+  blocks included), :meth:`~DINOMetaArch.backbones` and :meth:`~DINOMetaArch.heads` for FSDP
+  wrapping, ``torch.compile`` and activation checkpointing;
+- :meth:`DINOMetaArch.teacher_backbone_state_dict` for the encoder export (``teacher.pt``) and
+  for :func:`teacher_backbone_state`, which ``load_encoder`` uses on training checkpoints.
+
+The objective is DINOv2's:
+
+- DINO on CLS tokens: teacher on the global views, student on all views;
+- iBOT on masked patch tokens of the global views (block masks from lightly's
+  ``random_block_mask``), with its own head (untied from the DINO head);
 - KoLeo on the student's global CLS tokens (lightly ``KoLeoLoss``);
-- teacher centering by lightly's running mean or by Sinkhorn-Knopp
-  (:func:`cellvit_ssl.centering.sinkhorn_knopp`).
+- teacher centring by lightly's running mean (lightly ``DINOLoss`` / ``IBOTPatchLoss``, which
+  all-reduce their centres: two all-reduces a step with both terms) or by Sinkhorn-Knopp
+  (:func:`cellvit_ssl.centering.sinkhorn_knopp_jointly`: ``ssl.sinkhorn_iterations + 1``
+  all-reduces a step for DINO and iBOT together, and no centre at all). These are the
+  objective's own collectives; the trainer adds one all-reduce of the step's loss terms, and
+  DDP's gradient buckets or FSDP's gathers and reductions come on top.
 
 Every term is switchable in ``ssl``; the returned dict holds ``loss`` and each enabled term.
+The key layout of checkpoints written before these module dicts is mapped by
+:func:`cellvit_ssl.checkpoint.upgrade_state_layout`.
 """
 
 from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Mapping
 
 import torch
+import torch.nn.functional as F
 from lightly.loss import DINOLoss, IBOTPatchLoss, KoLeoLoss
 from lightly.models.modules import DINOProjectionHead
 from lightly.models.utils import random_block_mask, update_momentum
 from torch import Tensor, nn
 
-from cellvit_ssl.centering import sinkhorn_knopp
-from cellvit_ssl.models.channels import ChannelAdaptiveViT
+from cellvit_ssl.centering import sinkhorn_knopp_jointly
+from cellvit_ssl.channels import ChannelVocabulary
+from cellvit_ssl.distributed import full_model_state_dict
+from cellvit_ssl.models.channels import ChannelAdaptiveViT, build_model
 from cellvit_ssl.models.sampling import sample_channel_subsets
 
 
@@ -51,13 +72,39 @@ def _head_pair(input_dim: int, output_dim: int, cfg) -> tuple[DINOProjectionHead
     return student, teacher
 
 
-def as_log_targets(probs: Tensor) -> Tensor:
-    """Probabilities as logits that lightly's losses turn back into the same probabilities.
+def dino_cross_entropy(targets: list[Tensor], student_logits: list[Tensor], student_temp: float) -> Tensor:
+    """The cross-entropy of lightly's ``DINOLoss``, with ready-made teacher targets and no centre.
 
-    With temperature 1 and a zero centre, lightly's ``softmax((t - centre) / T)`` of
-    ``log(p)`` is ``p`` again; the clamp keeps exact zeros finite (an error below 1e-37).
+    The mean over every (teacher view, student view) pair of different views of
+    ``-sum(p_teacher * log_softmax(student / student_temp))``, averaged over the batch.
+
+    Args:
+        targets: Per global view, teacher probabilities ``(B, K)`` (rows sum to 1).
+        student_logits: Per view (global views first), student head outputs ``(B, K)``.
+        student_temp: Student temperature.
     """
-    return probs.clamp_min(torch.finfo(probs.dtype).tiny).log()
+    t = torch.stack(targets)
+    s = F.log_softmax(torch.stack(student_logits) / student_temp, dim=-1)
+    pairs = -torch.einsum("tbk,sbk->ts", t, s)
+    other_view = ~torch.eye(*pairs.shape, dtype=torch.bool, device=pairs.device)
+    return pairs[other_view].sum() / (int(other_view.sum()) * t.shape[1])
+
+
+def ibot_cross_entropy(targets: Tensor, student_logits: Tensor, masks: Tensor, student_temp: float) -> Tensor:
+    """The cross-entropy of lightly's ``IBOTPatchLoss``, with ready-made teacher targets and no centre.
+
+    Each masked token's cross-entropy is weighted by one over its sample's number of masked
+    tokens; the sum is divided by the number of samples (masked or not), as in DINOv2.
+
+    Args:
+        targets: Teacher probabilities ``(M, K)`` of the ``M`` masked tokens.
+        student_logits: Student head outputs ``(M, K)`` of the same tokens.
+        masks: Boolean ``(S, N)``, True at the masked tokens (``M`` of them, in row-major order).
+        student_temp: Student temperature.
+    """
+    ce = -(targets * F.log_softmax(student_logits / student_temp, dim=-1)).sum(dim=-1)
+    weight = (1.0 / masks.sum(dim=1, keepdim=True).clamp(min=1)).expand_as(masks)[masks]
+    return (ce * weight.to(ce.dtype)).sum() / masks.shape[0]
 
 
 def _grid(view: Tensor, n_tokens: int) -> tuple[int, int]:
@@ -73,8 +120,13 @@ class DINOMetaArch(nn.Module):
     """DINOv2-style student/teacher over a channel-adaptive backbone.
 
     Args:
-        backbone: The student backbone; the teacher is a copy of it.
+        backbone: The student backbone; the teacher's is a copy of it.
         cfg: The ``ssl`` section of the run config.
+
+    Attributes:
+        student: ``nn.ModuleDict`` with ``backbone`` and, when enabled, ``dino_head`` and
+            ``ibot_head`` (trained).
+        teacher: The same keys; an EMA of the student, never trained, always in eval mode.
 
     Each training sample of the backbone (for ``boc``: each channel of each image) is one row
     of the DINO loss and one masked sequence of the iBOT loss.
@@ -86,6 +138,8 @@ class DINOMetaArch(nn.Module):
         ...     "model.num_heads=2", "model.patch_size=8", "model.img_size=32",
         ...     "ssl.head_hidden_dim=32", "ssl.head_bottleneck_dim=16", "ssl.head_output_dim=64"])
         >>> meta = DINOMetaArch(build_model(cfg.model, ["nucleus", "protein"]), cfg.ssl)
+        >>> sorted(meta.student), sorted(meta.teacher)
+        (['backbone', 'dino_head', 'ibot_head'], ['backbone', 'dino_head', 'ibot_head'])
         >>> views = [torch.rand(4, 2, 32, 32)] * 2 + [torch.rand(4, 2, 16, 16)]
         >>> sorted(meta(views, torch.tensor([[0, 7]] * 4), epoch=0))
         ['dino', 'ibot', 'koleo', 'loss']
@@ -94,58 +148,79 @@ class DINOMetaArch(nn.Module):
     def __init__(self, backbone: ChannelAdaptiveViT, cfg) -> None:
         super().__init__()
         self.cfg = cfg
-        self.student = backbone
-        self.teacher = copy.deepcopy(backbone)
+        self.sinkhorn = cfg.centering == "sinkhorn_knopp"
+        self.student = nn.ModuleDict({"backbone": backbone})
+        self.teacher = nn.ModuleDict({"backbone": copy.deepcopy(backbone)})
         dim = backbone.embed_dim
-        sk = cfg.centering == "sinkhorn_knopp"
-        # Under Sinkhorn-Knopp the losses get ready-made targets: a frozen zero centre.
-        center_momentum = 1.0 if sk else cfg.center_momentum
         if cfg.dino:
-            self.student_dino_head, self.teacher_dino_head = _head_pair(dim, cfg.head_output_dim, cfg)
-            self.dino_loss = DINOLoss(
-                output_dim=cfg.head_output_dim,
-                warmup_teacher_temp=cfg.warmup_teacher_temp,
-                teacher_temp=cfg.teacher_temp,
-                warmup_teacher_temp_epochs=cfg.warmup_teacher_temp_epochs,
-                student_temp=cfg.student_temp,
-                center_momentum=center_momentum,
-            )
+            self.student["dino_head"], self.teacher["dino_head"] = _head_pair(dim, cfg.head_output_dim, cfg)
+            if not self.sinkhorn:
+                self.dino_loss = DINOLoss(
+                    output_dim=cfg.head_output_dim,
+                    warmup_teacher_temp=cfg.warmup_teacher_temp,
+                    teacher_temp=cfg.teacher_temp,
+                    warmup_teacher_temp_epochs=cfg.warmup_teacher_temp_epochs,
+                    student_temp=cfg.student_temp,
+                    center_momentum=cfg.center_momentum,
+                )
         if cfg.ibot:
             ibot_dim = cfg.ibot_head_output_dim or cfg.head_output_dim
-            self.student_ibot_head, self.teacher_ibot_head = _head_pair(dim, ibot_dim, cfg)
-            self.ibot_loss = IBOTPatchLoss(
-                output_dim=ibot_dim, teacher_temp=cfg.teacher_temp, student_temp=cfg.student_temp,
-                center_momentum=center_momentum,
-            )
+            self.student["ibot_head"], self.teacher["ibot_head"] = _head_pair(dim, ibot_dim, cfg)
+            if not self.sinkhorn:
+                self.ibot_loss = IBOTPatchLoss(
+                    output_dim=ibot_dim, teacher_temp=cfg.teacher_temp, student_temp=cfg.student_temp,
+                    center_momentum=cfg.center_momentum,
+                )
         if cfg.koleo:
             self.koleo_loss = KoLeoLoss()
-        for p in self._teacher_modules().parameters():
-            p.requires_grad_(False)
+        self.teacher.requires_grad_(False)
 
-    def _teacher_modules(self) -> nn.ModuleList:
-        return nn.ModuleList(
-            [self.teacher] + [getattr(self, f"teacher_{t}_head") for t in ("dino", "ibot") if getattr(self.cfg, t)]
-        )
+    # -- what wrapping, compiling and exporting code asks for ---------------------------------
 
-    def _student_heads(self) -> list[DINOProjectionHead]:
-        return [getattr(self, f"student_{t}_head") for t in ("dino", "ibot") if getattr(self.cfg, t)]
+    def backbones(self) -> tuple[ChannelAdaptiveViT, ChannelAdaptiveViT]:
+        """The student's and the teacher's backbone."""
+        return self.student.backbone, self.teacher.backbone
 
     def heads(self) -> list[DINOProjectionHead]:
-        """Every projection head, student and teacher (e.g. to shard each one under FSDP)."""
-        return [getattr(self, f"{who}_{t}_head") for t in ("dino", "ibot") if getattr(self.cfg, t)
-                for who in ("student", "teacher")]
+        """Every projection head, student's then teacher's (e.g. to shard each one under FSDP)."""
+        return [net[name] for net in (self.student, self.teacher) for name in ("dino_head", "ibot_head")
+                if name in net]
+
+    def transformer_blocks(self, *, teacher: bool = True) -> list[nn.Module]:
+        """Every transformer block of the student's backbone, then of the teacher's.
+
+        Hierarchical attention's cross-channel blocks are included (see
+        :meth:`~cellvit_ssl.models.base.ChannelAdaptiveViT.transformer_blocks`). These are the
+        units FSDP shards and ``torch.compile`` compiles; activation checkpointing takes the
+        student's alone (``teacher=False``), the teacher runs without gradients.
+        """
+        blocks = self.student.backbone.transformer_blocks()
+        return blocks + self.teacher.backbone.transformer_blocks() if teacher else blocks
+
+    def teacher_backbone_state_dict(self) -> dict[str, Tensor]:
+        """The teacher backbone's weights: what ``teacher.pt`` holds and an Encoder loads.
+
+        Keys are those of the backbone alone (``backbone.blocks.0.attn.qkv.weight``, ...). The
+        tensors are full and on the CPU also when FSDP shards the model; then every rank must
+        call this (the shards are gathered).
+        """
+        return full_model_state_dict(self.teacher.backbone)
+
+    # -- training ------------------------------------------------------------------------------
 
     def train(self, mode: bool = True) -> DINOMetaArch:
         """Train mode for the student; the teacher always runs in eval mode (no drop path)."""
         super().train(mode)
-        self._teacher_modules().eval()
+        self.teacher.eval()
         return self
 
     def teacher_temperature(self, epoch: int) -> float:
         """Teacher temperature at ``epoch``: DINO's (and lightly ``DINOLoss``'s) warm-up.
 
         ``linspace(warmup_teacher_temp, teacher_temp, warmup_teacher_temp_epochs)[epoch]``,
-        then ``teacher_temp``; the same value drives the DINO and the iBOT term.
+        then ``teacher_temp``; the same value drives the DINO and the iBOT term. (lightly's
+        ``linear_warmup_schedule`` is not this: it reaches ``teacher_temp`` one epoch later and
+        refuses a warm-up that cools.)
         """
         c = self.cfg
         if epoch < c.warmup_teacher_temp_epochs:
@@ -154,7 +229,7 @@ class DINOMetaArch(nn.Module):
 
     def _masks(self, view: Tensor, channel_ids: Tensor, present: Tensor) -> Tensor:
         """Block masks ``(S, N)`` for iBOT on one global view (lightly ``random_block_mask``)."""
-        n_samples, n_tokens = self.student.sample_shape(view, channel_ids, present)
+        n_samples, n_tokens = self.student.backbone.sample_shape(view, channel_ids, present)
         h, w = _grid(view, n_tokens)
         lo, hi = self.cfg.mask_ratio
         masks = random_block_mask(
@@ -167,12 +242,6 @@ class DINOMetaArch(nn.Module):
             device=view.device,
         )
         return masks.flatten(1)
-
-    def _targets(self, logits: Tensor, temp: float) -> tuple[Tensor, float | None]:
-        """Teacher logits and temperature to hand to a lightly loss, per centering mode."""
-        if self.cfg.centering == "sinkhorn_knopp":
-            return as_log_targets(sinkhorn_knopp(logits, temp, self.cfg.sinkhorn_iterations)), 1.0
-        return logits, temp
 
     def forward(
         self,
@@ -195,7 +264,7 @@ class DINOMetaArch(nn.Module):
             ``loss`` (to backpropagate) and every enabled term detached (``dino``, ``ibot``,
             ``koleo``, unweighted).
         """
-        cfg = self.cfg
+        cfg, student, teacher = self.cfg, self.student, self.teacher
         present = torch.ones_like(channel_ids, dtype=torch.bool) if channel_mask is None else channel_mask.bool()
         if cfg.channel_sampling == "hierarchical":
             # One subset per image, shared by all its views, so that teacher and student rows align.
@@ -205,36 +274,43 @@ class DINOMetaArch(nn.Module):
         masks = None
         if cfg.ibot:
             masks = torch.cat([self._masks(v, channel_ids, present) for v in views[:n_global]])
-        with torch.no_grad():
-            teacher = self.teacher.forward_features(g, g_ids, g_present)
-        student = self.student.forward_features(g, g_ids, g_present, masks=masks)
         temp = self.teacher_temperature(epoch)
+        with torch.no_grad():
+            t_feats = teacher.backbone.forward_features(g, g_ids, g_present)
+            t_out = {}  # teacher head outputs per term
+            if cfg.dino:
+                t_out["dino"] = teacher.dino_head(t_feats["x_norm_clstoken"])
+            if cfg.ibot:
+                t_out["ibot"] = teacher.ibot_head(t_feats["x_norm_patchtokens"][masks])
+            if self.sinkhorn:  # probabilities, both terms in one set of collectives
+                t_out = dict(zip(t_out, sinkhorn_knopp_jointly(list(t_out.values()), temp, cfg.sinkhorn_iterations)))
+        s_feats = student.backbone.forward_features(g, g_ids, g_present, masks=masks)
         terms: dict[str, Tensor] = {}
         if cfg.dino:
-            with torch.no_grad():
-                t_logits = self.teacher_dino_head(teacher["x_norm_clstoken"])
-            s_logits = self.student_dino_head(student["x_norm_clstoken"]).chunk(n_global)
+            t_dino = list(t_out["dino"].chunk(n_global))
+            s_logits = student.dino_head(s_feats["x_norm_clstoken"]).chunk(n_global)
             if len(views) > n_global:
                 local = torch.cat(views[n_global:])
                 n_local = len(views) - n_global
-                local_cls = self.student.forward_features(
+                local_cls = student.backbone.forward_features(
                     local, channel_ids.repeat(n_local, 1), present.repeat(n_local, 1)
                 )["x_norm_clstoken"]
-                s_logits = s_logits + self.student_dino_head(local_cls).chunk(n_local)
-            t_in, t_temp = self._targets(t_logits, temp)
-            terms["dino"] = self.dino_loss(list(t_in.chunk(n_global)), list(s_logits), teacher_temp=t_temp)
+                s_logits = s_logits + student.dino_head(local_cls).chunk(n_local)
+            if self.sinkhorn:
+                terms["dino"] = dino_cross_entropy(t_dino, list(s_logits), cfg.student_temp)
+            else:
+                terms["dino"] = self.dino_loss(t_dino, list(s_logits), teacher_temp=temp)
         if cfg.ibot:
-            with torch.no_grad():
-                t_patch = self.teacher_ibot_head(teacher["x_norm_patchtokens"][masks])
-            s_patch = self.student_ibot_head(student["x_norm_patchtokens"][masks])
-            t_in, t_temp = self._targets(t_patch, temp)
-            h, w = _grid(g, masks.shape[1])
-            if masks.any():
-                terms["ibot"] = self.ibot_loss(t_in, s_patch, masks.view(-1, h, w), teacher_temp=t_temp)
-            else:  # nothing masked in this batch: a zero that keeps the graph
+            s_patch = student.ibot_head(s_feats["x_norm_patchtokens"][masks])
+            if not masks.any():  # nothing masked in this batch: a zero that keeps the graph
                 terms["ibot"] = s_patch.sum() * 0.0
+            elif self.sinkhorn:
+                terms["ibot"] = ibot_cross_entropy(t_out["ibot"], s_patch, masks, cfg.student_temp)
+            else:
+                h, w = _grid(g, masks.shape[1])
+                terms["ibot"] = self.ibot_loss(t_out["ibot"], s_patch, masks.view(-1, h, w), teacher_temp=temp)
         if cfg.koleo:
-            cls = student["x_norm_clstoken"].chunk(n_global)
+            cls = s_feats["x_norm_clstoken"].chunk(n_global)
             terms["koleo"] = sum(self.koleo_loss(c) for c in cls)
         weights = {"dino": cfg.dino_loss_weight, "ibot": cfg.ibot_loss_weight, "koleo": cfg.koleo_loss_weight}
         loss = sum(weights[k] * v for k, v in terms.items())
@@ -242,13 +318,38 @@ class DINOMetaArch(nn.Module):
 
     def cancel_last_layer_gradients(self, epoch: int) -> None:
         """Drop the heads' last-layer gradients during the first ``freeze_last_layer_epochs``."""
-        for head in self._student_heads():
-            head.cancel_last_layer_gradients(epoch)
+        for name in ("dino_head", "ibot_head"):
+            if name in self.student:
+                self.student[name].cancel_last_layer_gradients(epoch)
 
     @torch.no_grad()
     def update_teacher(self, m: float) -> None:
-        """EMA step: teacher ← m · teacher + (1 − m) · student (lightly ``update_momentum``)."""
+        """EMA step of backbone and heads: teacher ← m · teacher + (1 − m) · student.
+
+        lightly's ``update_momentum`` over the two module dicts (same keys, same layout).
+        """
         update_momentum(self.student, self.teacher, m)
-        for t in ("dino", "ibot"):
-            if getattr(self.cfg, t):
-                update_momentum(getattr(self, f"student_{t}_head"), getattr(self, f"teacher_{t}_head"), m)
+
+
+def teacher_backbone_state(model_state: Mapping[str, Tensor], config,
+                           vocabulary: ChannelVocabulary | None = None) -> dict[str, Tensor]:
+    """The teacher backbone's weights from the ``model`` state of a training checkpoint.
+
+    The meta-architecture the checkpoint's config describes is rebuilt (without loading
+    ``model.pretrained``), given ``model_state`` and asked for
+    :meth:`DINOMetaArch.teacher_backbone_state_dict`, as the trainer's export does.
+
+    Args:
+        model_state: The checkpoint's ``model`` entry, in the current key layout (what
+            :func:`cellvit_ssl.checkpoint.load_checkpoint` returns).
+        config: The checkpoint's run config.
+        vocabulary: The checkpoint's channel vocabulary (default: the one its config implies).
+
+    Raises:
+        RuntimeError: If the state does not fit the model the config describes.
+    """
+    backbone = build_model(config.model, list(config.data.channels), load_pretrained=False,
+                           vocabulary=vocabulary or ChannelVocabulary.from_config(config.data))
+    meta = DINOMetaArch(backbone, config.ssl)
+    meta.load_state_dict(model_state)
+    return meta.teacher_backbone_state_dict()

@@ -12,8 +12,9 @@ weight decay and cosine teacher momentum, and writes into ``train.output_dir``:
 - ``teacher.pt``: the teacher backbone alone, for :func:`cellvit_ssl.load_encoder`;
 - ``metrics.jsonl`` and TensorBoard scalars under ``tb/``.
 
-SIGTERM or SIGUSR1 (cluster preemption) write a checkpoint at the next step boundary and
-exit cleanly; a NaN / Inf loss stops the run and keeps the last good checkpoint.
+SIGTERM or SIGUSR1 (cluster preemption) let the step in progress finish, write its checkpoint
+and exit cleanly (see :class:`StopRequest` for exactly which step); a NaN / Inf loss stops the
+run and keeps the last good checkpoint.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import random
 import signal
 import sys
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -38,6 +40,7 @@ from cellvit_ssl import distributed as D
 from cellvit_ssl.channels import ChannelVocabulary
 from cellvit_ssl.checkpoint import (
     ENCODER_FORMAT,
+    STATE_LAYOUT,
     TRAINING_FORMAT,
     find_resume_checkpoint,
     load_checkpoint,
@@ -180,21 +183,28 @@ def _checkpointed_forward(forward, *args, **kwargs):
     return forward(*args, **kwargs)
 
 
-def enable_activation_checkpointing(net: torch.nn.Module) -> None:
-    """Recompute each transformer block of ``net`` in backward instead of storing activations.
+def enable_activation_checkpointing(meta: DINOMetaArch) -> None:
+    """Recompute each transformer block of the student in backward instead of storing activations.
 
-    Patches each block's ``forward`` on the instance, so parameter names (and checkpoints)
-    are unchanged.
+    Every block of ``meta.transformer_blocks(teacher=False)`` (hierarchical attention's
+    cross-channel blocks included) keeps only its inputs for backward. Each block's ``forward``
+    is patched on the instance, so parameter names (and checkpoints) are unchanged. The teacher
+    runs without gradients and stores nothing anyway.
     """
-    for block in D.transformer_blocks(net):
+    for block in meta.transformer_blocks(teacher=False):
         block.forward = functools.partial(_checkpointed_forward, block.forward)
 
 
-def compile_blocks(meta: DINOMetaArch) -> None:
-    """``torch.compile`` every transformer block of student and teacher (names unchanged)."""
-    for net in (meta.student, meta.teacher):
-        for block in D.transformer_blocks(net):
-            block.compile()
+def compile_blocks(meta: DINOMetaArch, backend: str | Callable = "inductor") -> None:
+    """``torch.compile`` every transformer block of student and teacher (names unchanged).
+
+    Args:
+        meta: The meta-architecture; its ``transformer_blocks()`` are compiled in place
+            (``nn.Module.compile``), cross-channel blocks included.
+        backend: ``torch.compile`` backend.
+    """
+    for block in meta.transformer_blocks():
+        block.compile(backend=backend)
 
 
 def use_bf16(precision: str, device: torch.device) -> bool:
@@ -205,7 +215,15 @@ def use_bf16(precision: str, device: torch.device) -> bool:
 
 
 class StopRequest:
-    """Remembers SIGTERM / SIGUSR1 so the loop can checkpoint at the next step boundary."""
+    """Remembers SIGTERM / SIGUSR1 so that the run stops, checkpointed, at the end of a step.
+
+    The handler only records the signal. Each optimiser step reads the record once, after the
+    forward and backward passes of all its micro-batches, and all-reduces it with the step's
+    loss terms, so every rank agrees on where to stop. A signal that arrives before that point
+    ends the run at the end of that same step (after its optimiser and teacher updates): its
+    checkpoint is written and training returns. One that arrives after it, during the
+    optimiser and teacher updates, ends the run at the end of the next step.
+    """
 
     SIGNALS = ("SIGTERM", "SIGUSR1")
 
@@ -316,7 +334,7 @@ class Trainer:
                                  cfg.ssl).to(info.device)
         seed_everything(t.seed + info.rank)  # per-rank stream for stochastic layers (drop path)
         if t.activation_checkpointing:
-            enable_activation_checkpointing(self.meta.student)
+            enable_activation_checkpointing(self.meta)
         if t.compile:
             compile_blocks(self.meta)
         self.bf16 = use_bf16(t.precision, info.device)
@@ -358,9 +376,9 @@ class Trainer:
     def _training_payload(self) -> dict:
         model_state, optim_state = D.full_state_dict(self.model, self.optimizer)
         rngs = D.gather_objects(rng_state())
-        return {"format": TRAINING_FORMAT, "config": config_to_dict(self.cfg), **self._contract(),
-                "model": model_state,
-                "optimizer": optim_state, "step": self.step, "epoch": self.step // self.steps_per_epoch,
+        return {"format": TRAINING_FORMAT, "state_layout": STATE_LAYOUT, "config": config_to_dict(self.cfg),
+                **self._contract(), "model": model_state, "optimizer": optim_state, "step": self.step,
+                "epoch": self.step // self.steps_per_epoch,
                 "world_size": self.info.world_size, "global_batch": self.global_batch, "rng": rngs}
 
     def save(self) -> Path:
@@ -375,8 +393,7 @@ class Trainer:
 
     def export_teacher(self) -> Path:
         """Write ``teacher.pt``: the teacher backbone alone (all ranks call; rank 0 writes)."""
-        model_state = D.full_model_state_dict(self.model)
-        backbone = {k[len("teacher."):]: v for k, v in model_state.items() if k.startswith("teacher.")}
+        backbone = self.meta.teacher_backbone_state_dict()
         path = self.out / "teacher.pt"
         if self.info.is_main:
             save_checkpoint({"format": ENCODER_FORMAT, "config": config_to_dict(self.cfg), **self._contract(),
@@ -386,6 +403,9 @@ class Trainer:
 
     def resume(self, path: Path) -> None:
         """Restore model, optimizer, step and random state from a training checkpoint.
+
+        Checkpoints of an older key layout are read through
+        :func:`~cellvit_ssl.checkpoint.upgrade_state_layout` (in :func:`load_checkpoint`).
 
         Raises:
             CheckpointError: If the file is unreadable or does not fit this run's model.
@@ -416,7 +436,12 @@ class Trainer:
 
     # -- the loop ----------------------------------------------------------------------------
 
-    def _train_step(self, batches, epoch: int, stop_flag: bool) -> dict:
+    def _train_step(self, batches, epoch: int, stop: StopRequest) -> dict:
+        """One optimiser step and its record (loss terms averaged over ranks, schedules).
+
+        The record's ``stop`` is True when any rank had a stop signal by the time its forward
+        and backward passes were done (see :class:`StopRequest`).
+        """
         t, device = self.cfg.train, self.info.device
         lr, wd, momentum = (self.schedules.lr(self.step), self.schedules.wd(self.step),
                             self.schedules.momentum(self.step))
@@ -436,7 +461,8 @@ class Trainer:
                 value = value.detach().float() / t.accumulate_steps
                 terms[key] = terms[key] + value if key in terms else value
         keys = sorted(terms)
-        local = torch.stack([terms[k] for k in keys] + [torch.tensor(float(stop_flag), device=device)])
+        stop_flag = torch.tensor(float(stop.signal is not None), device=device)
+        local = torch.stack([terms[k] for k in keys] + [stop_flag])
         reduced = D.all_reduce_mean(local).tolist()
         record = dict(zip(keys, reduced[:-1]))
         record["stop"] = reduced[-1] > 0
@@ -496,7 +522,7 @@ class Trainer:
             for _ in range(within, self.steps_per_epoch):
                 if self.step >= self.total_steps:
                     break
-                record = self._train_step(batches, epoch, stop.signal is not None)
+                record = self._train_step(batches, epoch, stop)
                 if not np.isfinite(record["loss"]):
                     kept = f"the last good checkpoint is {self.last_checkpoint}" if self.last_checkpoint \
                         else "no checkpoint was written yet"

@@ -8,6 +8,8 @@ import torch
 from conftest import TINY_OVERRIDES
 
 from cellvit_ssl.checkpoint import (
+    ENCODER_FORMAT,
+    STATE_LAYOUT,
     TRAINING_FORMAT,
     find_resume_checkpoint,
     load_checkpoint,
@@ -17,6 +19,7 @@ from cellvit_ssl.checkpoint import (
     save_training_checkpoint,
     set_rng_state,
     step_checkpoints,
+    upgrade_state_layout,
 )
 from cellvit_ssl.errors import CheckpointError
 from cellvit_ssl.train import main
@@ -93,3 +96,30 @@ def test_resuming_from_a_broken_checkpoint_is_refused_clearly(tmp_path, capsys, 
     err = capsys.readouterr().err
     assert str(latest) in err
     assert ("truncated, corrupt" in err) if damage in ("truncated", "garbage") else (TRAINING_FORMAT in err)
+
+
+def test_upgrade_state_layout_renames_old_keys_and_leaves_current_and_encoder_payloads_alone(tmp_path):
+    w = torch.ones(2)
+    old = {"format": TRAINING_FORMAT, "config": {"ssl": {"centering": "sinkhorn_knopp"}},
+           "model": {"student.backbone.cls_token": w, "teacher.cross_blocks.0.ls.gamma": w,
+                     "student_ibot_head.layers.0.weight": w, "teacher_dino_head.last_layer.weight_v": w,
+                     "dino_loss.center": w, "ibot_loss.center.center": w},
+           "optimizer": {"state": {"student.backbone.cls_token": {"step": w}},
+                         "param_groups": [{"lr": 0.1, "params": ["student.backbone.cls_token",
+                                                                 "student_ibot_head.layers.0.weight"]}]}}
+    new = upgrade_state_layout(old)
+    assert new["state_layout"] == STATE_LAYOUT
+    assert sorted(new["model"]) == ["student.backbone.backbone.cls_token", "student.ibot_head.layers.0.weight",
+                                    "teacher.backbone.cross_blocks.0.ls.gamma",
+                                    "teacher.dino_head.last_layer.weight_v"]  # no SK centre
+    assert list(new["optimizer"]["state"]) == ["student.backbone.backbone.cls_token"]
+    assert new["optimizer"]["param_groups"] == [{"lr": 0.1, "params": ["student.backbone.backbone.cls_token",
+                                                                       "student.ibot_head.layers.0.weight"]}]
+    mean = upgrade_state_layout({**old, "config": {"ssl": {"centering": "mean"}}})
+    assert {"dino_loss.center", "ibot_loss.center.center"} <= mean["model"].keys()
+    assert upgrade_state_layout(new) is new
+    encoder = {"format": ENCODER_FORMAT, "backbone": {"backbone.cls_token": w}}
+    assert upgrade_state_layout(encoder) is encoder
+    save_checkpoint({**new, "state_layout": STATE_LAYOUT + 1}, tmp_path / "future.pt")
+    with pytest.raises(CheckpointError, match=r"future\.pt.*state_layout=3"):
+        load_checkpoint(tmp_path / "future.pt")

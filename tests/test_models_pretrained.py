@@ -172,3 +172,20 @@ def test_encoder_loads_without_the_pretrained_file_it_started_from(tmp_path):
     enc = load_encoder(export, device="cpu")
     for name, value in model.state_dict().items():
         torch.testing.assert_close(enc.model.state_dict()[name], value)
+
+
+def test_a_cellvit_training_checkpoint_starts_a_model_from_its_teacher_backbone(tmp_path):
+    from cellvit_ssl.checkpoint import TRAINING_FORMAT, save_checkpoint
+    from cellvit_ssl.ssl import DINOMetaArch
+
+    cfg = load_config(None, TINY_OVERRIDES + ["model.variant=hierarchical"])
+    meta = DINOMetaArch(build_model(cfg.model, CHANNELS), cfg.ssl)
+    with torch.no_grad():
+        for p in meta.teacher.backbone.backbone.parameters():
+            p.add_(1.0)  # teacher and student differ
+    save_checkpoint({"format": TRAINING_FORMAT, "model": meta.state_dict()}, tmp_path / "checkpoint.pt")
+    model = build_model(cfg.model, CHANNELS, load_pretrained=False)
+    report = load_pretrained(model, tmp_path / "checkpoint.pt")
+    assert not report.missing and not report.unexpected
+    for key, value in meta.teacher.backbone.backbone.state_dict().items():
+        torch.testing.assert_close(model.backbone.state_dict()[key], value, msg=key)

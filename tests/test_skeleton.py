@@ -71,8 +71,8 @@ def test_training_steps_change_student_and_move_teacher_by_ema(tiny_cfg):
     meta = DINOMetaArch(build_model(tiny_cfg.model, CHANNELS), tiny_cfg.ssl)
     opt = torch.optim.AdamW([p for p in meta.parameters() if p.requires_grad], lr=1e-3)
     batch = next(iter(build_loader(tiny_cfg)))
-    s0 = {k: v.clone() for k, v in meta.student.state_dict().items()}
-    t0 = {k: v.clone() for k, v in meta.teacher.state_dict().items()}
+    s0 = {k: v.clone() for k, v in meta.student.backbone.state_dict().items()}
+    t0 = {k: v.clone() for k, v in meta.teacher.backbone.state_dict().items()}
     for _ in range(2):
         out = meta(batch["views"], batch["channel_ids"], epoch=1)
         opt.zero_grad()
@@ -85,14 +85,14 @@ def test_training_steps_change_student_and_move_teacher_by_ema(tiny_cfg):
             if t_new.is_floating_point():
                 torch.testing.assert_close(t_new, 0.9 * t_before[k] + 0.1 * s_before[k])
     key = "backbone.blocks.0.attn.qkv.weight"
-    assert not torch.equal(meta.student.state_dict()[key], s0[key])
-    assert not torch.equal(meta.teacher.state_dict()[key], t0[key])
+    assert not torch.equal(meta.student.backbone.state_dict()[key], s0[key])
+    assert not torch.equal(meta.teacher.backbone.state_dict()[key], t0[key])
 
 
 def test_train_writes_loadable_checkpoints_and_embeds(tiny_cfg, tmp_path):
     export = run(tiny_cfg)
     ckpt = load_checkpoint(export.parent / "checkpoint.pt")
-    assert ckpt["step"] > 0 and "teacher.backbone.cls_token" in ckpt["model"]
+    assert ckpt["step"] > 0 and "teacher.backbone.backbone.cls_token" in ckpt["model"]
     assert (export.parent / "config.yaml").is_file()
     torch.load(export, weights_only=True)
     images = np.random.default_rng(0).random((3, 4, 40, 40)).astype(np.float32)

@@ -1,6 +1,8 @@
 """The DINOv2 objective: each term against lightly's classes or a float64 reference; heads,
 temperatures, last-layer freezing, EMA, switches and channel sampling."""
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -44,8 +46,8 @@ class Recorder:
 
 
 def record(meta):
-    heads = {n: getattr(meta, n) for n in ("student_dino_head", "teacher_dino_head", "student_ibot_head",
-                                           "teacher_ibot_head") if hasattr(meta, n)}
+    heads = {f"{who}_{name}": net[name] for who, net in (("student", meta.student), ("teacher", meta.teacher))
+             for name in ("dino_head", "ibot_head") if name in net}
     rec = Recorder(**heads)
     rec.masks = []
     make = meta._masks
@@ -137,6 +139,101 @@ def test_sinkhorn_two_gloo_processes_equal_one_process_on_the_whole_batch(tmp_pa
     assert not torch.allclose(sinkhorn_knopp(logits[:12], 0.1, 3), q_single[:12], atol=1e-4)
 
 
+def test_sinkhorn_jointly_solves_each_problem_as_on_its_own():
+    from cellvit_ssl.centering import sinkhorn_knopp, sinkhorn_knopp_jointly
+
+    torch.manual_seed(3)
+    cls, patches = torch.randn(8, 40), torch.randn(30, 24)
+    inputs = (cls.clone(), patches.clone())
+    joint = sinkhorn_knopp_jointly([cls, patches], temperature=1.0, n_iterations=3)
+    assert torch.equal(cls, inputs[0]) and torch.equal(patches, inputs[1]), "the logits are left as they are"
+    joint = sinkhorn_knopp_jointly([cls, patches], temperature=0.1, n_iterations=3)
+    for q, logits in zip(joint, (cls, patches)):
+        torch.testing.assert_close(q, sinkhorn_knopp(logits, 0.1, 3), atol=0, rtol=0)
+    with pytest.raises(ValueError, match="iteration"):
+        sinkhorn_knopp(cls, 0.1, 0)
+
+
+def _collectives_rank(rank, world, init_file, logits, out_dir):
+    import torch.distributed as dist
+    from torch.distributed.fsdp import FSDPModule
+
+    from cellvit_ssl import distributed as D
+    from cellvit_ssl.centering import sinkhorn_knopp_jointly
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    info = D.DistInfo(rank, world, rank, torch.device("cpu"))
+    real_all_reduce, calls = dist.all_reduce, []
+
+    def counting_all_reduce(tensor, *args, **kwargs):
+        calls.append((tuple(tensor.shape), str(kwargs.get("op", args[0] if args else "default"))))
+        return real_all_reduce(tensor, *args, **kwargs)
+
+    # the module attribute that cellvit_ssl.distributed and lightly's centre both call
+    dist.all_reduce = counting_all_reduce
+    try:
+        result = {}
+        for centering in ("sinkhorn_knopp", "mean"):
+            meta, _ = make_meta(f"ssl.centering={centering}", "model.variant=hierarchical")
+            model = D.wrap_model(meta, info, "ddp")
+            optimizer = torch.optim.AdamW([p for p in meta.parameters() if p.requires_grad], lr=1e-3)
+            result[centering] = []
+            for step in range(2):  # one optimiser step: forward, backward, AdamW, EMA
+                views, ids = make_batch(b=2, seed=10 * rank + step)
+                start = len(calls)
+                model(views, ids, epoch=0)["loss"].backward()
+                optimizer.step()
+                meta.update_teacher(0.9)
+                result[centering].append(calls[start:])
+        # two SK problems of uneven, here empty, per-rank parts
+        cls, patches = logits
+        parts = [cls.chunk(world)[rank], patches[:0] if rank == 0 else patches]
+        result["joint"] = sinkhorn_knopp_jointly(parts, temperature=0.1, n_iterations=3)
+        # FSDP shards every transformer block (cross-channel blocks included) and trains
+        meta, _ = make_meta("model.variant=hierarchical")
+        model = D.wrap_model(meta, info, "fsdp")
+        result["fsdp_blocks"] = [isinstance(block, FSDPModule) for block in meta.transformer_blocks()]
+        views, ids = make_batch(b=2, seed=rank)
+        loss = model(views, ids, epoch=0)["loss"]
+        loss.backward()
+        result["fsdp_loss"] = float(loss)
+        torch.save(result, f"{out_dir}/result{rank}.pt")
+    finally:
+        dist.all_reduce = real_all_reduce
+        dist.destroy_process_group()
+
+
+def test_sinkhorn_centring_issues_one_all_reduce_per_normalisation_and_no_centre(tmp_path):
+    """Two gloo processes. Sinkhorn-Knopp: ``sinkhorn_iterations + 1`` all-reduces per step for DINO
+    and iBOT together (one max, then one sum per prototype normalisation), none of a centre;
+    mean centring: lightly's two centre all-reduces. Also: the joint SK of two ranks equals one
+    process on the whole batch, and FSDP shards the cross-channel blocks too."""
+    import torch.multiprocessing as mp
+
+    from cellvit_ssl.centering import sinkhorn_knopp_jointly
+
+    torch.manual_seed(4)
+    logits = (torch.randn(12, 40), torch.randn(9, 24))
+    mp.start_processes(_collectives_rank, args=(2, str(tmp_path / "init"), logits, str(tmp_path)), nprocs=2,
+                       start_method="fork")
+    results = [torch.load(tmp_path / f"result{r}.pt") for r in range(2)]
+    _, cfg = make_meta()
+    n, k = cfg.ssl.sinkhorn_iterations, cfg.ssl.head_output_dim
+    for result in results:
+        for step in result["sinkhorn_knopp"]:
+            assert [shape for shape, _ in step] == [(k + k,)] * (n + 1), step  # DINO's and iBOT's prototypes
+            assert [op.rsplit(".", 1)[-1] for _, op in step] == ["MAX"] + ["SUM"] * n, step
+        for step in result["mean"]:
+            assert sorted(shape for shape, _ in step) == [(1, 1, k), (1, k)], step  # lightly's two centres
+        assert len(result["fsdp_blocks"]) == 2 * 2 * 2 and all(result["fsdp_blocks"])
+        assert math.isfinite(result["fsdp_loss"])
+    single = sinkhorn_knopp_jointly(list(logits), temperature=0.1, n_iterations=3)
+    torch.testing.assert_close(torch.cat([r["joint"][0] for r in results]), single[0], atol=1e-7, rtol=1e-6)
+    torch.testing.assert_close(results[1]["joint"][1], single[1], atol=1e-7, rtol=1e-6)
+    assert results[0]["joint"][1].shape == (0, 24)
+
+
 # --- loss terms against lightly's classes (mean centering) ----------------------------------
 
 def test_terms_equal_lightly_losses_on_the_same_outputs_with_mean_centering():
@@ -204,22 +301,62 @@ def test_sinkhorn_terms_equal_a_float64_reference():
     per_token_weight = (1.0 / masks.sum(dim=1, keepdim=True).double()).expand_as(masks)[masks]
     ref = (ce * per_token_weight).sum() / masks.shape[0]
     torch.testing.assert_close(out["ibot"].double(), ref, atol=1e-5, rtol=1e-5)
-    # The frozen zero centre of Sinkhorn-Knopp mode stays zero.
-    assert meta.dino_loss.center.abs().max() == 0 and meta.ibot_loss.center.value.abs().max() == 0
+    # Sinkhorn-Knopp mode holds no centre (nothing to all-reduce and throw away).
+    assert not hasattr(meta, "dino_loss") and not hasattr(meta, "ibot_loss")
+    assert not any("center" in k for k in meta.state_dict())
 
 
 # --- heads, switches, schedules, EMA ----------------------------------------------------------
 
+@pytest.mark.parametrize("variant, blocks_per_depth", [("boc", 1), ("hierarchical", 2), ("channelvit", 1)])
+def test_meta_architecture_has_dinov2_shape_and_names_every_block(variant, blocks_per_depth):
+    meta, cfg = make_meta(f"model.variant={variant}")
+    assert isinstance(meta.student, torch.nn.ModuleDict) and isinstance(meta.teacher, torch.nn.ModuleDict)
+    assert list(meta.student) == list(meta.teacher) == ["backbone", "dino_head", "ibot_head"]
+    assert meta.backbones() == (meta.student.backbone, meta.teacher.backbone)
+    assert meta.heads() == [meta.student.dino_head, meta.student.ibot_head, meta.teacher.dino_head,
+                            meta.teacher.ibot_head]
+    depth = cfg.model.depth
+    student_blocks = meta.transformer_blocks(teacher=False)
+    assert student_blocks == meta.student.backbone.transformer_blocks()
+    assert len(student_blocks) == blocks_per_depth * depth
+    assert meta.transformer_blocks() == student_blocks + meta.teacher.backbone.transformer_blocks()
+    if variant == "hierarchical":
+        assert all(any(c is b for b in student_blocks) for c in meta.student.backbone.cross_blocks)
+    names = {".".join(n.split(".")[:2]) for n, _ in meta.named_parameters()}
+    parts = ("backbone", "dino_head", "ibot_head")
+    assert names == {f"{net}.{part}" for net in ("student", "teacher") for part in parts}
+    assert list(make_meta("ssl.ibot=false")[0].teacher) == ["backbone", "dino_head"]
+
+
+def test_teacher_backbone_state_dict_is_what_an_encoder_loads():
+    meta, cfg = make_meta("model.variant=hierarchical")
+    with torch.no_grad():
+        for p in meta.student.parameters():
+            p.add_(0.1)
+    meta.update_teacher(0.5)
+    state = meta.teacher_backbone_state_dict()
+    assert state.keys() == meta.teacher.backbone.state_dict().keys()
+    for key, value in meta.teacher.backbone.state_dict().items():
+        assert torch.equal(state[key], value), key
+    fresh = build_model(cfg.model, CHANNELS, load_pretrained=False)
+    fresh.load_state_dict(state)
+    views, ids = make_batch()
+    with torch.no_grad():
+        torch.testing.assert_close(fresh.embed(views[0], ids), meta.teacher.backbone.embed(views[0], ids))
+        assert not torch.allclose(fresh.embed(views[0], ids), meta.student.backbone.embed(views[0], ids))
+
+
 def test_heads_are_untied_and_the_teacher_heads_built_anew():
     meta, _ = make_meta()
-    for t in ("dino", "ibot"):
-        student, teacher = getattr(meta, f"student_{t}_head"), getattr(meta, f"teacher_{t}_head")
+    for name in ("dino_head", "ibot_head"):
+        student, teacher = meta.student[name], meta.teacher[name]
         assert student is not teacher
         for (name, ps), pt in zip(student.state_dict().items(), teacher.state_dict().values()):
             assert torch.equal(ps, pt) and ps.data_ptr() != pt.data_ptr(), name
         assert not any(p.requires_grad for p in teacher.parameters())
-    w_dino = meta.student_dino_head.last_layer.weight_v
-    w_ibot = meta.student_ibot_head.last_layer.weight_v
+    w_dino = meta.student.dino_head.last_layer.weight_v
+    w_ibot = meta.student.ibot_head.last_layer.weight_v
     assert not torch.equal(w_dino, w_ibot)
 
 
@@ -236,8 +373,9 @@ def test_each_term_can_be_switched_off(switches, terms):
     weights = {"dino": 1.0, "ibot": 1.0, "koleo": 0.1}
     torch.testing.assert_close(out["loss"].detach(), sum(weights[k] * out[k] for k in terms))
     out["loss"].backward()
-    assert meta.student.backbone.blocks[0].attn.qkv.weight.grad.abs().sum() > 0
-    assert hasattr(meta, "student_ibot_head") == ("ibot" in terms)
+    assert meta.student.backbone.backbone.blocks[0].attn.qkv.weight.grad.abs().sum() > 0
+    assert ("ibot_head" in meta.student) == ("ibot_head" in meta.teacher) == ("ibot" in terms)
+    assert ("dino_head" in meta.student) == ("dino" in terms)
 
 
 def test_no_term_left_is_a_config_error():
@@ -259,7 +397,7 @@ def test_last_layers_are_frozen_in_the_first_epoch_only():
         meta.zero_grad()
         meta(views, ids, epoch=epoch)["loss"].backward()
         meta.cancel_last_layer_gradients(epoch)
-        for head in (meta.student_dino_head, meta.student_ibot_head):
+        for head in (meta.student.dino_head, meta.student.ibot_head):
             assert (head.last_layer.weight_v.grad is None) == frozen
             assert head.layers[0].weight.grad is not None
 
@@ -269,10 +407,7 @@ def test_update_teacher_is_an_ema_of_backbone_and_both_heads():
     with torch.no_grad():
         for p in meta.student.parameters():
             p.add_(0.1)
-        for p in meta.student_ibot_head.parameters():
-            p.add_(0.1)
-    pairs = [(meta.student, meta.teacher), (meta.student_dino_head, meta.teacher_dino_head),
-             (meta.student_ibot_head, meta.teacher_ibot_head)]
+    pairs = [(meta.student[name], meta.teacher[name]) for name in ("backbone", "dino_head", "ibot_head")]
     before = [({k: v.clone() for k, v in s.state_dict().items()}, {k: v.clone() for k, v in t.state_dict().items()})
               for s, t in pairs]
     meta.update_teacher(0.75)
@@ -285,18 +420,19 @@ def test_update_teacher_is_an_ema_of_backbone_and_both_heads():
 def test_teacher_runs_in_eval_mode_while_the_student_trains():
     meta, _ = make_meta("model.drop_path_rate=0.5")
     meta.train()
-    assert meta.student.training and not meta.teacher.training and not meta.teacher_dino_head.training
+    assert meta.student.training and meta.student.backbone.training and meta.student.dino_head.training
+    assert not any(m.training for m in meta.teacher.modules())
     views, ids = make_batch()
     with torch.no_grad():
-        a = meta.teacher.forward_features(views[0], ids)["x_norm_clstoken"]
-        b = meta.teacher.forward_features(views[0], ids)["x_norm_clstoken"]
+        a = meta.teacher.backbone.forward_features(views[0], ids)["x_norm_clstoken"]
+        b = meta.teacher.backbone.forward_features(views[0], ids)["x_norm_clstoken"]
     torch.testing.assert_close(a, b)  # no stochastic depth in the teacher
 
 
 def test_hierarchical_channel_sampling_feeds_subsets_to_both_networks():
     meta, _ = make_meta("ssl.channel_sampling=hierarchical")
     seen = []
-    for net in (meta.student, meta.teacher):
+    for net in meta.backbones():
         forward = net.forward_features
 
         def spy(x, ids, mask=None, masks=None, forward=forward):

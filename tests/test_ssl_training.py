@@ -26,7 +26,7 @@ FULL_OBJECTIVE = ["ssl.dino=true", "ssl.ibot=true", "ssl.koleo=true", "ssl.cente
 def embedding_spread(meta: DINOMetaArch, x: torch.Tensor, ids: torch.Tensor) -> float:
     """Mean per-dimension std of the L2-normalised teacher CLS tokens, times sqrt(D)."""
     with torch.no_grad():
-        z = torch.nn.functional.normalize(meta.teacher.forward_features(x, ids)["x_norm_clstoken"], dim=1)
+        z = torch.nn.functional.normalize(meta.teacher.backbone.forward_features(x, ids)["x_norm_clstoken"], dim=1)
     return float(z.std(dim=0).mean() * math.sqrt(z.shape[1]))
 
 

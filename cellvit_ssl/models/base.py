@@ -8,6 +8,9 @@ Three entry points:
   ``x_norm_clstoken (S, D)`` and ``x_norm_patchtokens (S, N, D)``.
 - ``sample_shape`` gives ``(S, N)`` for an input, the shape of iBOT ``masks``.
 - ``embed`` gives one image embedding ``(B, output_dim)`` per image.
+
+``transformer_blocks`` / ``transformer_layers`` name the model's transformer blocks for the
+code that wraps, compiles or recomputes them; nothing finds blocks by attribute name.
 """
 
 from __future__ import annotations
@@ -90,6 +93,23 @@ class ChannelAdaptiveViT(nn.Module):
         where = torch.zeros(b, len(self.channels), dtype=torch.bool, device=values.device)
         where[rows[present], slots[present]] = True
         return out, where
+
+    def transformer_layers(self) -> list[tuple[nn.Module, ...]]:
+        """The transformer blocks by depth: item ``i`` holds every block at depth ``i``.
+
+        One block per depth here (the shared ViT's); variants that add blocks (hierarchical
+        attention's cross-channel blocks) return them beside the ViT block of the same depth.
+        Layer-wise learning-rate decay gives every block of a depth the same rate.
+        """
+        return [(block,) for block in self.backbone.blocks]
+
+    def transformer_blocks(self) -> list[nn.Module]:
+        """Every transformer block, in the order they run.
+
+        These are the units that FSDP shards, ``torch.compile`` compiles and activation
+        checkpointing recomputes.
+        """
+        return [block for layer in self.transformer_layers() for block in layer]
 
     def grid_size(self, x: Tensor) -> int:
         """Patch tokens per channel for images shaped like ``x``."""

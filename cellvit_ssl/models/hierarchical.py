@@ -92,6 +92,10 @@ class HierarchicalViT(ChannelAdaptiveViT):
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
 
+    def transformer_layers(self) -> list[tuple[nn.Module, ...]]:
+        """Per depth: the within-channel ViT block, then the cross-channel block."""
+        return list(zip(self.backbone.blocks, self.cross_blocks))
+
     def sample_shape(self, x: Tensor, channel_ids: Tensor, channel_mask: Tensor | None = None) -> tuple[int, int]:
         """``(S, N)``: samples (= images) and patch positions, the shape of iBOT ``masks``."""
         return x.shape[0], self.grid_size(x)
@@ -118,7 +122,7 @@ class HierarchicalViT(ChannelAdaptiveViT):
         tokens = tokens + self.channel_embed[slots[present]].unsqueeze(1).to(tokens.dtype)
         rows, cols = present.nonzero(as_tuple=True)
         full = bool(present.all())  # then (S, T, D) is (B, K, T, D) flattened: no scatter needed
-        for block, cross in zip(self.backbone.blocks, self.cross_blocks):
+        for block, cross in self.transformer_layers():
             tokens = block(tokens)
             if full:
                 tokens = cross(tokens.reshape((b, k) + tokens.shape[1:]), present).flatten(0, 1)

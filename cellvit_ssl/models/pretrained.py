@@ -100,10 +100,15 @@ def _unwrap(state: Mapping) -> dict[str, Tensor]:
         if isinstance(inner, Mapping) and any(isinstance(v, Tensor) for v in inner.values()):
             return _unwrap(inner)
     out = {str(k): v for k, v in state.items() if isinstance(v, Tensor)}
-    for prefix in _PREFIXES:
-        if any(k.startswith(prefix) for k in out):
-            # a training checkpoint: keep the backbone, drop heads stored beside it
-            out = {k[len(prefix):]: v for k, v in out.items() if k.startswith(prefix)}
+    # A training checkpoint: keep the (teacher's) backbone, drop heads stored beside it. Until
+    # nothing changes, as wrappers nest (cellvit_ssl's teacher.backbone.backbone.*).
+    changed = True
+    while changed:
+        changed = False
+        for prefix in _PREFIXES:
+            if any(k.startswith(prefix) for k in out):
+                out = {k[len(prefix):]: v for k, v in out.items() if k.startswith(prefix)}
+                changed = True
     return {_unchunk(k): v for k, v in out.items()}
 
 

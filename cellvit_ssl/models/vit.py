@@ -23,14 +23,15 @@ from cellvit_ssl.models.layers import (
     resolve_attn_backend,
 )
 
-#: Backbone sizes by name: (embed_dim, depth, num_heads). ``vit_giant2`` is DINOv2's ViT-g
-#: (use it with ``ffn_layer="swiglu"`` for the official weights).
+#: Backbone sizes by DINOv2's names: (embed_dim, depth, num_heads), MLP ratio 4. ``vit_giant2`` is
+#: DINOv2's ViT-g/14 (64-wide heads; its official weights use ``ffn_layer="swiglu"``). The original
+#: ViT-g (1408 wide, 40 deep, 16 heads, MLP ratio 48/11) has no name here: build it as ``custom``
+#: with ``mlp_ratio=4.3636``.
 ARCHS: dict[str, tuple[int, int, int]] = {
     "vit_tiny": (192, 12, 3),
     "vit_small": (384, 12, 6),
     "vit_base": (768, 12, 12),
     "vit_large": (1024, 24, 16),
-    "vit_giant": (1536, 40, 24),
     "vit_giant2": (1536, 40, 24),
 }
 
