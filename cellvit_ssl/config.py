@@ -110,7 +110,9 @@ class ModelConfig:
     ffn_layer: str = "mlp"  # mlp | swiglu (DINOv2's fused SwiGLU, e.g. for vit_giant2)
     pool_patch_tokens: bool = False  # embed(): append the mean patch token to each CLS token
     attn_backend: str = "sdpa"  # sdpa | xformers (used only when installed and on CUDA)
-    interpolate_offset: float = 0.0  # pos-embed resize: 0 = exact grid; 0.1 = DINOv2's scale-factor resize
+    # pos-embed resize: 0 = exact grid; 0.1 = DINOv2's scale-factor resize (its models without
+    # registers; its register models use 0 with antialias, as timm does)
+    interpolate_offset: float = 0.0
     interpolate_antialias: bool = False
     pretrained: str | None = None  # local DINOv2-layout .pth loaded into the backbone at build time
     pretrained_strict: bool = True  # missing / unexpected checkpoint keys are an error (else a warning)
