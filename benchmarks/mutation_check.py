@@ -436,6 +436,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     rows: list[dict] = []
+    started, load_start = time.perf_counter(), os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="cellvit_mutation_") as tmp:
         copy = Path(tmp) / "tree"
         copy_tree(ROOT, copy)
@@ -470,8 +471,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         tmp_json = args.json.with_suffix(args.json.suffix + ".tmp")
-        tmp_json.write_text(json.dumps({"benchmark": "mutation_check", "python": sys.version.split()[0],
-                                        "mutants": rows}, indent=1))
+        env = {"python": sys.version.split()[0], "cpu_count": os.cpu_count(), "loadavg_start": load_start,
+               "loadavg_end": os.getloadavg(), "total_seconds": round(time.perf_counter() - started)}
+        tmp_json.write_text(json.dumps({"benchmark": "mutation_check", "env": env, "mutants": rows}, indent=1))
         os.replace(tmp_json, args.json)
     return 1 if bad else 0
 

@@ -52,7 +52,8 @@ def timm_dinov2(registers: int = 0, swiglu: bool = False, img_size: int = NATIVE
     model = TimmViT(**kw).eval()
     with torch.no_grad():  # far from the init (LayerScale 1e-5 would hide the blocks)
         for name, p in model.named_parameters():
-            p.copy_(torch.randn_like(p) * (0.5 if name.endswith("gamma") else 0.2) + (1.0 if "norm" in name else 0.0))
+            scale_weight = "norm" in name and name.endswith("weight")
+            p.copy_(torch.randn_like(p) * (0.5 if name.endswith("gamma") else 0.2) + (1.0 if scale_weight else 0.0))
     return model
 
 
