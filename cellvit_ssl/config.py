@@ -248,8 +248,8 @@ class ModelConfig:
     ffn_layer: FfnLayer = FfnLayer.mlp  # mlp | swiglu (DINOv2's fused SwiGLU, e.g. for vit_giant2)
     pool_patch_tokens: bool = False  # embed(): append the mean patch token to each CLS token
     attn_backend: AttnBackend = AttnBackend.sdpa  # sdpa | xformers (used only when installed and on CUDA)
-    interpolate_offset: float = 0.0  # pos-embed resize: 0 = exact grid; 0.1 = DINOv2's scale-factor resize
-    interpolate_antialias: bool = False  # antialias the position-embedding resize
+    interpolate_offset: float = 0.0  # 0: exact grid; 0.1: DINOv2's resize (models without registers)
+    interpolate_antialias: bool = False  # antialias the pos-embed resize (DINOv2 register models, timm)
     pretrained: str | None = None  # local DINOv2-layout .pth loaded into the backbone at build time
     pretrained_strict: bool = True  # missing / unexpected checkpoint keys are an error (else a warning)
 
