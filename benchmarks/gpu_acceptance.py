@@ -100,13 +100,13 @@ def _hpa(json_path: Path, tiny: bool) -> list[str]:
             "data.demo.format=ome-tiff"]
 
 
-PARTS = (
-    Part("gpu_tests", 50, 30, _tests),
-    Part("model_cost", 50, 15, _model_cost),
+PARTS = (  # GPU budgets sum to 450 s (7.5 minutes); the tiny ones to 110 s
+    Part("gpu_tests", 60, 30, _tests),
+    Part("model_cost", 45, 15, _model_cost),
     Part("train_s16", 65, 20, _train("vit_small", "both", False)),
-    Part("train_b16", 45, 10, _train("vit_base", "train", False)),
-    Part("hpa_run", 95, 20, _hpa),
-    Part("train_s16_compiled", 145, 15, _train("vit_small", "train", True)),
+    Part("train_b16", 60, 10, _train("vit_base", "train", False)),
+    Part("hpa_run", 90, 20, _hpa),
+    Part("train_s16_compiled", 130, 15, _train("vit_small", "train", True)),
 )
 
 

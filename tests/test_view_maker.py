@@ -111,3 +111,35 @@ def test_device_view_maker_issues_no_host_sync(tmp_path):
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert all(v.is_cuda for v in views) and ids.is_cuda
+
+
+def _step_syncs(tmp_path, batch_size: int) -> int:
+    """Host syncs of one whole CUDA training step (the second: the first builds caches)."""
+    import warnings
+
+    from cellvit_ssl.train import StopRequest
+
+    cfg = load_config(None, [*TINY_OVERRIDES, f"data.demo.cache_dir={tmp_path / 'demo'}",
+                             f"train.output_dir={tmp_path / f'run{batch_size}'}", *QUIET, "train.device=cuda",
+                             f"data.batch_size={batch_size}", "views.device=device"])
+    t = Trainer(cfg, DistInfo(0, 1, 0, torch.device("cuda")))
+    batches = iter(t.loader)
+    t._train_step(batches, 0, StopRequest())
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            t._train_step(batches, 0, StopRequest())
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message) for w in caught)
+
+
+@pytest.mark.gpu
+def test_a_cuda_step_has_no_per_sample_host_syncs(tmp_path):
+    # The step reads its record back once (loss terms, NaN check) and the model has a few
+    # shape-dependent reads; none may grow with the batch (lightly's iBOT block masks, made on
+    # the GPU, read every block back: they are made on the CPU and copied once).
+    small, large = _step_syncs(tmp_path, 2), _step_syncs(tmp_path, 4)
+    assert small == large, f"host syncs per step: {small} at batch 2, {large} at batch 4"
