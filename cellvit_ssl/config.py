@@ -97,6 +97,14 @@ class ChannelMode(Choice):
     boc = "boc"
 
 
+class ViewsDevice(Choice):
+    """Where the training views are made."""
+
+    auto = "auto"
+    workers = "workers"
+    device = "device"
+
+
 class Variant(Choice):
     """Channel-adaptive model variant (see :mod:`cellvit_ssl.models`)."""
 
@@ -227,6 +235,7 @@ class ViewsConfig:
     channel_drop_prob: float = 0.0  # per channel, joint mode only; never all channels
     protected_channels: list[str] = field(default_factory=list)  # never dropped, e.g. [protein]
     channel_mode: ChannelMode = ChannelMode.joint  # joint: channels share a crop | boc: each its own sample
+    device: ViewsDevice = ViewsDevice.auto  # auto: device on CUDA | workers: per sample on CPU | device: batched
 
 
 @dataclass(frozen=True)
