@@ -66,6 +66,7 @@ T_OBJ_REF = "tests/test_reference_objective.py"
 T_SSL = "tests/test_ssl.py"
 T_VIT_REF = "tests/test_reference_vit.py"
 T_EMBED_PRE = "tests/test_embed.py::test_embed_is_the_model_on_the_training_preprocessing"
+T_EMBED_VIEW = "tests/test_embed.py::test_samples_are_resized_to_the_view_size_the_model_trained_on"
 
 MUTANTS: list[Mutant] = [
     # --- objective ------------------------------------------------------------------------
@@ -274,12 +275,12 @@ MUTANTS: list[Mutant] = [
     Mutant("embed_no_resize", "embed preprocessing", "cellvit_ssl/preprocess.py",
            'samples = F.interpolate(samples, size=size, mode="bilinear", antialias=True, align_corners=False)',
            "samples = samples",
-           (T_EMBED_PRE,),
+           (T_EMBED_VIEW, "tests/test_parity.py"),
            "Encoder.embed feeds images at their own size instead of the training crop size"),
     Mutant("embed_resize_aliased", "embed preprocessing", "cellvit_ssl/preprocess.py",
            'samples = F.interpolate(samples, size=size, mode="bilinear", antialias=True, align_corners=False)',
            'samples = F.interpolate(samples, size=size, mode="bilinear", antialias=False, align_corners=False)',
-           (T_EMBED_PRE,),
+           (T_EMBED_VIEW,),
            "Encoder.embed shrinks images without antialiasing"),
     # --- dataset normalisation ------------------------------------------------------------
     Mutant("dataset_percentile_norm_skipped", "dataset normalisation", "cellvit_ssl/preprocess.py",
@@ -308,6 +309,11 @@ MUTANTS: list[Mutant] = [
            "level=0, z=data.z_slice",
            ("tests/test_parity.py",),
            "embed reads the full-resolution level of a pyramid a model was trained on at another level"),
+    Mutant("fit_not_antialiased", "preprocessing contract", "cellvit_ssl/preprocess.py",
+           'size=(nh, nw), mode="bilinear", antialias=True, align_corners=False)[0]',
+           'size=(nh, nw), mode="bilinear", antialias=False, align_corners=False)[0]',
+           (T_EMBED_PRE,),
+           "images are fitted into the sample size without antialiasing"),
     Mutant("checkpoint_contract_ignored", "preprocessing contract", "cellvit_ssl/encoder.py",
            'if "preprocess" in payload:',
            "if False:",

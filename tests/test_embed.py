@@ -67,6 +67,25 @@ def test_embed_is_the_model_on_the_training_preprocessing(encoder, images):
     np.testing.assert_allclose(encoder.embed(images, CHANNELS), want, atol=1e-5, rtol=0)
 
 
+def test_samples_are_resized_to_the_view_size_the_model_trained_on(tiny_overrides):
+    """48-px samples seen through 32-px views: the model input is the sample shrunk with antialiasing."""
+    from torchvision.transforms.v2 import functional as TF
+
+    from cellvit_ssl.config import load_config
+
+    cfg = load_config(None, tiny_overrides + ["data.sample_size=48", "views.global_crop_size=32",
+                                              "model.layerscale_init=0.5"])
+    torch.manual_seed(0)
+    enc = Encoder(build_model(cfg.model, CHANNELS), cfg, torch.device("cpu"))
+    assert (enc.crop_size, enc.input_size) == (48, 32)
+    samples = np.random.default_rng(3).gamma(2.0, 100.0, size=(2, 4, 48, 48)).astype(np.float32)
+    norm = torch.from_numpy(np.stack([normalize_percentiles(s, *cfg.data.normalize_percentiles) for s in samples]))
+    x = TF.resize(norm, [32, 32], antialias=True)
+    with torch.no_grad():
+        want = enc.model.embed(x, torch.tensor([channel_ids(CHANNELS)] * 2)).numpy()
+    np.testing.assert_allclose(enc.embed(samples, CHANNELS), want, atol=1e-5, rtol=0)
+
+
 def test_embed_matches_channels_by_name_not_position(encoder, images):
     z = encoder.embed(images, CHANNELS)
     perm = [3, 1, 0, 2]
