@@ -106,7 +106,7 @@ class PixelConfig:
     """Raw-pixel features (``curate.features=pixels``)."""
 
     size: int = 16  # thumbnail side in pixels (features = channels x size x size)
-    blur: float = 1.0  # Gaussian sigma in crop pixels before resizing (tolerance to 1-px shifts)
+    blur: float = 2.0  # Gaussian sigma in crop pixels before resizing (tolerance to 1-px shifts)
     channels: list[str] = field(default_factory=list)  # channels used, in order ([] = all, in file order)
     percentiles: list[float] = field(default_factory=lambda: [1.0, 99.8])  # per-channel normalisation
     chunk_rows: int = 2048  # rows per saved chunk (the unit of resuming)
@@ -140,7 +140,7 @@ class CurateConfig:
     block_rows: int = 65536  # feature rows in memory at a time
     summary_columns: list[str] = field(default_factory=list)  # columns counted before / after ([] = plate / label)
     seed: int = 0  # random seed (k-means, sampling)
-    progress: bool = True  # progress bars on stderr
+    progress: bool = True  # progress bars on stderr (the summary is printed either way)
     overwrite: bool = False  # replace an output made from other inputs or settings
     keep_cache: bool = False  # keep OUT.partial/ after finishing: reruns with other settings reuse its stages
     dedup: DedupConfig = field(default_factory=DedupConfig)
@@ -743,8 +743,7 @@ def run(cfg: CurateConfig) -> CurateResult:
     _atomic_write(paths["summary"], lambda p: p.write_text(json.dumps(summary, indent=1, default=str)))
     if not cfg.keep_cache:
         shutil.rmtree(paths["partial"], ignore_errors=True)
-    if cfg.progress:
-        _print_summary(summary, cluster_table, group_table)
+    _print_summary(summary, cluster_table, group_table)
     if replaced:
         print(f"note: replaced the input's columns {replaced}", file=sys.stderr)
     return CurateResult(paths["index"], files, counts, summary)
@@ -780,8 +779,7 @@ def _finished(paths: dict[str, Path], cfg: CurateConfig, index_sha: str, setting
     except (OSError, ValueError):
         summary = {}
     if summary.get("fingerprint") == _output_fingerprint(cfg, index_sha, settings):
-        if cfg.progress:
-            print(f"{out} is complete ({summary['rows']['selected']} rows); nothing to do", file=sys.stderr)
+        print(f"{out} is complete ({summary['rows']['selected']} rows); nothing to do", file=sys.stderr)
         files = {k: Path(v) for k, v in summary.get("files", {}).items()}
         return CurateResult(out, files, summary["rows"], summary, up_to_date=True)
     if not cfg.overwrite:

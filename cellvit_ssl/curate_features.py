@@ -241,7 +241,7 @@ class PixelFeatures:
     """
 
     def __init__(self, table: pd.DataFrame, root: str | Path, crop_size: int, channels: Sequence[str] = (),
-                 size: int = 16, blur: float = 1.0, percentiles: Sequence[float] = (1.0, 99.8),
+                 size: int = 16, blur: float = 2.0, percentiles: Sequence[float] = (1.0, 99.8),
                  workers: int = 0) -> None:
         self.table, self.root, self.crop_size = table, Path(root), int(crop_size)
         self.channels = list(channels)

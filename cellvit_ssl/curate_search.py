@@ -54,7 +54,7 @@ def make_search(backend: Backend | str, threads: int = 0) -> FaissSearch | Sklea
 
 
 class FaissSearch:
-    """k-means (``faiss.Kmeans``, spherical) and exact inner-product search (``IndexFlatIP``)."""
+    """k-means (``faiss.Kmeans``, spherical, k-means++ seeding) and exact inner-product search (``IndexFlatIP``)."""
 
     name = "faiss"
 
@@ -65,12 +65,16 @@ class FaissSearch:
         if threads > 0:
             faiss.omp_set_num_threads(threads)
 
-    def kmeans(self, x: np.ndarray, k: int, iters: int = 20, seed: int = 0) -> np.ndarray:
-        """Unit-norm centroids ``(k, D)`` of spherical k-means on the unit rows ``x``."""
+    def kmeans(self, x: np.ndarray, k: int, iters: int = 20, seed: int = 0, restarts: int = 1) -> np.ndarray:
+        """Unit-norm centroids ``(k, D)`` of spherical k-means on the unit rows ``x`` (best of ``restarts``)."""
         x = np.ascontiguousarray(x, dtype=np.float32)
+        # k-means++ seeding, as scikit-learn's: faiss's default random seeding can merge
+        # well-separated groups when few points are clustered (the upper levels of the hierarchy)
+        init = getattr(self._faiss, "ClusteringInitMethod_KMEANS_PLUS_PLUS", None)
+        extra = {} if init is None else {"init_method": init}
         km = self._faiss.Kmeans(x.shape[1], int(k), niter=int(iters), seed=int(seed), spherical=True,
                                 max_points_per_centroid=max(len(x) // max(k, 1) + 1, 1), min_points_per_centroid=1,
-                                verbose=False)
+                                nredo=int(restarts), verbose=False, **extra)
         km.train(x)
         return _unit(km.centroids)
 
@@ -105,14 +109,20 @@ class SklearnSearch:
         with sklearn.config_context(working_memory=256), threadpool_limits(self.threads or None):
             yield
 
-    def kmeans(self, x: np.ndarray, k: int, iters: int = 20, seed: int = 0) -> np.ndarray:
-        """Unit-norm centroids ``(k, D)`` of mini-batch k-means on the unit rows ``x``."""
-        from sklearn.cluster import MiniBatchKMeans
+    def kmeans(self, x: np.ndarray, k: int, iters: int = 20, seed: int = 0, restarts: int = 1) -> np.ndarray:
+        """Unit-norm centroids ``(k, D)`` of k-means on the unit rows ``x`` (best of ``restarts``).
+
+        Mini-batch k-means on many rows; plain k-means when they fit in one batch.
+        """
+        from sklearn.cluster import KMeans, MiniBatchKMeans
 
         x = np.ascontiguousarray(x, dtype=np.float32)
         batch = int(min(len(x), max(4096, 4 * k)))
-        km = MiniBatchKMeans(n_clusters=int(k), batch_size=batch, max_iter=int(iters), n_init=1,
-                             init_size=int(min(len(x), max(3 * k, batch))), random_state=int(seed))
+        if batch >= len(x):
+            km = KMeans(n_clusters=int(k), max_iter=max(int(iters), 50), n_init=int(restarts), random_state=int(seed))
+        else:
+            km = MiniBatchKMeans(n_clusters=int(k), batch_size=batch, max_iter=int(iters), n_init=int(restarts),
+                                 init_size=int(min(len(x), max(3 * k, batch))), random_state=int(seed))
         with self._limits():
             km.fit(x)
         return _unit(km.cluster_centers_)

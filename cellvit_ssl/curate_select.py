@@ -136,15 +136,15 @@ def find_duplicates(feats: FeatureMatrix, search, threshold: float, neighbors: i
     if n_parts > 1:
         sample = _sample(everything, n_parts * sample_per_partition, rng)
         centroids = search.kmeans(feats.rows(sample), n_parts, iters, seed)
-        _, home = _assign(search, centroids, feats, everything, 1, block, False, "dedup: partition", progress)
-        home = home[:, 0]
-        # each (row, pose) looks into the partitions nearest to that pose
+        # each (row, pose) looks into the partitions nearest to that pose; a row lives in the
+        # partition nearest to its pose 0
         probes = []
-        for start, stop in tqdm(_blocks(n, block), desc="dedup: probe", unit="block", disable=not progress,
+        for start, stop in tqdm(_blocks(n, block), desc="dedup: partitions", unit="block", disable=not progress,
                                 leave=False):
             posed = feats.posed(everything[start:stop])
             probes.append(np.stack([search.nearest(centroids, p, probe)[1] for p in posed], axis=1))
         probes = np.concatenate(probes)  # (n, G, probe)
+        home = probes[:, 0, 0].copy()
     else:
         home = np.zeros(n, np.int64)
         probes = np.zeros((n, feats.n_poses, 1), np.int64)
@@ -256,7 +256,8 @@ def hierarchical_kmeans(feats: FeatureMatrix, ids: np.ndarray, clusters: Sequenc
     for level, wanted in enumerate(clusters[1:], start=1):
         below = centroids[-1]
         k = min(int(wanted), len(below))
-        top = search.kmeans(below, k, iters, seed + level)
+        # the upper levels cluster few points: restarts are cheap there and avoid poor optima
+        top = search.kmeans(below, k, max(iters, 50), seed + level, restarts=10)
         parent = search.nearest(top, below, 1)[1][:, 0]
         centroids.append(top)
         parents.append(parent)
