@@ -31,6 +31,7 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import time
@@ -239,13 +240,16 @@ def _class_counts(labels: np.ndarray) -> dict:
 
 def _curate(index: Path, features: str, out: Path, target: int, levels: list[int], threshold: float, backend: str,
             seed: int, extra: tuple[str, ...] = ()):
-    from cellvit_ssl.curate import load_curate_config, run
+    from cellvit_ssl.curate import load_curate_config, output_paths, run
 
     cfg = load_curate_config(None, [f"curate.index={index}", f"curate.features={features}", f"curate.out={out}",
                                     f"curate.target_size={target}", f"curate.clusters={levels}",
                                     f"curate.dedup.threshold={threshold}", f"curate.backend={backend}",
                                     "curate.progress=false", "curate.overwrite=true", "curate.keep_cache=true",
                                     f"curate.seed={seed}", *extra])
+    paths = output_paths(out)  # a benchmark always recomputes: no finished output, no cached stages
+    paths["summary"].unlink(missing_ok=True)
+    shutil.rmtree(paths["partial"], ignore_errors=True)
     t = time.perf_counter()
     result = run(cfg)
     return result, time.perf_counter() - t
@@ -324,7 +328,7 @@ def embedding_screen(folder: str | Path, counts: tuple[int, ...] = (2000, 100, 1
     labels = np.repeat(np.arange(len(counts)), counts)
     centres = 2.0 * rng.normal(size=(len(counts), dim))
     subs = centres[:, None] + rng.normal(size=(len(counts), 8, dim))
-    x = subs[labels, rng.integers(0, 8, len(labels))] + 0.5 * rng.normal(size=(len(labels), dim))
+    x = subs[labels, rng.integers(0, 8, len(labels))] + rng.normal(size=(len(labels), dim))
     order = rng.permutation(len(labels))
     x, labels = x[order].astype(np.float32), labels[order]
     index = pd.DataFrame({"path": [f"field{i // 9:04d}.ome.tif" for i in range(len(labels))],
@@ -385,18 +389,19 @@ def write_features(folder: str | Path, rows: int, dim: int, seed: int = 0, block
     return index_path, h5
 
 
-def _scale_worker(index: str, features: str, out: str, backend: str, threads: int) -> dict:
+def _scale_worker(index: str, features: str, out: str, backend: str, threads: int, target: int) -> dict:
     """One curation in this process; returns wall time, peak memory and counts (run by ``scale``)."""
     from cellvit_ssl.curate import load_curate_config, run
 
     cfg = load_curate_config(None, [f"curate.index={index}", f"curate.features={features}", f"curate.out={out}",
-                                    "curate.target_size=200000", f"curate.backend={backend}",
+                                    f"curate.target_size={target}", f"curate.backend={backend}",
                                     f"curate.threads={threads}", "curate.overwrite=true", "curate.progress=false"])
     t = time.perf_counter()
     result = run(cfg)
     wall = time.perf_counter() - t
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
-    return {"backend": backend, "wall_s": wall, "peak_rss_gib": peak,
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return {"backend": backend, "wall_s": wall, "cpu_s": usage.ru_utime + usage.ru_stime,
+            "peak_rss_gib": usage.ru_maxrss / 2**20,  # ru_maxrss is in KiB on Linux
             "rows": result.summary["rows"], "seconds": result.summary["seconds"],
             "clusters": [lv["clusters"] for lv in result.summary["levels"]]}
 
@@ -413,7 +418,7 @@ def scale(workdir: str | Path, rows: int, dim: int, backends: list[str], threads
         env = {**os.environ, "OMP_NUM_THREADS": str(threads), "OPENBLAS_NUM_THREADS": str(threads),
                "MKL_NUM_THREADS": str(threads)}
         cmd = [sys.executable, "-m", "benchmarks.curation", "_worker", str(index), str(features),
-               str(workdir / f"curated_{backend}.csv"), backend, str(threads)]
+               str(workdir / f"curated_{backend}.csv"), backend, str(threads), str(rows // 5)]
         done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
         if done.returncode != 0:
             raise RuntimeError(f"{' '.join(cmd)} failed:\n{done.stderr[-3000:]}")
@@ -421,7 +426,7 @@ def scale(workdir: str | Path, rows: int, dim: int, backends: list[str], threads
         result["load_before"] = load_before
         result["load_after"] = os.getloadavg()
         results.append(result)
-    return {"benchmark": "curation_scale", "rows": rows, "dim": dim, "threads": threads,
+    return {"benchmark": "curation_scale", "rows": rows, "dim": dim, "threads": threads, "target_size": rows // 5,
             "features_file_gib": features.stat().st_size / 2**30, "write_features_s": made, "runs": results}
 
 
@@ -480,7 +485,7 @@ def _print_acceptance(result: dict) -> None:
 def main(argv: list[str] | None = None) -> dict | None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "_worker":
-        print(json.dumps(_scale_worker(*argv[1:5], int(argv[5]))))
+        print(json.dumps(_scale_worker(*argv[1:5], int(argv[5]), int(argv[6]))))
         return None
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="what", required=True)
@@ -507,7 +512,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     else:
         result = scale(args.workdir, args.rows, args.dim, args.backends, args.threads)
         print(format_table(result["runs"], [("backend", "backend", "s"), ("wall_s", "wall s", ".1f"),
-                                            ("peak_rss_gib", "peak RSS GiB", ".2f")]))
+                                            ("cpu_s", "CPU s", ".1f"), ("peak_rss_gib", "peak RSS GiB", ".2f")]))
         for r in result["runs"]:
             print(r["backend"], "stages (s):", {k: round(v, 1) for k, v in r["seconds"].items()}, "rows:", r["rows"],
                   "load before/after:", r["load_before"], r["load_after"])

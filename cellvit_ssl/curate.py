@@ -24,8 +24,8 @@ Outputs, named after ``curate.out`` (``curated.csv`` → ``curated.*``):
 - ``curated.summary.json`` (counts, cluster sizes per level, per plate / label column, the
   nearest-neighbour similarity quantiles that show where the threshold cuts, timings, the
   config), ``curated.clusters.csv`` and ``curated.groups.csv``;
-- with a checkpoint, ``curated.embeddings.h5ad``: the embeddings of every input row (load it
-  with the curated index in the napari inspector to colour the map by ``cluster_*``).
+- with a checkpoint, ``curated.embeddings.h5ad``: the embeddings of every input row, as
+  ``python -m cellvit_ssl.embed`` writes them (for ``evaluate`` or the napari inspector).
 
 Every stage is cached in ``curated.csv.partial/`` under a fingerprint of its inputs and
 settings, so an interrupted run continues where it stopped; a finished output is not
@@ -772,8 +772,8 @@ def _finished(paths: dict[str, Path], cfg: CurateConfig, index_sha: str, setting
         DataError: If the output exists, was made otherwise, and ``overwrite`` is off.
     """
     out, summary_path = paths["index"], paths["summary"]
-    if not out.exists():
-        return None
+    if not out.exists() or (not summary_path.exists() and paths["partial"].is_dir()):
+        return None  # nothing yet, or a run of ours stopped before its summary: (re)compute
     try:
         summary = json.loads(summary_path.read_text())
     except (OSError, ValueError):

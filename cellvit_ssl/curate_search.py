@@ -62,6 +62,7 @@ class FaissSearch:
         import faiss
 
         self._faiss = faiss
+        self.threads = threads
         if threads > 0:
             faiss.omp_set_num_threads(threads)
 

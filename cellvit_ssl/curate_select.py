@@ -10,8 +10,9 @@ trains on a sample and then assigns every row block by block. The search itself 
   visited in index order: a row whose similarity to an earlier *kept* row reaches the
   threshold is dropped and records that row as its representative, so every dropped row is
   within the threshold of the row it names (no chaining through dropped rows).
-- :func:`hierarchical_kmeans`: level 0 clusters the rows; each next level clusters the
-  centroids of the level below (Vo et al. 2024, the curation behind DINOv2-style data).
+- :func:`hierarchical_kmeans`: level 0 clusters the rows (with the chosen backend); each next
+  level clusters the centroids of the level below (Vo et al. 2024, the curation behind
+  DINOv2-style data), always with scikit-learn's exact k-means and 10 restarts (few points).
 - :func:`balanced_sample`: the target size is split as evenly as possible across the
   top-level clusters (a small cluster gives all it has, the rest goes to the others), then
   within each cluster across its children, down to level 0, where rows are drawn at random.
@@ -26,6 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 from tqdm import tqdm
 
+from cellvit_ssl.curate_search import SklearnSearch
 from cellvit_ssl.errors import DataError
 
 
@@ -253,11 +255,13 @@ def hierarchical_kmeans(feats: FeatureMatrix, ids: np.ndarray, clusters: Sequenc
     centroids = [search.kmeans(feats.invariant(sample), k, iters, seed)]
     _, labels0 = _assign(search, centroids[0], feats, ids, 1, block, True, "k-means: level 0", progress)
     labels, parents = [labels0[:, 0]], []
+    upper = SklearnSearch(getattr(search, "threads", 0))
     for level, wanted in enumerate(clusters[1:], start=1):
         below = centroids[-1]
         k = min(int(wanted), len(below))
-        # the upper levels cluster few points: restarts are cheap there and avoid poor optima
-        top = search.kmeans(below, k, max(iters, 50), seed + level, restarts=10)
+        # the upper levels cluster few points (centroids): scikit-learn's exact k-means with
+        # 10 restarts is cheap there and finds better optima than one run, whatever the backend
+        top = upper.kmeans(below, k, max(iters, 50), seed + level, restarts=10)
         parent = search.nearest(top, below, 1)[1][:, 0]
         centroids.append(top)
         parents.append(parent)
