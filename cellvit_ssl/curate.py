@@ -433,7 +433,7 @@ def _features(cfg: CurateConfig, table: pd.DataFrame, root: Path, index_sha: str
                 "crop_size": cfg.crop_size, "allow_missing": cfg.embed.allow_missing, "root": str(root.resolve())}
         path = sidecar
     with EmbeddingsFile(path) as emb:
-        matched_by = check_alignment(table, cfg.index, emb)
+        matched_by = check_alignment(table, cfg.index, emb, index_sha)
         if kind is FeatureKind.embeddings:
             base = {"index_sha256": index_sha, "kind": "embeddings", "file": _file_identity(path)}
         fp = _fingerprint(base)

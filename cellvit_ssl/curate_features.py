@@ -133,12 +133,19 @@ class EmbeddingsFile:
         self.close()
 
 
-def check_alignment(table: pd.DataFrame, index_path: str | Path, emb: EmbeddingsFile) -> str:
+def check_alignment(table: pd.DataFrame, index_path: str | Path, emb: EmbeddingsFile,
+                    index_sha256: str | None = None) -> str:
     """Make sure row ``i`` of the embeddings describes row ``i`` of the index.
 
     Accepted when the row counts agree and either the index fingerprint recorded by the embed
     command matches, or every identity column (:data:`IDENTITY_COLUMNS`) present in both agrees
     row by row. With neither a fingerprint nor identity columns only the row count can be checked.
+
+    Args:
+        table: The index as read.
+        index_path: Its file (for messages).
+        emb: The embeddings.
+        index_sha256: ``embed_io.table_sha256(table)`` when already computed.
 
     Returns:
         How the rows were matched (for the summary).
@@ -154,7 +161,7 @@ def check_alignment(table: pd.DataFrame, index_path: str | Path, emb: Embeddings
         raise FeaturesMismatchError(f"{emb.path} holds {emb.n_rows} rows but the index {index_path} has {len(table)}; "
                                     f"{hint}")
     recorded = emb.index_sha256()
-    if recorded is not None and recorded == table_sha256(table):
+    if recorded is not None and recorded == (index_sha256 or table_sha256(table)):
         return "index fingerprint"
     columns = [c for c in IDENTITY_COLUMNS if c in table.columns and c in emb.obs.columns]
     if not columns:
