@@ -190,7 +190,7 @@ def channel_blocks(x: np.ndarray, channels: list[str]) -> dict[str, np.ndarray]:
 
 
 def run_one(data: GeneratedSet, prepared: dict, variant: str, out: Path, config: Path, base: list[str], k: int,
-            seed: int, raw_cache: dict) -> dict:
+            seed: int) -> dict:
     """Train, embed the held-out rows and score them for one (generator, variant)."""
     t0 = time.perf_counter()
     cfg = load_config(config, run_overrides(data, prepared, variant, out, base, config))
@@ -205,9 +205,7 @@ def run_one(data: GeneratedSet, prepared: dict, variant: str, out: Path, config:
     labels = obs[data.label_key].astype(str).to_numpy()
     features = {"trained": np.asarray(adata.X, dtype=np.float32),
                 "random-init": ev.random_init_features(adata, seed=seed, device="cpu")}
-    if "raw" not in raw_cache:
-        raw_cache["raw"] = ev.raw_pixel_features(adata, seed=seed)
-    features["raw-pixels"] = raw_cache["raw"]
+    features["raw-pixels"] = ev.raw_pixel_features(adata, seed=seed)
     protocols = _protocols(obs, labels, data.batch_key, seed)
     scores = score_features(features, labels, protocols, k, seed)
     row = {"generator": data.name, "variant": variant, "n_test": len(labels), "n_classes": int(len(set(labels))),
@@ -272,9 +270,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="tiny sets, tiny model, 2 steps: a plumbing check")
     p.add_argument("--seed", type=int, default=0, help="generator seed (and evaluation seed)")
     p.add_argument("--k", type=int, default=10)
+    p.add_argument("--jobs", type=int, default=1,
+                   help="(generator, variant) runs at once, each in its own process with a share of the cores")
     p.add_argument("--workdir", help="keep generated data and runs here (default: a temporary folder)")
     p.add_argument("--json", default=str(DEFAULT_JSON), help="results JSON")
     return p
+
+
+def _run_job(job: tuple, epoch_rows: int, threads: int | None = None) -> dict:
+    data, prepared, variant = job[:3]
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    print(f"== {data.name} / {variant}: training on {epoch_rows} rows per epoch "
+          f"({prepared['n_train_rows']} training cells), scoring {prepared['n_test']} held-out cells", flush=True)
+    row = run_one(*job)
+    print(table([row]), flush=True)
+    return row
+
+
+def run_jobs(jobs: list[tuple], n_jobs: int, epoch_rows: int) -> list[dict]:
+    """Run every (generator, variant) job, ``n_jobs`` at a time in their own processes; rows in job order.
+
+    Each process gets an equal share of the CPU cores as torch threads (runs of this size
+    scale better across processes than across threads).
+    """
+    if n_jobs <= 1:
+        return [_run_job(job, epoch_rows) for job in jobs]
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    threads = max(1, (os.cpu_count() or 1) // n_jobs)
+    with ProcessPoolExecutor(n_jobs, mp_context=mp.get_context("spawn")) as pool:
+        futures = [pool.submit(_run_job, job, epoch_rows, threads) for job in jobs]
+        return [f.result() for f in futures]
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -286,27 +316,22 @@ def run(args: argparse.Namespace) -> dict:
         base = QUICK["overrides"] + base
         n_cells, epoch_rows = n_cells or QUICK["n_cells"], QUICK["epoch_rows"]
     specs = args.generator or args.generators
-    rows: list[dict] = []
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(args.workdir) if args.workdir else Path(tmp)
+        jobs = []
         for spec in specs:
             data = generate_cached(spec, workdir, args.seed, n_cells)
             prepared = prepare_data(data, workdir / "runs" / data.name, epoch_rows, args.seed)
-            raw_cache: dict = {}
             for variant in args.variants:
                 out = workdir / "runs" / data.name / variant
-                print(f"== {data.name} / {variant}: training on {epoch_rows} rows per epoch "
-                      f"({prepared['n_train_rows']} training cells), scoring {prepared['n_test']} held-out cells",
-                      flush=True)
-                row = run_one(data, prepared, variant, out, Path(args.config), base, args.k, args.seed, raw_cache)
-                rows.append(row)
-                print(table([row]), flush=True)
+                jobs.append((data, prepared, variant, out, Path(args.config), base, args.k, args.seed))
+        rows = run_jobs(jobs, args.jobs, epoch_rows)
     wall = time.perf_counter() - start
     payload = {
         "benchmark": "quality",
         "command": "python -m benchmarks.quality " + " ".join(sys.argv[1:]),
         "config": str(args.config), "overrides": base, "quick": bool(args.quick), "seed": args.seed, "k": args.k,
-        "epoch_rows": epoch_rows, "steps": _steps(Path(args.config), base, epoch_rows),
+        "epoch_rows": epoch_rows, "jobs": args.jobs, "steps": _steps(Path(args.config), base, epoch_rows),
         "gates": GATES, "default_variant": DEFAULT_VARIANT,
         "machine": {"cpu_count": os.cpu_count(), "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
                     "platform": platform.platform(), "loadavg_before": load_before, "loadavg_after": os.getloadavg()},

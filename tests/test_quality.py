@@ -17,7 +17,7 @@ FEATURES = {"trained", "random-init", "raw-pixels"}
 def quick(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("quality")
     out = tmp / "quality.json"
-    code = quality.main(["--quick", "--generators", "hpa", "--variants", "boc", "fixed",
+    code = quality.main(["--quick", "--generators", "hpa", "--variants", "boc", "fixed", "--jobs", "2",
                          "--workdir", str(tmp / "work"), "--json", str(out)])
     return code, json.loads(out.read_text())
 
@@ -27,7 +27,7 @@ def test_quick_run_writes_the_table_and_json(quick, capsys):
     assert code == 0
     assert payload["benchmark"] == "quality" and payload["quick"] is True
     assert payload["gates"] == quality.GATES and payload["default_variant"] == "boc"
-    assert payload["steps"] == 2 and payload["wall_s"] > 0
+    assert payload["steps"] == 2 and payload["wall_s"] > 0 and payload["jobs"] == 2
     assert {"cpu_count", "loadavg_before", "loadavg_after"} <= set(payload["machine"])
     assert [(r["generator"], r["variant"]) for r in payload["rows"]] == [("hpa", "boc"), ("hpa", "fixed")]
     for row in payload["rows"]:
