@@ -93,6 +93,34 @@ def write_index(path: Path, rows: Sequence[dict], columns: Sequence[str]) -> Pat
     return atomic_write_text(path, text.getvalue())
 
 
+def write_single_cells(out_dir: str | Path, name: str, channels: Sequence[str], classes: Sequence[str],
+                       columns: Sequence[str], labels: np.ndarray,
+                       render: Callable[[int, int], tuple[np.ndarray, dict]]) -> GeneratedSet:
+    """Write one OME-TIFF per cell and the index; the third, sixth, ... cell of every class is held out.
+
+    Args:
+        out_dir: Folder for ``images/`` and the index (created).
+        name: The set's name.
+        channels: Channel names in file order.
+        classes: Class names, indexed by label id.
+        columns: Index columns, in order.
+        labels: One class id per cell.
+        render: ``(cell number, class id) -> (image (C, H, W), extra index columns)``.
+    """
+    out = Path(out_dir)
+    rows = []
+    seen = np.zeros(len(classes), int)
+    for i, label in enumerate(int(v) for v in labels):
+        image, extra = render(i, label)
+        rel = f"images/cell_{i:05d}.ome.tif"
+        write_ome_tiff(out / rel, image, channels)
+        rows.append({"path": rel, "channels": ";".join(channels), "label": classes[label], "label_id": label,
+                     "split": "test" if seen[label] % 3 == 2 else "train", "cell_id": i, **extra})
+        seen[label] += 1
+    index = write_index(out / INDEX_NAME, rows, columns)
+    return GeneratedSet(name, index, tuple(channels), "label", "batch", tuple(classes))
+
+
 def balanced_labels(rng: np.random.Generator, n: int, n_classes: int) -> np.ndarray:
     """``n`` class ids, as equal in count as possible, in random order."""
     labels = np.arange(n) % n_classes

@@ -20,13 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cellvit_ssl.data.generators import (
-    INDEX_NAME,
-    GeneratedSet,
-    balanced_labels,
-    write_index,
-    write_ome_tiff,
-)
+from cellvit_ssl.data.generators import GeneratedSet, balanced_labels, write_single_cells
 from cellvit_ssl.data.generators._render import (
     Shape,
     acquire,
@@ -138,19 +132,11 @@ def generate(out_dir: str | Path, *, seed: int = 0, n_cells: int | None = None) 
         n_cells: Number of crops, split 2:1 into ``train`` / ``test``, classes balanced.
     """
     n = 960 if n_cells is None else int(n_cells)
-    out = Path(out_dir)
     rng = np.random.default_rng([seed, 13])
     labels = balanced_labels(rng, n, len(CLASSES))
-    rows = []
-    seen = np.zeros(len(CLASSES), int)  # the third, sixth, ... cell of every class is held out
-    for i, label in enumerate(labels):
+
+    def render(i: int, label: int) -> tuple[np.ndarray, dict]:
         session = int(rng.integers(len(SESSIONS)))
-        image = render_crop(rng, int(label), session)
-        rel = f"images/cell_{i:05d}.ome.tif"
-        write_ome_tiff(out / rel, image, CHANNELS)
-        split = "test" if seen[int(label)] % 3 == 2 else "train"
-        rows.append({"path": rel, "channels": ";".join(CHANNELS), "label": CLASSES[label], "label_id": int(label),
-                     "batch": f"session{session}", "split": split, "cell_id": i})
-        seen[int(label)] += 1
-    index = write_index(out / INDEX_NAME, rows, COLUMNS)
-    return GeneratedSet("hpa", index, CHANNELS, "label", "batch", CLASSES)
+        return render_crop(rng, label, session), {"batch": f"session{session}"}
+
+    return write_single_cells(out_dir, "hpa", CHANNELS, CLASSES, COLUMNS, labels, render)

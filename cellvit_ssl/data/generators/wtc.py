@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from cellvit_ssl.data.generators import INDEX_NAME, GeneratedSet, balanced_labels, write_index, write_ome_tiff
+from cellvit_ssl.data.generators import GeneratedSet, balanced_labels, write_single_cells
 from cellvit_ssl.data.generators._render import (
     acquire,
     blob,
@@ -210,19 +210,11 @@ def generate(out_dir: str | Path, *, seed: int = 0, n_cells: int | None = None) 
         n_cells: Number of crops, split 2:1 into ``train`` / ``test``; stages and lines balanced.
     """
     n = 960 if n_cells is None else int(n_cells)
-    out = Path(out_dir)
     rng = np.random.default_rng([seed, 11])
     stages = balanced_labels(rng, n, len(CLASSES))
-    rows = []
-    seen = np.zeros(len(CLASSES), int)  # the third, sixth, ... cell of every class is held out
-    for i, stage in enumerate(stages):
+
+    def render(i: int, stage: int) -> tuple[np.ndarray, dict]:
         line = i % len(LINES)
-        image = render_crop(rng, int(stage), line)
-        rel = f"images/cell_{i:05d}.ome.tif"
-        write_ome_tiff(out / rel, image, CHANNELS)
-        split = "test" if seen[int(stage)] % 3 == 2 else "train"
-        rows.append({"path": rel, "channels": ";".join(CHANNELS), "label": CLASSES[stage], "label_id": int(stage),
-                     "batch": LINES[line], "cell_line": LINES[line], "split": split, "cell_id": i})
-        seen[int(stage)] += 1
-    index = write_index(out / INDEX_NAME, rows, COLUMNS)
-    return GeneratedSet("wtc", index, CHANNELS, "label", "batch", CLASSES)
+        return render_crop(rng, stage, line), {"batch": LINES[line], "cell_line": LINES[line]}
+
+    return write_single_cells(out_dir, "wtc", CHANNELS, CLASSES, COLUMNS, stages, render)
