@@ -40,9 +40,9 @@ from cellvit_ssl.data.dataset import read_index
 from cellvit_ssl.data.readers import open_labels
 from cellvit_ssl.data.samples import RawSample, SampleReader, cells_from_mask
 from cellvit_ssl.embed_io import ResumableWriter, file_sha256, table_sha256
-from cellvit_ssl.encoder import Encoder, load_encoder
-from cellvit_ssl.errors import CellVitSSLError, ConfigError, DataError
-from cellvit_ssl.io import exclusive_lock
+from cellvit_ssl.encoder import Encoder, load_encoder, resolve_device
+from cellvit_ssl.errors import CellVitSSLError, CheckpointError, ConfigError, DataError
+from cellvit_ssl.io import check_writable, exclusive_lock
 
 
 @dataclass(frozen=True)
@@ -74,6 +74,14 @@ class EmbedCommand:
 #: Keys of ``data`` that say how rows are read; recorded in ``uns["embed"]`` so that evaluate's baselines
 #: read the same samples.
 READ_SETTINGS = ("sample_size", "mode", "level", "z_projection", "z_slice", "t_frame", "missing_chunks")
+
+#: What to do about a file lacking one of the model's channels / naming an unknown one, in embed's keys and flags.
+EMBED_REMEDIES = {
+    "missing": "Embed it anyway with --allow-missing (embed.allow_missing=true): absent channels stay empty; or fix "
+               "the channel names (the index's 'channels' column, or --channels)",
+    "unknown": "data.channel_map belongs to the checkpoint here: rename the channel in the index's 'channels' column "
+               "(or --channels) to a name the model knows",
+}
 
 #: Keys of ``data`` that belong to the model's preprocessing contract: taken from the checkpoint.
 CONTRACT_KEYS = ("channels", "channel_map", "extra_channels", "normalize", "normalize_percentiles",
@@ -166,7 +174,7 @@ def sample_reader(table: pd.DataFrame, root: Path, data: DataConfig, encoder: En
         level=data.level, z=data.z_slice if data.z_projection == ZProjection.slice else "max", t=data.t_frame,
         missing_chunks=data.missing_chunks, percentiles=data.normalize_percentiles,
         foreground_threshold=data.foreground_threshold, bounds=encoder.preprocess.bounds,
-        mask_background=mask_background, source=source,
+        mask_background=mask_background, source=source, remedies=EMBED_REMEDIES,
     )
 
 
@@ -182,7 +190,9 @@ def read_row(reader: SampleReader, i: int) -> list[RawSample]:
             if "is blank" not in str(exc):
                 raise
     if not samples:
-        raise DataError(f"{reader.source} row {i}: every {reader.sample_size}px tile of the image is blank")
+        path = reader.resolve(str(reader.table.iloc[i]["path"]))
+        raise DataError(f"{path} ({reader.source} row {i}): every {reader.sample_size}px tile of the image is blank "
+                        "(every channel constant); expected image content")
     return samples
 
 
@@ -302,9 +312,15 @@ def run(cfg: EmbedCommand, payload: dict | None = None) -> Path | None:
         raise ConfigError("give what to embed: data.index=INDEX.csv (--index) or embed.images=[...] (--images)")
     if e.labels and not e.images:
         raise ConfigError("embed.labels goes with embed.images (an index names its masks in a 'labels_path' column)")
-    if e.chunk_rows < 1 or data.batch_size < 1 or data.num_workers < 0:
-        raise ConfigError(f"embed.chunk_rows={e.chunk_rows}, data.batch_size={data.batch_size} must be >= 1 and "
-                          f"data.num_workers={data.num_workers} >= 0")
+    for key, flag, value, least in (("embed.chunk_rows", "--chunk-rows", e.chunk_rows, 1),
+                                    ("data.batch_size", "--batch-size", data.batch_size, 1),
+                                    ("data.num_workers", "--workers", data.num_workers, 0)):
+        if value < least:
+            raise ConfigError(f"{key}={value} ({flag}); expected >= {least}")
+    if data.sample_size < 0 or (data.sample_size == 0 and data.mode != SampleMode.image):
+        raise ConfigError(f"data.sample_size={data.sample_size} (--crop-size); expected a side in pixels >= 1 (0, the "
+                          "native size, only with data.mode=image)")
+    resolve_device(e.device, "embed.device (--device)")
     out = Path(e.out)
     inputs = [Path(e.checkpoint), *(Path(p) for p in e.images), *(Path(p) for p in e.labels)]
     if data.index:
@@ -312,6 +328,7 @@ def run(cfg: EmbedCommand, payload: dict | None = None) -> Path | None:
     _refuse_output_over_inputs(out, inputs)
     encoder = load_encoder(e.checkpoint, device=e.device, payload=payload)
     encoder.pooled_dim(e.pooling)  # refuse a bad pooling before reading anything
+    check_writable(out, what="embed.out")
     if data.sample_size != encoder.crop_size:
         print(f"note: cutting {data.sample_size}px samples for a model trained on {encoder.crop_size}px ones "
               "(data.sample_size); the model sees cells at another scale than in training", file=sys.stderr)
@@ -363,7 +380,8 @@ def load(argv: list[str]) -> tuple[EmbedCommand, dict | None]:
 
         payload = load_checkpoint(first.embed.checkpoint)
         if "config" not in payload:
-            raise DataError(f"{first.embed.checkpoint}: the checkpoint holds no run config")
+            raise CheckpointError(f"{first.embed.checkpoint}: the checkpoint holds no run config; it was not written "
+                                  "by cellvit_ssl")
         stored = dict(payload["config"].get("data", {}))
         base = [("checkpoint config", {"data": {k: v for k, v in stored.items() if k != "demo"}})]
         given = {k for name, src in sources for k in (src.get("data") or {}).keys()}

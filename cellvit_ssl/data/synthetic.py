@@ -10,6 +10,7 @@ is deterministic from the seed.
 from __future__ import annotations
 
 import csv
+import io
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -18,6 +19,8 @@ import numpy as np
 from scipy import ndimage
 
 from cellvit_ssl.channels import PRESETS
+from cellvit_ssl.errors import DataError
+from cellvit_ssl.io import atomic_write_text, describe_os_error
 
 #: Phenotype classes: where the protein sits in the cell.
 PHENOTYPES: tuple[str, ...] = ("nuclear", "cytoplasmic", "punctate", "membrane", "mitochondrial")
@@ -158,6 +161,29 @@ def _write_ome_tiff(path: Path, image: np.ndarray, labels: np.ndarray) -> None:
     tifffile.imwrite(path.with_name(path.name.replace(".ome.tif", "_labels.tif")), labels)
 
 
+def _write_demo(out: Path, spec: DemoSpec, stamp: dict) -> None:
+    """Render and write the demo fields, both indexes and the ``spec.json`` stamp (last: marks it complete)."""
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(spec.seed)
+    rows: dict[str, list[dict]] = {"ome-zarr": [], "ome-tiff": []}
+    for i in range(spec.n_images):
+        image, labels, cells = _render_field(rng, spec)
+        stem = f"images/field_{i:03d}"
+        _write_ome_zarr(out / f"{stem}.ome.zarr", image, labels)
+        _write_ome_tiff(out / f"{stem}.ome.tif", image, labels)
+        split = "test" if i % 4 == 3 else "train"
+        for kind, suffix in (("ome-zarr", ".ome.zarr"), ("ome-tiff", ".ome.tif")):
+            rows[kind] += [{"path": stem + suffix, "channels": ";".join(CHANNELS), "image_id": i,
+                            "split": split, **c} for c in cells]
+    for kind, kind_rows in rows.items():
+        text = io.StringIO()
+        writer = csv.DictWriter(text, fieldnames=INDEX_COLUMNS)
+        writer.writeheader()
+        writer.writerows(kind_rows)
+        atomic_write_text(out / f"index_{kind}.csv", text.getvalue())
+    atomic_write_text(out / "spec.json", json.dumps(stamp))
+
+
 def generate_demo(out_dir: str | Path, spec: DemoSpec = DemoSpec(), fmt: str = "ome-zarr") -> Path:
     """Generate the demo data set (both formats) into ``out_dir`` unless it is already there.
 
@@ -179,22 +205,10 @@ def generate_demo(out_dir: str | Path, spec: DemoSpec = DemoSpec(), fmt: str = "
     stamp = {**asdict(spec), "generator_version": GENERATOR_VERSION}
     if marker.is_file() and json.loads(marker.read_text()) == stamp and index_path.is_file():
         return index_path
-    (out / "images").mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(spec.seed)
-    rows: dict[str, list[dict]] = {"ome-zarr": [], "ome-tiff": []}
-    for i in range(spec.n_images):
-        image, labels, cells = _render_field(rng, spec)
-        stem = f"images/field_{i:03d}"
-        _write_ome_zarr(out / f"{stem}.ome.zarr", image, labels)
-        _write_ome_tiff(out / f"{stem}.ome.tif", image, labels)
-        split = "test" if i % 4 == 3 else "train"
-        for kind, suffix in (("ome-zarr", ".ome.zarr"), ("ome-tiff", ".ome.tif")):
-            rows[kind] += [{"path": stem + suffix, "channels": ";".join(CHANNELS), "image_id": i,
-                            "split": split, **c} for c in cells]
-    for kind, kind_rows in rows.items():
-        with open(out / f"index_{kind}.csv", "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=INDEX_COLUMNS)
-            writer.writeheader()
-            writer.writerows(kind_rows)
-    marker.write_text(json.dumps(stamp))
+    try:
+        _write_demo(out, spec, stamp)
+    except OSError as exc:
+        raise DataError(f"data.demo.cache_dir={str(out)!r}: the demo data cannot be written there: "
+                        f"{describe_os_error(exc, out / 'images')}; set data.demo.cache_dir to a writable folder") \
+            from exc
     return index_path
