@@ -518,6 +518,9 @@ def _check(cfg: EvaluateCommand) -> None:
     for key in ("k", "pixel_size", "pca"):
         if getattr(e, key) < 1:
             raise ConfigError(f"evaluate.{key}={getattr(e, key)}; expected >= 1")
+    from cellvit_ssl.config import check_device
+
+    check_device(e.device, "evaluate.device (--device)")
     if cfg.data.num_workers < 0 or cfg.data.batch_size < 1:
         raise ConfigError(f"data.num_workers={cfg.data.num_workers} must be >= 0 and data.batch_size="
                           f"{cfg.data.batch_size} >= 1")
