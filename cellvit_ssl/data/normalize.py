@@ -115,10 +115,10 @@ class ChannelStats:
                 np.array([self.high[n] for n in names], np.float32))
 
     def save(self, path: str | Path) -> Path:
-        """Write as JSON atomically (temp file + rename) and return the path.
+        """Write as JSON atomically (:mod:`cellvit_ssl.io`) and return the path.
 
         Raises:
-            DataError: If it cannot be written, naming the path.
+            DataError: If the file cannot be written (the message says where and why).
         """
         from cellvit_ssl.io import atomic_write_text
 

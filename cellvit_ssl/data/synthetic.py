@@ -9,18 +9,17 @@ is deterministic from the seed.
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 from scipy import ndimage
 
 from cellvit_ssl.channels import PRESETS
 from cellvit_ssl.errors import DataError
-from cellvit_ssl.io import atomic_write_text, describe_os_error
+from cellvit_ssl.io import atomic_write_text, atomic_write_with, describe_os_error
 
 #: Phenotype classes: where the protein sits in the cell.
 PHENOTYPES: tuple[str, ...] = ("nuclear", "cytoplasmic", "punctate", "membrane", "mitochondrial")
@@ -176,12 +175,9 @@ def _write_demo(out: Path, spec: DemoSpec, stamp: dict) -> None:
             rows[kind] += [{"path": stem + suffix, "channels": ";".join(CHANNELS), "image_id": i,
                             "split": split, **c} for c in cells]
     for kind, kind_rows in rows.items():
-        text = io.StringIO()
-        writer = csv.DictWriter(text, fieldnames=INDEX_COLUMNS)
-        writer.writeheader()
-        writer.writerows(kind_rows)
-        atomic_write_text(out / f"index_{kind}.csv", text.getvalue())
-    atomic_write_text(out / "spec.json", json.dumps(stamp))
+        table = pd.DataFrame(kind_rows, columns=list(INDEX_COLUMNS))
+        atomic_write_with(out / f"index_{kind}.csv", lambda tmp, t=table: t.to_csv(tmp, index=False))
+    atomic_write_text(out / "spec.json", json.dumps(stamp))  # last: a killed generation is redone next time
 
 
 def generate_demo(out_dir: str | Path, spec: DemoSpec = DemoSpec(), fmt: str = "ome-zarr") -> Path:
