@@ -30,6 +30,7 @@ import tifffile
 import torch
 from conftest import TINY_OVERRIDES
 
+import cellvit_ssl.curate as curate_cli
 import cellvit_ssl.embed as embed_cli
 import cellvit_ssl.evaluate as evaluate_cli
 import cellvit_ssl.io as cio
@@ -37,7 +38,7 @@ from cellvit_ssl import load_encoder, train
 from cellvit_ssl.checkpoint import ENCODER_FORMAT, load_checkpoint, save_checkpoint
 from cellvit_ssl.config import config_to_dict, load_config
 from cellvit_ssl.data.dataset import IndexDataset
-from cellvit_ssl.embed_io import ResumableWriter
+from cellvit_ssl.embed_io import ResumableWriter, table_sha256
 from cellvit_ssl.errors import CheckpointError, DataError
 from cellvit_ssl.models.channels import build_model
 
@@ -675,6 +676,45 @@ def test_embed_never_writes_over_its_input(demo, files, tmp_path, capsys, where)
     assert embed_cli.main(_embed(files, out, "--images", str(copy), "--overwrite")) == 2
     assert "would be written over the input" in capsys.readouterr().err
     assert sorted(str(p.relative_to(copy)) for p in copy.rglob("*")) == before
+
+
+def _curate_inputs(folder: Path, index_name: str = "index.csv", features_name: str = "emb.h5ad") -> list[str]:
+    """A 60-row index and embed-style features of it; returns curate's arguments without ``curate.out``."""
+    rng = np.random.default_rng(0)
+    table = pd.DataFrame({"path": [f"f{i // 10}.tif" for i in range(60)], "cell_id": np.arange(60),
+                          "centroid_y": 5.0, "centroid_x": 5.0, "label": np.repeat(list("ab"), 30)})
+    index, features = folder / index_name, folder / features_name
+    features.parent.mkdir(parents=True, exist_ok=True)
+    table.to_csv(index, index=False)
+    obs = table.set_axis(table.index.astype(str))
+    fingerprint = json.dumps({"index_sha256": table_sha256(table)})
+    anndata.AnnData(X=rng.normal(size=(60, 8)).astype(np.float32), obs=obs,
+                    uns={"embed": {"fingerprint": fingerprint}}).write_h5ad(features)
+    return [f"data.index={index}", f"curate.features={features}", "curate.progress=false", "curate.backend=sklearn",
+            "curate.clusters=[4]"]
+
+
+def test_a_second_curate_on_the_same_output_is_refused_naming_the_holder(tmp_path, capsys, holder):
+    out = tmp_path / "cur.csv"
+    args = [*_curate_inputs(tmp_path), f"curate.out={out}"]
+    proc = holder(out)
+    assert curate_cli.main(args) == 2
+    err = capsys.readouterr().err
+    assert f"{out} is being written by process {proc.pid}" in err and "choose another output" in err
+    assert not out.exists() and not (tmp_path / "cur.csv.partial").exists()
+    proc.kill()
+    proc.wait(timeout=30)  # a killed holder leaves no lock behind
+    assert curate_cli.main(args) == 0, capsys.readouterr().err
+    assert out.is_file() and not (tmp_path / "cur.csv.lock").exists()
+
+
+@pytest.mark.parametrize("inputs", [{"index_name": "cur.all.csv"}, {"features_name": "cur.csv.partial/emb.h5ad"}])
+def test_curate_never_writes_over_its_inputs(tmp_path, capsys, inputs):
+    args = [*_curate_inputs(tmp_path, **inputs), f"curate.out={tmp_path / 'cur.csv'}", "curate.overwrite=true"]
+    before = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")}
+    assert curate_cli.main(args) == 2
+    assert "over the input" in capsys.readouterr().err
+    assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")} == before, "the refused run wrote nothing"
 
 
 def test_a_damaged_chunk_in_a_partial_output_is_recomputed(files, embedded, tmp_path, capsys, monkeypatch):
