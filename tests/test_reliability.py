@@ -10,6 +10,7 @@ lost work. The README's reliability section lists these promises.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import multiprocessing
@@ -845,6 +846,36 @@ def test_ctrl_c_with_loader_workers_ends_the_run_with_a_message(demo, tmp_path):
     _clean(err)
     assert seconds < 20, f"{seconds:.0f} s from start to exit"
     assert load_checkpoint(tmp_path / "run" / "checkpoint.pt")["step"] == 2
+
+
+@pytest.mark.slow
+def test_a_killed_run_leaves_no_loader_worker_behind(demo, tmp_path):
+    args = _train_args(demo, tmp_path / "run", "data.num_workers=2", "train.epochs=100000")
+    proc = subprocess.Popen([sys.executable, "-m", "cellvit_ssl.train", *args], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)})
+    workers = []
+    try:
+        for line in proc.stdout:  # the epoch summaries: the workers are running
+            if line.startswith("epoch 2/"):
+                break
+        workers = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+        assert len(workers) == 2, workers
+        proc.kill()  # kill -9: nothing in the run can clean up
+        proc.wait(timeout=30)
+
+        def alive() -> list[str]:  # a zombie (state Z) has exited
+            return [w for w in workers if Path(f"/proc/{w}").exists()
+                    and Path(f"/proc/{w}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"]
+
+        deadline = time.monotonic() + 20
+        while alive() and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert not alive(), "loader workers outlived their killed run"
+    finally:  # the run and any worker left of it share the run's process group
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
 
 
 # ------------------------------------------------------------------------------------------ API
