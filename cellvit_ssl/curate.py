@@ -594,7 +594,7 @@ def _refuse_outputs_over_inputs(cmd: CurateCommand, paths: dict[str, Path]) -> N
         inputs.append(Path(cmd.curate.features))
     for key, out in paths.items():
         if key == "embeddings":
-            continue  # written only from a checkpoint's features; an embeddings file of that name is reused, not written
+            continue  # written only from a checkpoint's features; an embeddings file of that name is reused
         resolved = out.expanduser().resolve()
         for path in inputs:
             p = path.expanduser().resolve()
