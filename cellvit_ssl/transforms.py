@@ -277,3 +277,33 @@ class MultichannelDINOTransform(MultiViewTransform):
         super().__init__(views)
         self.n_global_views = 2
         self.channel_mode = cfg.channel_mode
+
+
+class ClassifierView:
+    """One augmented view of a ``(C, H, W)`` sample for supervised fine-tuning.
+
+    The pre-training views without the multi-crop: one random resized crop at the global view
+    size (``global_crop_size``, ``global_crop_scale``), then the same flips, rotations,
+    intensity jitter, noise, standardisation and channel drop as a global view. Blur is applied
+    with the second global view's probability (``blur_prob[1]``): DINO blurs its first global
+    view always, which would blur every labelled sample. All channels share one crop (an image
+    is one labelled sample), whatever ``channel_mode`` pre-training used.
+
+    Args:
+        cfg: The ``views`` section of the run config.
+        channels: The channel names of the input, in order; needed only when
+            ``views.protected_channels`` is set.
+
+    Returns (when called):
+        A list holding the one view ``(C, global_crop_size, global_crop_size)``, the shape
+        :func:`~cellvit_ssl.data.collate.collate_channels` batches as ``views``.
+    """
+
+    def __init__(self, cfg, channels: Sequence[str] | None = None) -> None:
+        drop = None
+        if cfg.channel_drop_prob > 0:
+            drop = RandomChannelDrop(cfg.channel_drop_prob, _protected_indices(cfg, channels))
+        self.view = _view(cfg.global_crop_size, cfg.global_crop_scale, cfg.blur_prob[1], cfg, drop)
+
+    def __call__(self, x: Tensor) -> list[Tensor]:
+        return [self.view(x)]
