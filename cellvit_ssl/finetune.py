@@ -357,9 +357,7 @@ def read_splits(cfg: FinetuneCommand) -> Splits:
     used = np.sort(np.concatenate(list(rows.values())))
     labelled = table.iloc[used]
     multi = f.task == LabelTask.multi_label
-    position = {int(r): k for k, r in enumerate(used)}
-    fit = np.array([position[int(r)] for r in rows["train"]])
-    labels = read_labels(labelled, list(f.label_columns), multi, f.label_separator, list(f.classes), source, fit)
+    labels = read_labels(labelled, list(f.label_columns), multi, f.label_separator, list(f.classes), source)
     targets = np.zeros((len(table), *labels.targets.shape[1:]), labels.targets.dtype)
     targets[used] = labels.targets
     labels = Labels(labels.classes, labels.multi_label, targets)

@@ -66,7 +66,7 @@ def _split_names(value: str, separator: str) -> list[str]:
 
 
 def read_labels(table: pd.DataFrame, columns: Sequence[str], multi_label: bool, separator: str = ";",
-                classes: Sequence[str] = (), source: str = "index", fit_rows: np.ndarray | None = None) -> Labels:
+                classes: Sequence[str] = (), source: str = "index") -> Labels:
     """The targets of every row of ``table``.
 
     Args:
@@ -74,10 +74,10 @@ def read_labels(table: pd.DataFrame, columns: Sequence[str], multi_label: bool, 
         columns: One label column, or (multi-label) one 0/1 column per class.
         multi_label: Whether a row may have several classes.
         separator: Multi-label, one column: what separates a row's classes.
-        classes: The class order; default: the sorted classes of the ``fit_rows`` (for 0/1
-            columns: the columns' order).
+        classes: The class order; default: the sorted classes found in the rows (for 0/1
+            columns: the columns' order). :func:`require_trained_classes` then refuses a class
+            that only evaluation rows have.
         source: Name of the index in messages.
-        fit_rows: The rows the class list is drawn from (default: all).
 
     Raises:
         DataError: On a missing column, an empty (NaN) label, a value other than 0/1 in an
@@ -106,8 +106,7 @@ def read_labels(table: pd.DataFrame, columns: Sequence[str], multi_label: bool, 
         per_row = [_split_names(v, separator) for v in values]
     else:
         per_row = [[v] for v in values]
-    fit = range(len(table)) if fit_rows is None else fit_rows
-    names = [str(c) for c in classes] or sorted({n for i in fit for n in per_row[i]})
+    names = [str(c) for c in classes] or sorted({n for row in per_row for n in row})
     if len(set(names)) != len(names):
         raise DataError(f"finetune.classes={names} lists a class twice")
     if len(names) < (1 if multi_label else 2):
@@ -117,10 +116,8 @@ def read_labels(table: pd.DataFrame, columns: Sequence[str], multi_label: bool, 
     for i, row in enumerate(per_row):
         unknown = [n for n in row if n not in position]
         if unknown:
-            hint = (f"finetune.classes={names}" if classes else
-                    f"the classes of the training rows, {names}")
             raise DataError(f"{source} {_row_name(table, i)}: label {unknown[0]!r} in column {columns[0]!r} is not "
-                            f"one of {hint}")
+                            f"one of finetune.classes={names}")
     if not multi_label:
         return Labels(names, False, np.array([position[r[0]] for r in per_row], np.int64))
     targets = np.zeros((len(table), len(names)), np.float32)
@@ -135,12 +132,12 @@ def _indicator_labels(table: pd.DataFrame, columns: list[str], classes: Sequence
                         "column per class the columns are the classes (leave finetune.classes empty)")
     targets = np.zeros((len(table), len(columns)), np.float32)
     for k, column in enumerate(columns):
-        text = table[column].astype(str).str.strip().str.lower()
-        positive, negative = text.isin(_TRUE).to_numpy(), text.isin(_FALSE).to_numpy()
+        text = table[column].astype(str).str.strip()
+        positive, negative = text.str.lower().isin(_TRUE).to_numpy(), text.str.lower().isin(_FALSE).to_numpy()
         bad = np.flatnonzero(~(positive | negative))
         if bad.size:
             i = int(bad[0])
-            raise DataError(f"{source} {_row_name(table, i)}: column {column!r} holds {table[column].iloc[i]!r}; a "
+            raise DataError(f"{source} {_row_name(table, i)}: column {column!r} holds {text.iloc[i]!r}; a "
                             "per-class label column holds 0 or 1 (or true / false)")
         targets[:, k] = positive
     return Labels(list(columns), True, targets)
