@@ -13,7 +13,8 @@ Modes (``finetune.mode``):
   (default 1/10) of the head's learning rate, with layer-wise decay (``train.layer_decay``)
   from the last block down to the embeddings.
 - ``lora``: peft LoRA adapters (``finetune.lora.*``: rank, alpha, dropout, target ``qv`` or
-  ``all``; see :mod:`cellvit_ssl.lora`) and the head are trained, the rest is frozen.
+  ``all``; see :mod:`cellvit_ssl.lora`) and the head are trained, the rest is frozen; the
+  adapters are new weights and learn at the head's rate (with layer-wise decay).
 
 Rows are read by the reader ``embed`` uses (:class:`~cellvit_ssl.data.samples.SampleReader`
 with the model's channels) and preprocessed by the contract stored in the checkpoint
@@ -157,7 +158,7 @@ class FinetuneConfig:
     test_value: str = "test"  # split value of held-out rows, scored once at the end
     val_fraction: float = 0.2  # without val rows: fraction of training rows held out for validation (0 = none)
     class_weights: ClassWeighting = ClassWeighting.none  # none | balanced (inverse frequency; BCE: pos_weight)
-    backbone_lr_scale: float = 0.1  # full / lora: learning rate of the pre-trained part relative to the head
+    backbone_lr_scale: float = 0.1  # full: learning rate of the pre-trained layers relative to the head
     patience: int = 10  # epochs without a better validation score before stopping (0 = never stop early)
     standalone: bool = False  # store the backbone's weights in classifier.pt (full mode always does)
     lora: LoraSettings = field(default_factory=LoraSettings)
@@ -454,9 +455,12 @@ class FinetuneTrainer:
         seed_everything(t.seed + info.rank)  # per-rank stream for dropout
         self.bf16 = use_bf16(t.precision, info.device)
         self.model = D.wrap_model(self.net, info, "ddp")
+        # Pre-trained weights (full) learn slower than the new head; LoRA's adapters are new weights and
+        # learn at the head's rate (both with layer-wise decay).
+        scale = f.backbone_lr_scale if self.mode == FinetuneMode.full else 1.0
         backbone_groups = layer_decay_groups(self.net.backbone.named_parameters(prefix="backbone"),
                                              self.net.backbone.transformer_layers(), t.weight_decay, t.layer_decay,
-                                             lr_scale=f.backbone_lr_scale)
+                                             lr_scale=scale)
         head_groups = layer_decay_groups(self.net.head.named_parameters(prefix="head"), [], t.weight_decay)
         self.optimizer = torch.optim.AdamW(backbone_groups + head_groups)
         self.trainable = [p for p in self.net.parameters() if p.requires_grad]

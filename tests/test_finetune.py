@@ -218,9 +218,16 @@ def test_lora_adapts_q_and_v_only_and_merged_equals_unmerged(variant):
         torch.nn.init.normal_(p, std=0.3)
     unmerged = net.embed(x, ids)
     assert (unmerged - before).abs().max() > 1e-2
+    q = next(m for n, m in net.named_modules() if n.endswith("blocks.0.attn.qkv.q"))
+    width = q.base_layer.weight.shape[0]
+    pretrained_q = original[next(k for k in original if k.endswith("blocks.0.attn.qkv.weight"))][:width]
+    assert torch.equal(q.base_layer.weight, pretrained_q)
     lora.merge()
+    assert lora.merged  # the update now lives in the weight itself
+    torch.testing.assert_close(q.base_layer.weight, pretrained_q + q.get_delta_weight("default"), rtol=0, atol=1e-6)
     torch.testing.assert_close(net.embed(x, ids), unmerged, rtol=0, atol=1e-5)
     lora.unmerge()
+    torch.testing.assert_close(q.base_layer.weight, pretrained_q, rtol=0, atol=1e-6)
     torch.testing.assert_close(net.embed(x, ids), unmerged, rtol=0, atol=1e-5)
     fresh = _tiny_backbone(variant).eval()
     fresh.load_state_dict(lora.merged_state_dict())  # the original layout, the update folded in
