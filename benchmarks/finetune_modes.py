@@ -103,24 +103,20 @@ def finetune(checkpoint: Path, index: Path, out: Path, mode: str, multi_label: b
     return {"seconds": seconds, **evaluation}
 
 
-def _time_backward(net: torch.nn.Module, x: torch.Tensor, ids: torch.Tensor, repeats: int) -> dict:
-    """Median and best wall time of ``net.embed(x, ids).sum().backward()`` (gradients reach the input)."""
-    x = x.clone().requires_grad_(True)  # a frozen backbone still back-propagates, as to earlier adapters
-    times = []
-    for i in range(repeats + 1):
-        net.zero_grad(set_to_none=True)
-        start = time.perf_counter()
-        net.embed(x, ids).sum().backward()
-        if i:  # the first call warms up
-            times.append(time.perf_counter() - start)
-    return {"ms_median": 1000 * float(np.median(times)), "ms_min": 1000 * float(np.min(times))}
+def _backward_step(net: torch.nn.Module, x: torch.Tensor, ids: torch.Tensor) -> float:
+    """Wall time of ``net.embed(x, ids).sum().backward()`` (gradients reach the input)."""
+    net.zero_grad(set_to_none=True)
+    start = time.perf_counter()
+    net.embed(x, ids).sum().backward()
+    return time.perf_counter() - start
 
 
-def qkv_timing(checkpoint: Path, repeats: int = 5) -> list[dict]:
+def qkv_timing(checkpoint: Path, repeats: int = 7) -> list[dict]:
     """Forward + backward of a frozen backbone: fused qkv, split q/k/v, peft LoRA on the fused qkv, on split q/v.
 
     On the checkpoint's backbone (batch 32) and on a randomly initialised ViT-S/16 (``fixed``,
-    1 channel, 224 px, batch 4), LoRA rank 8.
+    1 channel, 224 px, batch 2), LoRA rank 8. The variants take turns, ``repeats`` rounds after
+    a warm-up round, so that a changing machine load hits them alike; medians are reported.
     """
     from peft import LoraConfig
     from peft.tuners.lora import LoraModel
@@ -139,25 +135,34 @@ def qkv_timing(checkpoint: Path, repeats: int = 5) -> list[dict]:
         cfg = load_config(None, ["model.variant=fixed", "model.arch=vit_small", "data.channels=[protein]"])
         torch.manual_seed(0)
         model = build_model(cfg.model, ["protein"])
-        return model, torch.rand(4, 1, 224, 224), torch.tensor([model.vocabulary.ids(["protein"])] * 4)
+        return model, torch.rand(2, 1, 224, 224), torch.tensor([model.vocabulary.ids(["protein"])] * 2)
 
     rows = []
+    variants = ("fused", "split", "lora fused qkv", "lora split q,v")
     for name, make in (("checkpoint", checkpoint_backbone), ("vit_small", vit_small)):
-        for variant in ("fused", "split", "lora fused qkv", "lora split q,v"):
+        nets = {}
+        for variant in variants:
             net, x, ids = make()
             net.train().requires_grad_(False)
             if variant == "split":
                 split_qkv(net)
             elif variant == "lora fused qkv":
-                names = [n for n, m in net.named_modules() if n.endswith(".attn.qkv")]
+                names = [n for n, _ in net.named_modules() if n.endswith(".attn.qkv")]
                 LoraModel(net, LoraConfig(r=8, lora_alpha=16, target_modules=names), "default")
             elif variant == "lora split q,v":
                 LoRA(net, LoRASpec(rank=8, alpha=16, target="qv"))
-            rows.append({"model": name, "variant": variant, **_time_backward(net, x, ids, repeats)})
-        base = next(r["ms_median"] for r in rows if r["model"] == name and r["variant"] == "fused")
-        for row in rows:
-            if row["model"] == name:
-                row["vs_fused"] = row["ms_median"] / base
+            nets[variant] = net
+        x = x.requires_grad_(True)  # a frozen backbone still back-propagates, as to earlier adapters
+        times: dict[str, list[float]] = {v: [] for v in variants}
+        for round_ in range(repeats + 1):
+            for variant in variants:
+                seconds = _backward_step(nets[variant], x, ids)
+                if round_:
+                    times[variant].append(seconds)
+        base = float(np.median(times["fused"]))
+        rows += [{"model": name, "variant": v, "ms_median": 1000 * float(np.median(t)),
+                  "ms_min": 1000 * float(np.min(t)), "vs_fused": float(np.median(t)) / base}
+                 for v, t in times.items()]
     return rows
 
 
@@ -182,7 +187,8 @@ def main() -> None:
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                         help="finetune overrides for every mode (e.g. train.epochs=20)")
-    parser.add_argument("--lora", nargs="*", default=["finetune.lora.rank=4"], metavar="KEY=VALUE",
+    parser.add_argument("--lora", nargs="*", default=["finetune.lora.rank=2", "finetune.lora.alpha=4"],
+                        metavar="KEY=VALUE",
                         help="overrides of the lora mode")
     parser.add_argument("--qkv", action="store_true", help="also time fused vs split qkv")
     parser.add_argument("--workdir", help="keep data and runs here (default: a temporary folder)")

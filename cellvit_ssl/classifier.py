@@ -188,13 +188,23 @@ class Classifier(Encoder):
         """True when LoRA adapters are merged into the backbone weights (always False without adapters)."""
         return self.lora is not None and self.lora.merged
 
-    def merge_lora(self) -> None:
+    def merge_lora(self, unload: bool = False) -> None:
         """Merge the LoRA updates into the backbone weights (same outputs, no adapter matmuls).
+
+        Args:
+            unload: Also drop the adapters and fuse q, k and v back into one projection: the
+                backbone in its pre-trained layout, fastest for inference (no way back: the
+                classifier then has no :attr:`lora`).
 
         Raises:
             CheckpointError: If the classifier has no adapters.
         """
-        self._require_lora().merge()
+        lora = self._require_lora()
+        if unload:
+            lora.unload()
+            self.lora = None
+        else:
+            lora.merge()
 
     def unmerge_lora(self) -> None:
         """Take merged LoRA updates out of the backbone weights again."""
@@ -229,13 +239,14 @@ class Classifier(Encoder):
             extra: More plain-data entries (``metrics``, ``finetune`` settings).
         """
         standalone = (self.mode == "full" or self.base is None) if standalone is None else standalone
-        if not standalone and (self.mode == "full" or self.base is None or self.lora_merged):
+        unloaded = self.mode == "lora" and self.lora is None
+        if not standalone and (self.mode == "full" or self.base is None or self.lora_merged or unloaded):
             raise CheckpointError("this classifier's backbone differs from its pre-trained checkpoint; it can only "
                                   "be saved standalone (with the backbone's weights)")
         info = {"mode": self.mode, "classes": list(self.classes), "multi_label": self.multi_label,
                 "thresholds": None if self.thresholds is None else [float(t) for t in self.thresholds],
                 "lora": None if self.lora is None else self.lora.spec.to_dict(),
-                "merged": bool(standalone and self.lora is not None)}
+                "merged": bool(standalone and self.mode == "lora")}
         payload = {"format": CLASSIFIER_FORMAT, "version": CLASSIFIER_VERSION, "config": config_to_dict(self.config),
                    "preprocess": self.preprocess.to_dict(), "vocabulary": self.vocabulary.to_dict(),
                    "classifier": info, "head": {k: v.detach().cpu() for k, v in self.head.state_dict().items()}}

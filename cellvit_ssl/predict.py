@@ -8,7 +8,8 @@ Examples:
 Rows are read exactly as ``embed`` reads them (the same reader, the classifier's preprocessing
 contract) and the output is written the same way: finished chunks are kept in ``OUT.partial/``,
 so an interrupted run continues when the same command is given again, and the output is
-locked while it is written. The AnnData holds ``X`` = class probabilities (one column per
+locked while it is written. LoRA adapters are merged into the backbone for the run (the same
+outputs to 1e-5, without the adapters' extra work). The AnnData holds ``X`` = class probabilities (one column per
 class, ``var_names`` = the classes) and ``obs`` = the index columns, the sample regions,
 ``predicted`` (the class; multi-label: the classes over their thresholds, joined by ``;``),
 ``prob_<class>`` and, multi-label, ``predicted_<class>``. ``uns["classifier"]`` records the
@@ -99,6 +100,8 @@ def run(cfg: PredictCommand, payload: dict | None = None):
     check_run_inputs(data, p, "predict", p.classifier, "the classifier (classifier.pt from python -m "
                                                        "cellvit_ssl.finetune)")
     classifier = load_classifier(p.classifier, device=p.device, base=p.base, payload=payload)
+    if classifier.lora is not None:  # inference only: the merged, re-fused backbone (same outputs, faster)
+        classifier.merge_lora(unload=True)
     if data.sample_size != classifier.crop_size:
         print(f"note: cutting {data.sample_size}px samples for a model trained on {classifier.crop_size}px ones "
               "(data.sample_size); the model sees cells at another scale than in training", file=sys.stderr)

@@ -400,3 +400,34 @@ def test_finetune_and_predict_are_commands_with_help(capsys):
     with pytest.raises(SystemExit):
         cli_main(["predict", "--help"])
     assert "predict.base=null" in capsys.readouterr().out
+
+
+def test_the_shipped_finetune_config_parses():
+    cfg = ft.COMMAND_LINE.load(ft.COMMAND_LINE.parse(["configs/finetune_demo.yaml"]))
+    assert cfg.finetune.mode == "lora" and cfg.finetune.checkpoint == "runs/demo/teacher.pt"
+    assert cfg.data.index.endswith("index_ome-zarr.csv") and cfg.train.output_dir == "runs/demo_lora"
+
+
+@pytest.mark.gpu
+def test_gpu_finetune_runs_under_bf16_autocast_and_predicts_like_the_cpu(teacher, cells, tmp_path):
+    cfg, payload = ft.load([str(teacher), "--index", str(cells), "--out", str(tmp_path / "gpu"), *FAST,
+                            "train.device=cuda", "finetune.mode=lora", "finetune.lora.rank=2"])
+    trainer = ft.FinetuneTrainer(cfg, DistInfo(0, 1, 0, torch.device("cuda")), payload)
+    assert trainer.bf16
+    path = trainer.fit()
+    images = np.random.default_rng(0).random((4, 4, 32, 32)).astype(np.float32)
+    on_gpu = load_classifier(path, device="cuda").predict_proba(images, CHANNELS)
+    on_cpu = load_classifier(path, device="cpu").predict_proba(images, CHANNELS)
+    np.testing.assert_allclose(on_gpu, on_cpu, atol=2e-2)
+
+
+def test_unloading_lora_gives_the_pretrained_layout_and_the_same_predictions(runs, teacher):
+    clf = load_classifier(runs["lora"] / "classifier.pt", device="cpu")
+    images = np.random.default_rng(1).random((3, 4, 32, 32)).astype(np.float32)
+    before = clf.predict_proba(images, CHANNELS)
+    clf.merge_lora(unload=True)
+    assert clf.lora is None and clf.mode == "lora"
+    assert clf.model.state_dict().keys() == load_encoder(teacher, device="cpu").model.state_dict().keys()
+    np.testing.assert_allclose(clf.predict_proba(images, CHANNELS), before, atol=1e-5)
+    with pytest.raises(CheckpointError, match="only be saved standalone"):
+        clf.save(runs["lora"] / "unused.pt", standalone=False)
