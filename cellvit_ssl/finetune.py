@@ -44,6 +44,7 @@ stop); ``metrics.jsonl`` (training steps and per-epoch validation); ``classifier
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from contextlib import nullcontext
@@ -415,8 +416,6 @@ class FinetuneTrainer:
         f, t = cfg.finetune, cfg.train
         self.out = Path(t.output_dir).expanduser()
         if t.deterministic:
-            import os
-
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
             torch.use_deterministic_algorithms(True)
             torch.backends.cudnn.benchmark = False
@@ -617,6 +616,12 @@ class FinetuneTrainer:
         source = find_resume_checkpoint(t.resume, self.out)
         if source is not None:
             self.resume(source)
+            finished = self.step >= self.total_steps or self.best["stopped"]
+            if finished and (self.out / CLASSIFIER_FILE).is_file():
+                if info.is_main:
+                    print(f"cellvit_ssl: {self.out} holds a finished run ({self.out / CLASSIFIER_FILE}); nothing to "
+                          "do (train.resume=none starts over)", flush=True)
+                return self.out / CLASSIFIER_FILE
         if info.is_main:
             resumed = f", resumed at step {self.step} from {source}" if source is not None else ""
             counts = self.classifier.count_parameters()

@@ -431,3 +431,11 @@ def test_unloading_lora_gives_the_pretrained_layout_and_the_same_predictions(run
     np.testing.assert_allclose(clf.predict_proba(images, CHANNELS), before, atol=1e-5)
     with pytest.raises(CheckpointError, match="only be saved standalone"):
         clf.save(runs["lora"] / "unused.pt", standalone=False)
+
+
+def test_a_finished_run_is_not_trained_again(runs, teacher, cells, capsys):
+    out = runs["linear"]
+    before = (out / "classifier.pt").stat().st_mtime_ns, (out / "metrics.jsonl").read_text()
+    assert ft.main([str(teacher), "--index", str(cells), "--out", str(out), *FAST, "finetune.mode=linear"]) == 0
+    assert "holds a finished run" in capsys.readouterr().out
+    assert ((out / "classifier.pt").stat().st_mtime_ns, (out / "metrics.jsonl").read_text()) == before
