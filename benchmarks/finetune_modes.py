@@ -177,7 +177,8 @@ def pretrain(workdir: Path) -> Path:
     return run(cfg)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict:
+    """Run the benchmark; returns the report (also written to ``--json``)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", help="pre-trained teacher.pt (default: train configs/demo.yaml first)")
     parser.add_argument("--generator", default="demo", help="demo, or module:function (see the module docstring)")
@@ -193,7 +194,7 @@ def main() -> None:
     parser.add_argument("--qkv", action="store_true", help="also time fused vs split qkv")
     parser.add_argument("--workdir", help="keep data and runs here (default: a temporary folder)")
     parser.add_argument("--json", help="write the results here")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(args.workdir or tmp)
@@ -239,6 +240,7 @@ def main() -> None:
               f"(x{row['vs_fused']:.2f} of fused)")
     if args.json:
         write_json(args.json, report)
+    return report
 
 
 def _row(scores: dict) -> dict:

@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from cellvit_ssl.channels import ChannelVocabulary
 from cellvit_ssl.checkpoint import ENCODER_FORMAT, TRAINING_FORMAT, load_checkpoint
-from cellvit_ssl.config import Normalization, config_from_dict
+from cellvit_ssl.config import Config, Normalization, config_from_dict
 from cellvit_ssl.data.normalize import ChannelStats
 from cellvit_ssl.data.samples import Box, cells_from_mask, read_region
 from cellvit_ssl.errors import CheckpointError, ConfigError, DataError
@@ -610,7 +610,7 @@ def vocabulary_of(payload: dict, config) -> ChannelVocabulary:
 
 
 def pretrained_backbone(payload: dict, path: str | Path, state: dict | None = None
-                        ) -> tuple[ChannelAdaptiveViT, object, ChannelVocabulary, Preprocess]:
+                        ) -> tuple[ChannelAdaptiveViT, Config, ChannelVocabulary, Preprocess]:
     """The backbone a checkpoint holds, with its run config, channel vocabulary and preprocessing contract.
 
     Args:

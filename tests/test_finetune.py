@@ -439,3 +439,18 @@ def test_a_finished_run_is_not_trained_again(runs, teacher, cells, capsys):
     assert ft.main([str(teacher), "--index", str(cells), "--out", str(out), *FAST, "finetune.mode=linear"]) == 0
     assert "holds a finished run" in capsys.readouterr().out
     assert ((out / "classifier.pt").stat().st_mtime_ns, (out / "metrics.jsonl").read_text()) == before
+
+
+@pytest.mark.slow
+def test_the_benchmark_runs_every_mode_and_writes_its_checks(teacher, tmp_path):
+    from benchmarks import finetune_modes
+
+    report = finetune_modes.main(["--checkpoint", str(teacher), "--n-images", "10", "--tasks", "single", "--set",
+                                  "train.epochs=1", "data.batch_size=4", "data.num_workers=0",
+                                  "--json", str(tmp_path / "bench.json"), "--workdir", str(tmp_path / "work")])
+    written = json.loads((tmp_path / "bench.json").read_text())
+    result = written["tasks"]["single"]
+    assert {"knn", "linear", "lora", "full", "checks"} <= set(result)
+    assert set(result["checks"]) == {"linear > k-NN", "lora > k-NN", "full > k-NN", "lora trains <= 2%",
+                                     "lora file <= 5% of full", "lora >= 90% of full"}
+    assert report["tasks"]["single"]["lora"]["parameters"] == result["lora"]["parameters"]
