@@ -60,8 +60,14 @@ def labelled_set(folder: Path, generator: str, n_images: int, seed: int, localis
     return out
 
 
-def frozen_knn(checkpoint: Path, index: Path, multi_label: bool, k: int = 10) -> dict:
-    """10-NN (cosine) of the frozen embedding: fitted on the training rows, scored on the test rows."""
+def frozen_knn(checkpoint: Path, index: Path, multi_label: bool, k: int = 10) -> tuple[dict, dict | None]:
+    """10-NN (cosine) of the frozen embedding, fitted on the training rows, scored on the test rows.
+
+    Returns:
+        ``(k-NN scores, scores of evaluate's logistic-regression probe on the same split)``; the
+        probe (un-augmented, standardised features, scikit-learn) is a reference for the
+        ``linear`` mode; single-label only (None for multi-label).
+    """
     from sklearn.neighbors import KNeighborsClassifier
 
     from cellvit_ssl.config import DataConfig
@@ -82,10 +88,13 @@ def frozen_knn(checkpoint: Path, index: Path, multi_label: bool, k: int = 10) ->
     if multi_label:  # one column of neighbour votes per class
         probs = np.stack([p[:, 1] if p.shape[1] == 2 else np.zeros(len(test)) for p in clf.predict_proba(z[test])],
                          axis=1)
-    else:
-        probs = np.zeros((len(test), len(labels.classes)))
-        probs[:, clf.classes_] = clf.predict_proba(z[test])
-    return scores(labels, test, probs)
+        return scores(labels, test, probs), None
+    probs = np.zeros((len(test), len(labels.classes)))
+    probs[:, clf.classes_] = clf.predict_proba(z[test])
+    from cellvit_ssl.evaluate import linear_probe_predict
+
+    predicted = linear_probe_predict(z[train], labels.targets[train], z[test])
+    return scores(labels, test, probs), scores(labels, test, np.eye(len(labels.classes))[predicted])
 
 
 def finetune(checkpoint: Path, index: Path, out: Path, mode: str, multi_label: bool, extra: list[str]) -> dict:
@@ -97,7 +106,8 @@ def finetune(checkpoint: Path, index: Path, out: Path, mode: str, multi_label: b
         args.append("finetune.task=multi_label")
     start = time.perf_counter()
     cfg, payload = ft.load(args)
-    ft.run(cfg, payload)
+    if ft.run(cfg, payload).name != ft.CLASSIFIER_FILE:
+        raise SystemExit(f"fine-tuning {out} was stopped (SIGTERM / SIGUSR1); run the benchmark again")
     seconds = time.perf_counter() - start
     evaluation = json.loads((out / "evaluation.json").read_text())
     return {"seconds": seconds, **evaluation}
@@ -212,9 +222,12 @@ def main(argv: list[str] | None = None) -> dict:
             multi = task == "multi"
             index = labelled_set(workdir / f"data_{task}", args.generator, args.n_images, args.seed,
                                  2 if multi else 1, demo["image_size"], demo["cells_per_image"])
-            result = {"rows": pd.read_csv(index)["split"].value_counts().to_dict(),
-                      "knn": frozen_knn(checkpoint, index, multi)}
-            rows.append({"task": task, "model": "10-NN frozen", **_row(result["knn"])})
+            knn, logreg = frozen_knn(checkpoint, index, multi)
+            result = {"rows": pd.read_csv(index)["split"].value_counts().to_dict(), "knn": knn}
+            rows.append({"task": task, "model": "10-NN frozen", **_row(knn)})
+            if logreg is not None:
+                result["logreg"] = logreg
+                rows.append({"task": task, "model": "logreg frozen", **_row(logreg)})
             for mode in args.modes:
                 extra = [*args.set, *(args.lora if mode == "lora" else [])]
                 result[mode] = finetune(checkpoint, index, workdir / f"{task}_{mode}", mode, multi, extra)

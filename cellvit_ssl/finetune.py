@@ -126,6 +126,14 @@ class ClassWeighting(Choice):
     balanced = "balanced"
 
 
+class Augment(Choice):
+    """How much augmentation a labelled training sample gets (see :class:`~cellvit_ssl.transforms.ClassifierView`)."""
+
+    views = "views"
+    geometric = "geometric"
+    none = "none"
+
+
 class LoraTarget(Choice):
     """Which linear layers get LoRA adapters."""
 
@@ -159,6 +167,7 @@ class FinetuneConfig:
     test_value: str = "test"  # split value of held-out rows, scored once at the end
     val_fraction: float = 0.2  # without val rows: fraction of training rows held out for validation (0 = none)
     class_weights: ClassWeighting = ClassWeighting.none  # none | balanced (inverse frequency; BCE: pos_weight)
+    augment: Augment = Augment.views  # views (pre-training's, one crop) | geometric (flips, 90° turns) | none
     backbone_lr_scale: float = 0.1  # full: learning rate of the pre-trained layers relative to the head
     patience: int = 10  # epochs without a better validation score before stopping (0 = never stop early)
     standalone: bool = False  # store the backbone's weights in classifier.pt (full mode always does)
@@ -442,8 +451,8 @@ class FinetuneTrainer:
                                     allow_missing=cfg.data.missing_channels == MissingChannels.pad,
                                     mask_background=False, source=str(cfg.data.index))
         ids = self.classifier.resolve_channels(self.classifier.channels)
-        samples = LabelledSamples(self.reader, preprocess, self.splits.train,
-                                  ClassifierView(cfg.views, self.classifier.channels), ids)
+        view = ClassifierView(cfg.views, self.classifier.channels, f.augment, preprocess.model_input)
+        samples = LabelledSamples(self.reader, preprocess, self.splits.train, view, ids)
         if info.is_main:  # only once the data is known good: a data error leaves no run folder
             self.out.mkdir(parents=True, exist_ok=True)
             remove_stale_temporaries(self.out)

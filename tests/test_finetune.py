@@ -454,3 +454,30 @@ def test_the_benchmark_runs_every_mode_and_writes_its_checks(teacher, tmp_path):
     assert set(result["checks"]) == {"linear > k-NN", "lora > k-NN", "full > k-NN", "lora trains <= 2%",
                                      "lora file <= 5% of full", "lora >= 90% of full"}
     assert report["tasks"]["single"]["lora"]["parameters"] == result["lora"]["parameters"]
+
+
+def test_classifier_views_none_is_the_inference_input_and_geometric_only_turns_it():
+    from cellvit_ssl.preprocess import Preprocess
+    from cellvit_ssl.transforms import ClassifierView
+
+    views = load_config(None, ["views.global_crop_size=32", "views.standardize=true"]).views
+    contract = Preprocess(sample_size=48, input_size=32, standardize=True)
+    x = torch.rand(4, 48, 48)
+    expected = contract.model_input(x[None])[0]
+    torch.testing.assert_close(ClassifierView(views, augment="none", model_input=contract.model_input)(x)[0],
+                               expected, rtol=0, atol=0)
+    turns = [torch.rot90(f, k, dims=(-2, -1)) for f in (expected, expected.flip(-1), expected.flip(-2),
+                                                         expected.flip(-1).flip(-2)) for k in range(4)]
+    geometric = ClassifierView(views, augment="geometric", model_input=contract.model_input)
+    seen = set()
+    for seed in range(12):
+        torch.manual_seed(seed)
+        out = geometric(x)[0]
+        match = [i for i, t in enumerate(turns) if torch.equal(out, t)]
+        assert match, "a geometric view is a flip / 90° turn of the inference input"
+        seen.add(match[0])
+    assert len(seen) > 2
+    crop = ClassifierView(views, augment="views")(x)[0]  # pre-training's: a random crop with intensity jitter
+    assert crop.shape == expected.shape and not any(torch.allclose(crop, t) for t in turns)
+    with pytest.raises(ConfigError, match="finetune.augment"):
+        ClassifierView(views, augment="mixup")
