@@ -33,6 +33,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "finetune": ("cellvit_ssl.finetune", "a classifier from a checkpoint and a labelled index (linear, full, LoRA)"),
     "predict": ("cellvit_ssl.predict", "class probabilities and labels of an index or of images into AnnData"),
     "index": ("cellvit_ssl.data.index", "build an index table from a folder or a CHAMMI download"),
+    "curate": ("cellvit_ssl.curate", "curate an index: near-duplicates out, clusters balanced, rare rows retrieved"),
 }
 
 

@@ -78,6 +78,7 @@ from cellvit_ssl.config import (
     MissingChannels,
     Precision,
     ViewsConfig,
+    ViewsDevice,
     check_device,
     config_to_dict,
     save_config,
@@ -275,6 +276,9 @@ def validate(cfg: FinetuneCommand) -> None:
     if d.skip_bad:
         raise ConfigError("data.skip_bad: fine-tuning reads every labelled row (a bad row is an error naming it); "
                           "fix or drop the row instead")
+    if cfg.views.device == ViewsDevice.device:
+        raise ConfigError("views.device=device: fine-tuning makes its one view per sample in the loader's workers; "
+                          "leave views.device at auto (or workers)")
     LoRASpec(f.lora.rank, f.lora.alpha, f.lora.dropout, f.lora.target)
 
 
@@ -311,7 +315,9 @@ def checkpoint_defaults(payload: dict, sources) -> list[tuple[str, dict]]:
             raise ConfigError(f"{section}.{fixed[0]} is part of the model's preprocessing contract (stored in the "
                               "checkpoint); fine-tuning with another value would not match pre-training")
     data = {k: v for k, v in dict(stored.get("data", {})).items() if k not in ("demo", "index", "root")}
-    return [("checkpoint config", {"data": data, "views": dict(stored.get("views", {}))})]
+    # Fine-tuning cuts its one view in the loader's workers, whatever pre-training's views.device was.
+    views = {k: v for k, v in dict(stored.get("views", {})).items() if k != "device"}
+    return [("checkpoint config", {"data": data, "views": views})]
 
 
 # ----------------------------------------------------------------------------- data
