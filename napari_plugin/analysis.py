@@ -241,34 +241,52 @@ def analyse(encoder, image: np.ndarray | None, channels: Sequence[str], labels: 
     """
     yield 0.0
     tiled = labels is None
+    classifier = encoder is not None and precomputed is None and _is_classifier(encoder)
+    # The head reads the embedding it was trained on (the default pooling): another pooling for the map
+    # takes a second pass for the predictions.
+    second_pass = classifier and pooling not in (None, "default")
+    span = 0.4 if second_pass else 0.8
     if precomputed is not None:
         if labels is None:
             raise DataError("precomputed embeddings need a Labels layer to place the cells in the image")
         embeddings, ids = read_precomputed(precomputed, labels, image_name)
         yield 0.8
-    elif tiled:
-        if not tile_size:
-            raise DataError("pick a Labels layer or a tile size")
-        embeddings, ids, labels = yield from _scaled(
-            embed_tiles_chunked(encoder, image, channels, tile_size, batch_size=batch_size, pooling=pooling), 0.8)
     else:
-        if labels.shape != image.shape[-2:]:
+        if tiled and not tile_size:
+            raise DataError("pick a Labels layer or a tile size")
+        if not tiled and labels.shape != image.shape[-2:]:
             raise DataError(f"the Labels layer is {labels.shape[0]}x{labels.shape[1]} px but the image is "
                             f"{image.shape[-2]}x{image.shape[-1]} px")
-        embeddings, ids = yield from _scaled(
-            embed_cells_chunked(encoder, image, labels, channels, batch_size=batch_size, pooling=pooling), 0.8)
+        embeddings, ids, labels = yield from _scaled(
+            _embed(encoder, image, channels, labels, tile_size, batch_size, pooling), span)
     order = np.argsort(ids, kind="stable")
     embeddings, ids = embeddings[order], ids[order]
+    head_input = embeddings
+    if second_pass:
+        head_input, head_ids, _ = yield from _scaled(
+            _embed(encoder, image, channels, None if tiled else labels, tile_size, batch_size, None), span, span)
+        head_input = head_input[np.argsort(head_ids, kind="stable")]
     coords, method = reduce_to_2d(embeddings, map_method)
     yield 0.9
     clusters = kmeans_clusters(embeddings, n_clusters)
     predictions, classes = None, None
-    if encoder is not None and _is_classifier(encoder):
-        predictions, classes = prediction_columns(encoder, embeddings), list(encoder.classes)
+    if classifier:
+        predictions, classes = prediction_columns(encoder, head_input), list(encoder.classes)
     features = build_features(ids, embeddings, coords, method, clusters, image, channels, labels, existing,
                               predictions)
     yield 1.0
     return Analysis(ids, embeddings, coords, method, clusters, features, labels, tiled, classes)
+
+
+def _embed(encoder, image: np.ndarray, channels: Sequence[str], labels: np.ndarray | None, tile_size: int | None,
+           batch_size: int, pooling: str | None):
+    """Embeddings of the cells of ``labels`` (or of tiles when None): ``(embeddings, ids, labels)``, with progress."""
+    if labels is None:
+        return (yield from embed_tiles_chunked(encoder, image, channels, tile_size, batch_size=batch_size,
+                                               pooling=pooling))
+    embeddings, ids = yield from embed_cells_chunked(encoder, image, labels, channels, batch_size=batch_size,
+                                                     pooling=pooling)
+    return embeddings, ids, labels
 
 
 def _is_classifier(encoder) -> bool:
@@ -277,14 +295,14 @@ def _is_classifier(encoder) -> bool:
     return isinstance(encoder, Classifier)
 
 
-def _scaled(gen: Generator, span: float):
-    """Re-yield a sub-generator's progress scaled to [0, span]; return its value."""
+def _scaled(gen: Generator, span: float, start: float = 0.0):
+    """Re-yield a sub-generator's progress scaled to [start, start + span]; return its value."""
     while True:
         try:
             progress = next(gen)
         except StopIteration as stop:
             return stop.value
-        yield progress * span
+        yield start + progress * span
 
 
 def feature_overlay(encoder, image: np.ndarray, channels: Sequence[str], region: tuple[int, int, int, int],

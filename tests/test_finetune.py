@@ -372,6 +372,12 @@ def test_the_checkpoints_contract_cannot_be_changed_and_views_default_to_its_own
     assert cfg.views.hflip_prob == 0.1 and cfg.data.sample_size == 32
     with pytest.raises(ConfigError, match="finetune.lora.target"):
         ft.load([str(teacher), "--index", str(cells), "finetune.lora.target=qk"])
+    # one view per sample, cut in the loader's workers: pre-training's views.device is not inherited
+    pretrained_on_device = {**payload, "config": {**payload["config"],
+                                                  "views": {**payload["config"]["views"], "device": "device"}}}
+    assert "device" not in ft.checkpoint_defaults(pretrained_on_device, [])[0][1]["views"]
+    with pytest.raises(ConfigError, match="views.device=device"):
+        ft.load([str(teacher), "--index", str(cells), "views.device=device"])
 
 
 def test_full_mode_groups_decay_by_layer_below_a_scaled_backbone(teacher, cells, tmp_path):
@@ -400,6 +406,23 @@ def test_finetune_and_predict_are_commands_with_help(capsys):
     with pytest.raises(SystemExit):
         cli_main(["predict", "--help"])
     assert "predict.base=null" in capsys.readouterr().out
+
+
+def test_finetune_and_predict_report_user_errors_with_status_2_and_run_once(tmp_path, capsys):
+    import subprocess
+    import sys
+
+    from test_import import RUN_AS_MAIN
+
+    assert ft.main([str(tmp_path / "x.pt"), "finetune.mod=lora"]) == 2
+    assert "did you mean 'finetune.mode'" in capsys.readouterr().err
+    assert predict_cli.main([str(tmp_path / "c.pt"), "--outt", "p.h5ad"]) == 2
+    assert "did you mean '--out'" in capsys.readouterr().err
+    for module in ("cellvit_ssl.finetune", "cellvit_ssl.predict"):
+        out = subprocess.run([sys.executable, "-W", "error::RuntimeWarning", "-c", RUN_AS_MAIN, module],
+                             capture_output=True, text=True)
+        assert out.returncode == 0, (module, out.stderr)
+        assert out.stdout.strip().splitlines()[-1] == "once", module
 
 
 def test_the_shipped_finetune_config_parses():
@@ -431,6 +454,28 @@ def test_unloading_lora_gives_the_pretrained_layout_and_the_same_predictions(run
     np.testing.assert_allclose(clf.predict_proba(images, CHANNELS), before, atol=1e-5)
     with pytest.raises(CheckpointError, match="only be saved standalone"):
         clf.save(runs["lora"] / "unused.pt", standalone=False)
+
+
+def test_the_inspector_predicts_from_the_classifiers_own_embedding_whatever_the_maps_pooling(runs):
+    from napari_plugin.analysis import analyse
+
+    clf = load_classifier(runs["lora"] / "classifier.pt", device="cpu")
+    image = np.random.default_rng(2).random((4, 64, 64)).astype(np.float32)
+    labels = np.zeros((64, 64), np.int32)
+    for k, (y, x) in enumerate([(2, 2), (2, 34), (34, 2), (34, 34)], start=1):
+        labels[y:y + 26, x:x + 26] = k
+    expected, ids = clf.predict_cells(image, labels, CHANNELS)
+    steps = analyse(clf, image, CHANNELS, labels=labels, pooling="protein", map_method="pca", n_clusters=2)
+    while True:
+        try:
+            next(steps)
+        except StopIteration as stop:
+            result = stop.value
+            break
+    assert result.embeddings.shape[1] == clf.channel_dim  # the map shows the protein block
+    assert result.features["index"].tolist() == ids.tolist()
+    np.testing.assert_allclose(result.features[[f"prob_{c}" for c in clf.classes]].to_numpy(),
+                               expected.probabilities, atol=1e-5)  # the head saw its own (default) embedding
 
 
 def test_a_finished_run_is_not_trained_again(runs, teacher, cells, capsys):
