@@ -236,14 +236,19 @@ def check_view_settings(cfg, channels: Sequence[str] | None = None) -> list[int]
     return [list(channels).index(n) for n in names]
 
 
-def _view(size: int, scale: Sequence[float], blur_p: float, cfg, drop: RandomChannelDrop | None) -> v2.Compose:
+def _flips_and_turns(cfg) -> list:
+    """The label-preserving geometric ops of a view: random flips and (``views.rot90``) 90° turns."""
     ops = [
-        v2.RandomResizedCrop(size, scale=tuple(scale), antialias=True),
         v2.RandomHorizontalFlip(cfg.hflip_prob),
         v2.RandomVerticalFlip(cfg.vflip_prob),
     ]
     if cfg.rot90:
         ops.append(RandomRot90())
+    return ops
+
+
+def _view(size: int, scale: Sequence[float], blur_p: float, cfg, drop: RandomChannelDrop | None) -> v2.Compose:
+    ops = [v2.RandomResizedCrop(size, scale=tuple(scale), antialias=True), *_flips_and_turns(cfg)]
     ops += [
         PerChannelGamma(cfg.gamma, cfg.jitter_prob),
         PerChannelGaussianBlur(cfg.blur_sigma, blur_p),
@@ -355,9 +360,7 @@ class ClassifierView:
             raise ValueError(f"augment={augment!r} needs the model_input step of the preprocessing contract")
         ops = [_OneSample(model_input)]
         if augment == "geometric":
-            ops += [v2.RandomHorizontalFlip(cfg.hflip_prob), v2.RandomVerticalFlip(cfg.vflip_prob)]
-            if cfg.rot90:
-                ops.append(RandomRot90())
+            ops += _flips_and_turns(cfg)
         self.view = v2.Compose(ops)
 
     def __call__(self, x: Tensor) -> list[Tensor]:
