@@ -238,7 +238,9 @@ def build_folder_index(
         recursive: Descend into sub-folders.
         masks: Segmentation of each image (see :func:`read_mask`): one row per cell, with
             ``cell_id``, ``centroid_y``, ``centroid_x``, the box and ``area``. Files that are
-            masks of another image are not indexed as images.
+            masks of another image are not indexed as images. For grouped files (``pattern`` or
+            a layout) a template of the pattern's groups relative to ``root``, e.g.
+            ``{image}_blue_cp_masks.png`` for HPA.
         include: Glob pattern on the path relative to ``root`` (e.g. ``*.ome.zarr``) that
             images must match.
         layout: ``files`` (one file or Zarr folder per image), or a preset of
@@ -267,13 +269,13 @@ def build_folder_index(
         wanted = list(channels) if channels else list(preset_.channels) or None
         images = _included(find_images(root, recursive, PLANE_SUFFIXES), root, include)
         table = _grouped_index(root, images, preset_.pattern, wanted, _layout_vocabulary(layout, vocabulary),
-                               f"--layout {layout.value}", preset_.note)
+                               f"--layout {layout.value}", preset_.note, masks)
         table.insert(1, ROOT_COLUMN, root_text)
         table.attrs["notes"] = [preset_.note] if preset_.note else []
         return table
     if pattern:
         images = _included(find_images(root, recursive, PLANE_SUFFIXES), root, include)
-        table = _grouped_index(root, images, pattern, channels, vocabulary, f"--pattern {pattern!r}")
+        table = _grouped_index(root, images, pattern, channels, vocabulary, f"--pattern {pattern!r}", masks=masks)
         table.insert(1, ROOT_COLUMN, root_text)
         return table
     images = _included(find_images(root, recursive), root, include)
@@ -351,7 +353,7 @@ def _open_named(path: Path, channel_width: int | None):
 
 
 def _grouped_index(root: Path, images: list[Path], pattern: str, channels: Sequence[str] | None,
-                   vocabulary: ChannelVocabulary, what: str, hint: str = "") -> pd.DataFrame:
+                   vocabulary: ChannelVocabulary, what: str, hint: str = "", masks: str | None = None) -> pd.DataFrame:
     try:
         regex = re.compile(pattern)
     except re.error as exc:
@@ -359,6 +361,10 @@ def _grouped_index(root: Path, images: list[Path], pattern: str, channels: Seque
     if "channel" not in regex.groupindex:
         raise DataError(f"--pattern {pattern!r} has no named group 'channel', e.g. (?P<channel>ch\\d)")
     keys = [g for g in regex.groupindex if g != "channel"]
+    if masks and "{" not in masks:
+        raise DataError(f"--masks {masks!r}: the images of {what} are groups of files, so name each one's label "
+                        "image with a template of the pattern's groups, relative to the folder, e.g. --masks "
+                        f"'{{{keys[0] if keys else 'image'}}}_cp_masks.png' (groups: {keys})")
     wanted = vocabulary.canonical_names(channels, source="index.channels") if channels else None
     groups: dict[tuple, dict[str, str]] = {}
     left_out: set[str] = set()
@@ -367,6 +373,8 @@ def _grouped_index(root: Path, images: list[Path], pattern: str, channels: Seque
         m = regex.search(rel)
         if m is None or not rel.lower().endswith(PLANE_SUFFIXES):
             continue
+        if masks and any(_stem(path).endswith(e) for e in MASK_ENDINGS):
+            continue  # a label image named like a channel file (ID_blue_cp_masks.png for ID_blue.png)
         token = m.group("channel")
         if wanted is not None:
             try:
@@ -399,9 +407,23 @@ def _grouped_index(root: Path, images: list[Path], pattern: str, channels: Seque
             raise DataError(f"{root}: image {dict(zip(keys, key))} has no file for channels {missing} "
                             f"(found {sorted(files)}; name your channel tokens with --channel-map)")
         stack = open_stack([root / files[c] for c in order], channel_names=order)
-        rows.append({"path": ";".join(files[c] for c in order), "channels": ";".join(order),
-                     **dict(zip(keys, key)), "n_channels": len(order), "height": stack.shape[1],
-                     "width": stack.shape[2], "format": "file-list"})
+        row = {"path": ";".join(files[c] for c in order), "channels": ";".join(order),
+               **dict(zip(keys, key)), "n_channels": len(order), "height": stack.shape[1],
+               "width": stack.shape[2], "format": "file-list"}
+        if not masks:
+            rows.append(row)
+            continue
+        try:
+            where = root / masks.format(**{k: "" if v is None else v for k, v in zip(keys, key)})
+        except (KeyError, IndexError, ValueError) as exc:
+            raise DataError(f"--masks {masks!r}: not a template of the pattern's groups {keys} ({exc!r})") from None
+        if not where.is_file():
+            raise DataError(f"{where}: no such mask file for image {dict(zip(keys, key))} (--masks {masks!r})")
+        mask = np.asarray(open_labels(where))
+        if mask.shape[-2:] != stack.shape[1:]:
+            raise DataError(f"{where}: mask shape {mask.shape} does not match image {row['path']} {stack.shape[1:]}")
+        cells = cells_from_mask(mask, str(where)).rename(columns={"cell_label": "cell_id"})
+        rows += [{**row, **cell} for cell in cells.to_dict("records")]
     table = pd.DataFrame(rows)
     table.attrs["left_out"] = sorted(left_out)
     return table
@@ -512,7 +534,7 @@ class IndexConfig:
     channels: list[str] = field(default_factory=list)  # names in file order (files lacking them); layout/pattern: kept
     pattern: str | None = None  # regex grouping single-channel files (TIFF/PNG/JPEG) with a (?P<channel>...) group
     channel_width: int | None = None  # channel width of tapes (default: square channels)
-    masks: str | None = None  # one row per cell: 'labels/<name>' inside OME-Zarr, or a suffix such as _labels.tif
+    masks: str | None = None  # a row per cell: labels/<name> (OME-Zarr), _labels.tif (suffix), {image}_x.png (grouped)
     include: str | None = None  # glob on relative paths that images must match, e.g. '*.ome.zarr'
     recursive: bool = True  # descend into sub-folders
     subsets: list[str] = field(default_factory=list)  # chammi: sub-datasets to include (default: all found)
