@@ -12,7 +12,10 @@ Everything past the measured step time is an **extrapolation**, labelled as such
 and the JSON:
 
 - CPU: seconds per image × samples per epoch × ``train.epochs`` (assumes time grows linearly
-  with the number of images, which holds once the batch fills the cores);
+  with the number of images, which holds once the batch fills the cores). Seconds per image
+  are the step's CPU time (``time.process_time``) divided by the torch threads and the batch:
+  what the step takes on cores it does not share. On a loaded machine wall time is longer
+  (recorded as ``wall_seconds_per_image``, with the load average);
 - GPU: FLOPs per image ÷ an *assumed* sustained throughput. The default assumptions are 40 %
   of the dense bf16 peak of an A100 (312 TFLOP/s) and of an H100 SXM (989 TFLOP/s); the real
   fraction depends on the model size, batch, data loading and ``train.compile``. Measure your
@@ -65,18 +68,23 @@ def step_cost(config: str | Path, batch: int, steps: int) -> dict:
         meta.update_teacher(0.996)
 
     step()  # warm-up: allocations, first-call overheads
-    seconds = []
+    seconds, cpu_seconds = [], []
     for _ in range(steps):
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         step()
         seconds.append(time.perf_counter() - start)
+        cpu_seconds.append(time.process_time() - start_cpu)
     flops = count_flops(step)
     params = sum(p.numel() for p in meta.student.backbone.parameters())
     return {"config": str(config), "variant": cfg.model.variant.value, "arch": cfg.model.arch,
             "channels": len(channels), "global_crop": v.global_crop_size, "local_crop": v.local_crop_size,
             "n_local_views": v.n_local_views, "epochs": cfg.train.epochs, "backbone_params_m": round(params / 1e6, 2),
             "batch": batch, "step_seconds": [round(s, 3) for s in seconds],
-            "seconds_per_image": statistics.median(seconds) / batch, "flops_per_image": flops / batch}
+            "step_cpu_seconds": [round(s, 3) for s in cpu_seconds], "threads": torch.get_num_threads(),
+            "wall_seconds_per_image": statistics.median(seconds) / batch,
+            # CPU time used, spread over the threads: what the step takes when the cores are not shared
+            "seconds_per_image": statistics.median(cpu_seconds) / torch.get_num_threads() / batch,
+            "flops_per_image": flops / batch}
 
 
 def extrapolate(cost: dict, samples: int) -> dict:
@@ -100,6 +108,23 @@ def _hours(h: float) -> str:
     if h < 48:
         return f"{h:.1f} h"
     return f"{h / 24:.0f} d"
+
+
+def markdown_table(rows: list[dict]) -> str:
+    """The figures as a Markdown table (for docs/own_data.md); extrapolated columns are starred."""
+    gpus = [n for n, _, _ in GPU_ASSUMPTIONS]
+    lines = ["| config | model | GFLOP / image | CPU s / image (measured) | CPU / epoch* | "
+             + " | ".join(f"{n} / epoch* | {n} / run*" for n in gpus) + " |",
+             "|" + "---|" * (5 + 2 * len(gpus))]
+    for r in rows:
+        e = r["extrapolation"]
+        gpu = " | ".join(f"{_hours(e['gpu'][n]['hours_per_epoch'])} | {_hours(e['gpu'][n]['hours_per_run'])}"
+                         for n in gpus)
+        lines.append(f"| `{Path(r['config']).name}` | {r['variant']}/{r['arch']}, {r['channels']} ch, "
+                     f"{r['global_crop']}/{r['local_crop']} px, {r['epochs']} epochs | "
+                     f"{r['flops_per_image'] / 1e9:.1f} | {r['seconds_per_image']:.2f} | "
+                     f"{_hours(e['cpu_hours_per_epoch'])} | {gpu} |")
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -129,14 +154,15 @@ def main(argv: list[str] | None = None) -> int:
           f"{machine['torch_threads']} torch threads, load average {load_before[0]:.1f} -> {load_after[0]:.1f}.")
     print(f"EXTRAPOLATED to {args.samples:,} samples per epoch and each config's train.epochs; GPU columns ASSUME "
           + ", ".join(f"{n} at {f:.0%} of {p:g} TFLOP/s" for n, p, f in GPU_ASSUMPTIONS) + ".\n")
-    head = ["config", "model", "GFLOP/img", "CPU s/img", "CPU/epoch*", "CPU/run*"]
+    head = ["config", "model", "GFLOP/img", "CPU s/img", "wall s/img", "CPU/epoch*", "CPU/run*"]
     head += [f"{n}/epoch*" for n, _, _ in GPU_ASSUMPTIONS] + [f"{n}/run*" for n, _, _ in GPU_ASSUMPTIONS]
     lines = [head]
     for r in rows:
         e = r["extrapolation"]
         lines.append([Path(r["config"]).name, f"{r['variant']}/{r['arch']} C={r['channels']} x{r['epochs']}ep",
                       f"{r['flops_per_image'] / 1e9:.1f}", f"{r['seconds_per_image']:.2f}",
-                      _hours(e["cpu_hours_per_epoch"]), _hours(e["cpu_hours_per_run"]),
+                      f"{r['wall_seconds_per_image']:.2f}", _hours(e["cpu_hours_per_epoch"]),
+                      _hours(e["cpu_hours_per_run"]),
                       *[_hours(e["gpu"][n]["hours_per_epoch"]) for n, _, _ in GPU_ASSUMPTIONS],
                       *[_hours(e["gpu"][n]["hours_per_run"]) for n, _, _ in GPU_ASSUMPTIONS]])
     widths = [max(len(str(row[i])) for row in lines) for i in range(len(head))]

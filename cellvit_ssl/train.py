@@ -15,6 +15,11 @@ weight decay and cosine teacher momentum, and writes into ``train.output_dir``:
 SIGTERM or SIGUSR1 (cluster preemption) let the step in progress finish, write its checkpoint
 and exit cleanly (see :class:`StopRequest` for exactly which step); a NaN / Inf loss stops the
 run and keeps the last good checkpoint.
+
+Nothing is written before the data and a resumed checkpoint have been checked: a resumed run
+whose settings differ from its checkpoint's is refused, naming the keys
+(:func:`check_resume_config`; ``train.allow_config_change`` allows named ones), and a finished
+run says so and writes nothing.
 """
 
 from __future__ import annotations

@@ -20,7 +20,8 @@ import tifffile
 from conftest import TINY_OVERRIDES
 from PIL import Image
 
-from cellvit_ssl.data.index import build_folder_index, main as index_main
+from cellvit_ssl.data.index import build_folder_index
+from cellvit_ssl.data.index import main as index_main
 from cellvit_ssl.data.readers import open_stack
 from cellvit_ssl.data.samples import ROOT_COLUMN, SampleReader
 from cellvit_ssl.errors import DataError
@@ -72,7 +73,8 @@ def make_hpa(folder: Path, n_images: int = 3, size: int = 64) -> None:
     for i in range(n_images):
         plane, labels = _blobs(rng, size, 3)
         for c, colour in enumerate(("red", "green", "blue", "yellow")):
-            Image.fromarray(np.clip(plane * (1 + 0.1 * c), 0, 255).astype(np.uint8)).save(folder / f"img{i}_{colour}.png")
+            stain = np.clip(plane * (1 + 0.1 * c), 0, 255).astype(np.uint8)
+            Image.fromarray(stain).save(folder / f"img{i}_{colour}.png")
         Image.fromarray(labels.astype(np.uint8)).save(folder / f"img{i}_blue_cp_masks.png")  # cellpose's naming
 
 

@@ -25,11 +25,11 @@ import shlex
 import shutil
 import subprocess
 import sys
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
@@ -152,7 +152,8 @@ def test_the_documents_follow_the_convention():
     blocks = [b for doc in DOCS for b in bash_blocks(doc)]
     assert len(bash_blocks(README)) >= 10
     assert any(b.skip is None for b in bash_blocks(README)), "no README block runs"
-    assert "python -m cellvit_ssl.train configs/demo.yaml" in next(b for b in bash_blocks(README) if b.skip is None).text
+    first_run = next(b for b in bash_blocks(README) if b.skip is None)
+    assert "python -m cellvit_ssl.train configs/demo.yaml" in first_run.text
     for b in blocks:
         assert commands(b), f"{b.where}: an empty block"
 
