@@ -65,7 +65,7 @@ from cellvit_ssl.models.channels import build_model
 from cellvit_ssl.optim import Schedules, apply_schedules, param_groups
 from cellvit_ssl.preprocess import Preprocess
 from cellvit_ssl.ssl import DINOMetaArch
-from cellvit_ssl.transforms import MultichannelDINOTransform
+from cellvit_ssl.view_maker import DeviceViews, WorkerViews, build_view_maker
 
 EXIT_ERROR = 2
 EXIT_DIVERGED = 3
@@ -183,11 +183,20 @@ class SeededViews(Dataset):
             return self.dataset[index]
 
 
-def build_dataset(cfg: Config) -> SeededViews:
-    """The run's dataset of multichannel DINO views (generating the demo data if enabled)."""
+def build_dataset(cfg: Config, view_maker: WorkerViews | DeviceViews | None = None) -> SeededViews:
+    """The run's dataset (generating the demo data if enabled).
+
+    Its items hold the multichannel DINO views when ``view_maker`` makes them in the loader's
+    workers, and the normalised samples (``image``) when it makes them on the device.
+
+    Args:
+        cfg: The run config.
+        view_maker: From :func:`~cellvit_ssl.view_maker.build_view_maker` (default: the one a
+            CPU run of ``cfg`` uses).
+    """
     index, root = resolve_index(cfg)
-    views = MultichannelDINOTransform(cfg.views, channels=list(cfg.data.channels))
-    dataset = build_index_dataset(cfg.data, views, index=index, root=root)
+    view_maker = view_maker or build_view_maker(cfg, torch.device("cpu"))
+    dataset = build_index_dataset(cfg.data, view_maker.sample_transform, index=index, root=root)
     if not cfg.data.skip_bad:
         dataset.reader.check_files()  # a wrong data.root fails now, not at the first step
     return SeededViews(dataset, cfg.train.seed)
@@ -211,7 +220,7 @@ def build_loader(cfg: Config, info: D.DistInfo | None = None,
         DataError: If the index has fewer samples than one global batch.
     """
     info = info or D.DistInfo(0, 1, 0, torch.device("cpu"))
-    dataset = dataset if dataset is not None else build_dataset(cfg)
+    dataset = dataset if dataset is not None else build_dataset(cfg, build_view_maker(cfg, info.device, info.rank))
     per_step = cfg.data.batch_size * info.world_size
     if len(dataset) < per_step:
         raise DataError(
@@ -375,8 +384,10 @@ class Trainer:
             torch.use_deterministic_algorithms(True)
             torch.backends.cudnn.benchmark = False
         seed_everything(t.seed)
+        #: Makes each micro-batch's views: in the loader's workers or on the device (views.device).
+        self.view_maker = build_view_maker(cfg, info.device, info.rank)
         # Rank 0 generates demo data / opens the index first; the others then reuse it.
-        dataset = build_dataset(cfg) if info.is_main else None
+        dataset = build_dataset(cfg, self.view_maker) if info.is_main else None
         D.barrier()
         # Nothing is written before the data and a resumed checkpoint's settings are checked (see fit):
         # a failed or refused command leaves nothing that blocks the corrected one.
@@ -386,7 +397,7 @@ class Trainer:
         if self.resume_from is not None:
             self._resume_payload = load_checkpoint(self.resume_from, expect=(TRAINING_FORMAT,))
             self.config_changes = check_resume_config(self._resume_payload.get("config"), cfg, self.resume_from)
-        self.loader = build_loader(cfg, info, dataset if dataset is not None else build_dataset(cfg))
+        self.loader = build_loader(cfg, info, dataset if dataset is not None else build_dataset(cfg, self.view_maker))
         self.sampler: D.ShardedSampler = self.loader.sampler
         self.vocabulary = ChannelVocabulary.from_config(cfg.data)
         inner = self.loader.dataset.dataset
@@ -502,6 +513,20 @@ class Trainer:
 
     # -- the loop ----------------------------------------------------------------------------
 
+    def _model_inputs(self, batch: dict, epoch: int, micro: int) -> tuple[list[torch.Tensor], torch.Tensor, dict]:
+        """Views, channel ids and model keyword arguments of one micro-batch, on the device.
+
+        Every copy is non-blocking (the loader pins its batches on CUDA); the views come from
+        :attr:`view_maker`, seeded by the micro-batch's number within the epoch on this rank.
+        """
+        device = self.info.device
+        ids = batch["channel_ids"].to(device, non_blocking=True)
+        kwargs = {}
+        if "channel_mask" in batch:
+            kwargs["channel_mask"] = batch["channel_mask"].to(device, non_blocking=True)
+        number = (self.step % self.steps_per_epoch) * self.cfg.train.accumulate_steps + micro
+        return self.view_maker(batch, ids, epoch, number), ids, kwargs
+
     def _train_step(self, batches, epoch: int, stop: StopRequest) -> dict:
         """One optimiser step and its record (loss terms averaged over ranks, schedules).
 
@@ -516,12 +541,10 @@ class Trainer:
         terms: dict[str, torch.Tensor] = {}
         autocast = torch.autocast(device.type, dtype=torch.bfloat16) if self.bf16 else nullcontext()
         for micro in range(t.accumulate_steps):
-            batch = next(batches)
-            views = [v.to(device, non_blocking=True) for v in batch["views"]]
-            kwargs = {"channel_mask": batch["channel_mask"].to(device)} if "channel_mask" in batch else {}
+            views, ids, kwargs = self._model_inputs(next(batches), epoch, micro)
             with D.no_sync(self.model, micro < t.accumulate_steps - 1):
                 with autocast:
-                    out = self.model(views, batch["channel_ids"].to(device), epoch=epoch, **kwargs)
+                    out = self.model(views, ids, epoch=epoch, **kwargs)
                 (out["loss"] / t.accumulate_steps).backward()
             for key, value in out.items():
                 value = value.detach().float() / t.accumulate_steps
@@ -563,7 +586,8 @@ class Trainer:
             strategy = f", {t.strategy}" if info.world_size > 1 else ""
             print(f"cellvit_ssl: {len(self.loader.dataset)} samples, {info.world_size} process(es) on "
                   f"{info.device.type}, global batch {self.global_batch}, {self.steps_per_epoch} steps/epoch, "
-                  f"{self.total_steps} steps, model {self.cfg.model.variant}/{self.cfg.model.arch}, "
+                  f"{self.total_steps} steps, model {self.cfg.model.variant}/{self.cfg.model.arch}, views "
+                  f"{'batched on ' + info.device.type if self.view_maker.on_device else 'in loader workers'}, "
                   f"{'bf16' if self.bf16 else 'fp32'}{strategy}, output {self.out}{resumed}", flush=True)
         log = MetricsLog(self.out, info.is_main, t.tensorboard, self.step if source is not None else None)
         stop = StopRequest().install()

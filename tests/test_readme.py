@@ -7,6 +7,8 @@ The convention the README follows (keep it when editing):
   slow: it trains the demo);
 - a block that cannot run there (it installs packages, needs your images, a GPU, a download)
   has ``<!-- not run by tests: REASON -->`` on the line right above its fence;
+- commands are written one way, ``python -m cellvit_ssl.<command>`` (``cellvit-ssl <command>``,
+  the console script, is the same command and is mentioned in prose only);
 - every command of every block, run or not, and of docs/own_data.md, must parse: the
   package's commands load their config from the given file and ``key=value`` / flags (an
   unknown key, flag or value fails here), benchmark flags exist in the script, pip extras exist
@@ -37,7 +39,8 @@ DOCS = (README, ROOT / "docs" / "own_data.md")
 SKIP = re.compile(r"<!-- not run by tests: (.+) -->")
 #: Commands of other tools that the documents show; not checked here.
 OTHER_TOOLS = {"apt-get", "tensorboard", "cellpose", "sudo", "srun", "scontrol", "nvidia-smi", "du"}
-PACKAGE_COMMANDS = ("cellvit_ssl.train", "cellvit_ssl.embed", "cellvit_ssl.evaluate", "cellvit_ssl.data.index")
+PACKAGE_COMMANDS = ("cellvit_ssl.train", "cellvit_ssl.embed", "cellvit_ssl.evaluate", "cellvit_ssl.data.index",
+                    "cellvit_ssl.curate")
 
 
 @dataclass(frozen=True)
@@ -99,7 +102,17 @@ def check_command(argv: list[str], where: str):
     argv = _strip_env(argv)
     if not argv or argv[0] in OTHER_TOOLS:
         return None
+    assert argv[0] != "cellvit-ssl", (f"{where}: `{' '.join(argv)}`: README commands are written "
+                                      "`python -m cellvit_ssl.<command>` (the console script is mentioned in prose)")
     call = _module_call(argv)
+    if call and call[0] == "cellvit_ssl.cli":  # the console script's dispatcher
+        from cellvit_ssl.cli import COMMANDS
+
+        args = call[1]
+        if not args or args[0] in ("-h", "--help"):
+            return None
+        assert args[0] in COMMANDS, f"{where}: {args[0]!r} is not a command of cellvit_ssl.cli"
+        return check_command(["python", "-m", COMMANDS[args[0]][0], *args[1:]], where)
     if call and call[0] in PACKAGE_COMMANDS:
         module, args = call
         line = importlib.import_module(module).COMMAND_LINE
@@ -122,6 +135,10 @@ def check_command(argv: list[str], where: str):
         return None
     if argv[0] in ("python", "python3") and argv[1].endswith(".py"):
         _check_flags(ROOT / argv[1], argv[2:], where)
+        return None
+    if argv[0] == "bash" and argv[1].endswith(".sh"):  # a wrapper of the Python script of the same name
+        assert (ROOT / argv[1]).is_file(), f"{where}: {argv[1]} does not exist"
+        _check_flags(ROOT / argv[1].replace(".sh", ".py"), argv[2:], where)
         return None
     if argv[0] == "pip":
         extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
@@ -181,6 +198,8 @@ def test_running_train_commands_never_share_a_run_folder_with_other_settings(mon
             if not call or call[0] != "cellvit_ssl.train":
                 continue
             cfg = check_command(argv, block.where)
+            if cfg is None:  # --help
+                continue
             folder = Path(cfg.train.output_dir).resolve()
             if folder not in first:
                 first[folder] = (block.where, config_to_dict(cfg))

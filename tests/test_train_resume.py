@@ -48,12 +48,12 @@ sys.exit(train.main(sys.argv[1:]))
 """
 
 
-def _overrides(demo: Path, out: Path) -> list[str]:
+def _overrides(demo: Path, out: Path, *extra: str) -> list[str]:
     return [*TINY_OVERRIDES, "data.demo.n_images=3", f"data.demo.cache_dir={demo}", f"train.output_dir={out}",
             "data.num_workers=1", "train.epochs=4", "train.warmup_epochs=1", "train.base_lr=0.05",
             "train.checkpoint_every=3", "train.log_every=1", "train.deterministic=true",
             "train.tensorboard=false", "train.progress=false", "ssl.warmup_teacher_temp_epochs=2",
-            "model.drop_path_rate=0.2"]  # stochastic depth: the resumed run needs the RNG state too
+            "model.drop_path_rate=0.2", *extra]  # stochastic depth: the resumed run needs the RNG state too
 
 
 def _in_process(overrides: list[str]) -> None:
@@ -66,7 +66,8 @@ def _in_process(overrides: list[str]) -> None:
         torch.use_deterministic_algorithms(False)
 
 
-def _interrupt(tmp_path: Path, demo: Path, at: str, step: int, sig: str) -> tuple[subprocess.CompletedProcess, Path]:
+def _interrupt(tmp_path: Path, demo: Path, at: str, step: int, sig: str,
+               *extra: str) -> tuple[subprocess.CompletedProcess, Path]:
     out = tmp_path / "interrupted"
     harness = tmp_path / "harness.py"
     harness.write_text(HARNESS)
@@ -74,7 +75,7 @@ def _interrupt(tmp_path: Path, demo: Path, at: str, step: int, sig: str) -> tupl
            "SIGNAL": sig}
     empty = tmp_path / "empty.yaml"
     empty.write_text("train: {}\n")
-    proc = subprocess.run([sys.executable, str(harness), str(empty), *_overrides(demo, out)],
+    proc = subprocess.run([sys.executable, str(harness), str(empty), *_overrides(demo, out, *extra)],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     return proc, out
 
@@ -134,3 +135,33 @@ def test_sigterm_after_the_update_writes_the_next_steps_checkpoint_and_exits_cle
 
     _in_process(_overrides(demo, out))
     _assert_same_run(expected, load_checkpoint(out / "checkpoint.pt"))
+
+
+@pytest.fixture(scope="module")
+def device_reference(reference, tmp_path_factory):
+    """The uninterrupted run with its views cut batched on the device (here the CPU): its final checkpoint."""
+    demo, _ = reference
+    out = tmp_path_factory.mktemp("device_reference") / "run"
+    _in_process(_overrides(demo, out, *DEVICE_VIEWS))
+    ckpt = load_checkpoint(out / "checkpoint.pt")
+    assert ckpt["step"] == TOTAL_STEPS
+    return demo, ckpt
+
+
+DEVICE_VIEWS = ("views.device=device", "views.noise=poisson")
+
+
+def test_device_views_sigkill_at_a_random_step_then_resume_equals_the_uninterrupted_run(tmp_path, device_reference,
+                                                                                      reference):
+    """Device views are drawn per (seed, epoch, rank, batch): a resumed run cuts the views the
+    uninterrupted one cut, wherever it was killed (here mid-epoch, after the step-3 checkpoint)."""
+    demo, expected = device_reference
+    step = random.Random().randrange(4, TOTAL_STEPS)
+    proc, out = _interrupt(tmp_path, demo, "step", step, "SIGKILL", *DEVICE_VIEWS)
+    assert proc.returncode == -signal.SIGKILL, f"killed at step {step}: {proc.stderr[-2000:]}"
+    assert "views batched on cpu" in proc.stdout
+    _in_process(_overrides(demo, out, *DEVICE_VIEWS))
+    _assert_same_run(expected, load_checkpoint(out / "checkpoint.pt"))
+    # ... and the device views are views of their own: the run differs from the worker-views run
+    key = "student.backbone.backbone.blocks.0.attn.qkv.weight"
+    assert (expected["model"][key] - reference[1]["model"][key]).abs().max() > 1e-4

@@ -289,6 +289,23 @@ class SampleReader:
                                        "which does not exist")
         return self.default_root, "the index's folder"
 
+    def row_bases(self) -> pd.Series:
+        """The folder (absolute) every row's relative paths start from, by the rules of :meth:`base`."""
+        if self.root is not None:
+            return pd.Series(str(self.root.resolve()), index=self.table.index, dtype=object)
+        default = str(self.default_root.resolve())
+        if not self._row_roots:
+            return pd.Series(default, index=self.table.index, dtype=object)
+
+        def usable(recorded) -> str:
+            if not isinstance(recorded, str) or not recorded.strip():
+                return default
+            if recorded not in self._root_exists:
+                self._root_exists[recorded] = Path(recorded).expanduser().is_dir()
+            return str(Path(recorded).expanduser().resolve()) if self._root_exists[recorded] else default
+
+        return self.table[ROOT_COLUMN].map(usable).astype(object)
+
     def resolve(self, path: str, i: int | None = None) -> str:
         """A row's ``path`` (``;``-separated for one file per channel) made absolute (see :meth:`base`)."""
         base = self.base(i)[0]
