@@ -78,8 +78,8 @@ def frozen_knn(checkpoint: Path, index: Path, multi_label: bool, k: int = 10) ->
     encoder = load_encoder(checkpoint, device="cpu")
     table = pd.read_csv(index)
     data = DataConfig(sample_size=encoder.crop_size, channels=list(encoder.channels))
-    reader = sample_reader(table, index.parent, data, encoder, allow_missing=False, mask_background=False,
-                           source=str(index))
+    reader = sample_reader(table, None, data, encoder, allow_missing=False, mask_background=False,
+                           source=str(index), default_root=index.parent)
     z = featurize_rows(reader, list(range(len(table))), encoder_featurizer(encoder, None, 64))[0]
     labels = read_labels(table, ["label"], multi_label)
     train, test = (np.flatnonzero(table["split"] == s) for s in ("train", "test"))

@@ -158,11 +158,16 @@ def _package_version() -> str:
         return __version__
 
 
-def sample_reader(table: pd.DataFrame, root: Path, data: DataConfig, encoder: Encoder, *, allow_missing: bool,
-                  mask_background: bool, source: str) -> SampleReader:
-    """The reader ``embed`` (and evaluate's baselines) read rows with: the training reader, the model's channels."""
+def sample_reader(table: pd.DataFrame, root: Path | None, data: DataConfig, encoder: Encoder, *, allow_missing: bool,
+                  mask_background: bool, source: str, default_root: Path | None = None) -> SampleReader:
+    """The reader ``embed`` (and evaluate's baselines) read rows with: the training reader, the model's channels.
+
+    ``root`` overrides the index's ``root`` column (``data.root``); ``default_root`` serves rows
+    without one (the index's folder).
+    """
     return SampleReader(
-        table, root=root, channels=encoder.channels, vocabulary=encoder.vocabulary, sample_size=data.sample_size,
+        table, root=root, default_root=default_root, channels=encoder.channels, vocabulary=encoder.vocabulary,
+        sample_size=data.sample_size,
         mode=data.mode, missing_channels=MissingChannels.pad if allow_missing else MissingChannels.error,
         level=data.level, z=data.z_slice if data.z_projection == ZProjection.slice else "max", t=data.t_frame,
         missing_chunks=data.missing_chunks, percentiles=data.normalize_percentiles,
@@ -343,18 +348,21 @@ def write_rows(section: str, data: DataConfig, e, encoder: Encoder, model: str, 
     out = Path(e.out)
     if data.index:
         table = read_index(data.index)
-        root = Path(data.root).expanduser() if data.root else Path(data.index).expanduser().parent
-    else:
-        table, root = images_table(list(e.images), list(e.labels), list(e.channels)), Path(".")
+        root = Path(data.root).expanduser() if data.root else None
+        default_root = Path(data.index).expanduser().parent
+    else:  # --images rows hold absolute paths
+        table, root, default_root = images_table(list(e.images), list(e.labels), list(e.channels)), None, Path(".")
     index_sha = table_sha256(table)  # of the index as stored, so that evaluate can tell if it changed
     if e.channels and data.index and "channels" not in table.columns:
         table["channels"] = ";".join(e.channels)
     sha = file_sha256(model)
+    reader = sample_reader(table, root, data, encoder, allow_missing=e.allow_missing,
+                           mask_background=e.mask_background, source=str(data.index or f"{section}.images"),
+                           default_root=default_root)
+    reader.check_files()  # a wrong root fails here, before anything is written
     # --images rows hold absolute paths: the working folder does not change what is read
     fingerprint = {"checkpoint_sha256": sha, "index_sha256": index_sha, "channels": list(e.channels),
-                   "root": str(root.resolve()) if data.index else "", **settings}
-    reader = sample_reader(table, root, data, encoder, allow_missing=e.allow_missing,
-                           mask_background=e.mask_background, source=str(data.index or f"{section}.images"))
+                   "root": reader.roots() if data.index else "", **settings}
     featurize = make_featurize(reader.source)
     writer = ResumableWriter(out, fingerprint, overwrite=e.overwrite, section=section)
     with exclusive_lock(out):
@@ -372,8 +380,9 @@ def write_rows(section: str, data: DataConfig, e, encoder: Encoder, model: str, 
                     writer.save(start, x, boxes, kinds)
                 bar.update(stop - start)
         uns = make_uns(sha)
-        uns[section] = {"index": str(Path(data.index).resolve()) if data.index else "", "root": str(root.resolve()),
-                        **settings, "cellvit_ssl_version": _package_version()}
+        roots = reader.roots()
+        uns[section] = {"index": str(Path(data.index).resolve()) if data.index else "", "root": roots["root"] or "",
+                        "default_root": roots["default"], **settings, "cellvit_ssl_version": _package_version()}
         return writer.finish(table, starts, uns, columns=columns, var_names=var_names)
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import warnings
 import zipfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -194,7 +195,14 @@ class ResumableWriter:
             atomic_write_with(self.out, lambda tmp: adata.write_h5ad(tmp))
         else:
             def write_zarr(tmp: Path) -> None:
-                with anndata.settings.override(zarr_write_format=3):  # the Zarr format the package reads and writes
+                # Zarr v3, the format the package reads and writes, in plain chunks: an embeddings table is
+                # small, and saying so explicitly keeps anndata from warning about its future sharding default.
+                settings = {"zarr_write_format": 3}
+                if hasattr(anndata.settings, "auto_shard_zarr_v3"):
+                    settings["auto_shard_zarr_v3"] = False
+                with anndata.settings.override(**settings), warnings.catch_warnings():
+                    # anndata consolidates the store's metadata on purpose; zarr notes that v3 has no such spec
+                    warnings.filterwarnings("ignore", message="Consolidated metadata is currently not part")
                     adata.write_zarr(tmp)
 
             atomic_write_with(self.out, write_zarr, directory=True)

@@ -326,7 +326,8 @@ class Splits:
     """The rows of the labelled index by role, and their targets."""
 
     table: pd.DataFrame
-    root: Path
+    root: Path | None  # data.root: overrides the index's root column
+    index_folder: Path  # where rows without a root column's value start
     labels: Labels
     train: np.ndarray
     val: np.ndarray
@@ -369,7 +370,8 @@ def read_splits(cfg: FinetuneCommand) -> Splits:
     f = cfg.finetune
     source = str(cfg.data.index)
     table = read_index(cfg.data.index)
-    root = Path(cfg.data.root).expanduser() if cfg.data.root else Path(cfg.data.index).expanduser().parent
+    # data.root over the rows' root column over the index's folder (the rule of every command)
+    root = Path(cfg.data.root).expanduser() if cfg.data.root else None
     rows, carved = split_rows(table, f, cfg.train.seed, source)
     used = np.sort(np.concatenate(list(rows.values())))
     labelled = table.iloc[used]
@@ -380,7 +382,8 @@ def read_splits(cfg: FinetuneCommand) -> Splits:
     labels = Labels(labels.classes, labels.multi_label, targets)
     others = {"validation": rows["val"], "test": rows["test"]}
     require_trained_classes(labels, rows["train"], others, table, source)
-    return Splits(table, root, labels, rows["train"], rows["val"], rows["test"], carved)
+    return Splits(table, root, Path(cfg.data.index).expanduser().parent, labels, rows["train"], rows["val"],
+                  rows["test"], carved)
 
 
 class LabelledSamples(Dataset):
@@ -455,7 +458,9 @@ class FinetuneTrainer:
                                      base={"path": str(base_path.resolve()), "sha256": file_sha256(base_path)})
         self.reader = sample_reader(self.splits.table, self.splits.root, cfg.data, self.classifier,
                                     allow_missing=cfg.data.missing_channels == MissingChannels.pad,
-                                    mask_background=False, source=str(cfg.data.index))
+                                    mask_background=False, source=str(cfg.data.index),
+                                    default_root=self.splits.index_folder)
+        self.reader.check_files()  # a wrong root fails here, before the run folder is made
         ids = self.classifier.resolve_channels(self.classifier.channels)
         view = ClassifierView(cfg.views, self.classifier.channels, f.augment, preprocess.model_input)
         samples = LabelledSamples(self.reader, preprocess, self.splits.train, view, ids)

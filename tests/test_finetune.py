@@ -362,6 +362,25 @@ def test_bad_labels_are_named_errors(case, teacher, cells, tmp_path, capsys):
     assert not out.exists()  # nothing written for bad data
 
 
+def test_a_wrong_root_fails_before_the_run_folder_is_made_and_a_root_column_is_used(teacher, cells, tmp_path,
+                                                                                     capsys):
+    out = tmp_path / "out"
+    assert ft.main([str(teacher), "--index", str(cells), "--out", str(out), *FAST,
+                    f"data.root={tmp_path / 'elsewhere'}"]) == 2
+    err = capsys.readouterr().err
+    assert "elsewhere" in err and "data.root" in err, err
+    assert not out.exists()
+    # an index kept away from its images: its root column says where the paths start
+    table = pd.read_csv(cells)
+    table["root"] = str(cells.parent)
+    moved = tmp_path / "moved" / "cells.csv"
+    moved.parent.mkdir()
+    table.to_csv(moved, index=False)
+    cfg, payload = ft.load([str(teacher), "--index", str(moved), "--out", str(out), *FAST])
+    trainer = ft.FinetuneTrainer(cfg, DistInfo(0, 1, 0, torch.device("cpu")), payload)
+    assert trainer.reader.roots()["recorded"] == [str(cells.parent)]
+
+
 def test_the_checkpoints_contract_cannot_be_changed_and_views_default_to_its_own(teacher, cells):
     with pytest.raises(ConfigError, match="data.sample_size is part of the model's preprocessing contract"):
         ft.load([str(teacher), "--index", str(cells), "data.sample_size=48"])
