@@ -40,7 +40,7 @@ SKIP = re.compile(r"<!-- not run by tests: (.+) -->")
 #: Commands of other tools that the documents show; not checked here.
 OTHER_TOOLS = {"apt-get", "tensorboard", "cellpose", "sudo", "srun", "scontrol", "nvidia-smi", "du"}
 PACKAGE_COMMANDS = ("cellvit_ssl.train", "cellvit_ssl.embed", "cellvit_ssl.evaluate", "cellvit_ssl.data.index",
-                    "cellvit_ssl.curate")
+                    "cellvit_ssl.curate", "cellvit_ssl.finetune", "cellvit_ssl.predict")
 
 
 @dataclass(frozen=True)
