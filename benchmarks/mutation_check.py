@@ -299,8 +299,8 @@ MUTANTS: list[Mutant] = [
            ("tests/test_data_dataset.py::test_percentile_normalisation_matches_reference",),
            "percentiles are taken over all channels together"),
     Mutant("normalisation_not_clipped", "dataset normalisation", "cellvit_ssl/data/normalize.py",
-           "return np.clip((image - lo) / np.maximum(hi - lo, EPS), 0.0, 1.0)",
-           "return (image - lo) / np.maximum(hi - lo, EPS)",
+           "return np.clip(np.nan_to_num(scaled, nan=0.0, posinf=1.0, neginf=0.0), 0.0, 1.0).astype(np.float32)",
+           "return np.nan_to_num(scaled, nan=0.0, posinf=1.0, neginf=0.0).astype(np.float32)",
            ("tests/test_data_dataset.py::test_percentile_normalisation_matches_reference",),
            "intensities beyond the percentiles are not clipped to [0, 1]"),
     # --- one sample path, the preprocessing contract, the channel vocabulary --------------

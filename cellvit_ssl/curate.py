@@ -76,7 +76,7 @@ from cellvit_ssl.curate_select import (
     retrieve,
 )
 from cellvit_ssl.errors import CellVitSSLError, ConfigError, DataError
-from cellvit_ssl.io import atomic_write_bytes, atomic_write_text, atomic_write_with
+from cellvit_ssl.io import atomic_write_bytes, atomic_write_text, atomic_write_with, check_writable, exclusive_lock
 
 
 # ----------------------------------------------------------------------------- configuration
@@ -602,16 +602,42 @@ def run(cmd: CurateCommand) -> CurateResult:
     Raises:
         ConfigError: On invalid settings.
         DataError: On unreadable inputs, features not aligned with the index
-            (:class:`~cellvit_ssl.curate_features.FeaturesMismatchError`), bad seeds, or an
-            existing output made from other inputs (without ``overwrite``).
+            (:class:`~cellvit_ssl.curate_features.FeaturesMismatchError`), bad seeds, an
+            existing output made from other inputs (without ``overwrite``), an output that would
+            replace an input, an output folder that cannot be written, or another run writing
+            the same output (naming its process).
     """
+    validate(cmd)
+    started = time.perf_counter()
+    paths = output_paths(cmd.curate.out)
+    _refuse_outputs_over_inputs(cmd, paths)
+    check_writable(paths["index"], what="curate.out")
+    # one run per output: a second one would mix its stages into OUT.partial and its rows into OUT
+    with exclusive_lock(paths["index"]):
+        return _curate(cmd, paths, started)
+
+
+def _refuse_outputs_over_inputs(cmd: CurateCommand, paths: dict[str, Path]) -> None:
+    inputs = [Path(cmd.data.index)]
+    if feature_kind(cmd.curate.features) is not FeatureKind.pixels:
+        inputs.append(Path(cmd.curate.features))
+    for key, out in paths.items():
+        if key == "embeddings":
+            continue  # written only from a checkpoint's features; an embeddings file of that name is reused
+        resolved = out.expanduser().resolve()
+        for path in inputs:
+            p = path.expanduser().resolve()
+            if resolved == p or p in resolved.parents or resolved in p.parents:
+                raise DataError(f"curate.out={cmd.curate.out!r} would write {out} over the input {str(path)!r}; "
+                                "choose another curate.out")
+
+
+def _curate(cmd: CurateCommand, paths: dict[str, Path], started: float) -> CurateResult:
+    """:func:`run`'s work, under the output's lock."""
     from cellvit_ssl.data.dataset import read_index
     from cellvit_ssl.embed_io import table_sha256
 
-    validate(cmd)
     cfg, data = cmd.curate, cmd.data
-    started = time.perf_counter()
-    paths = output_paths(cfg.out)
     table = read_index(data.index)
     root = RootRule(Path(data.root).expanduser() if data.root else None, Path(data.index).expanduser().parent)
     index_sha = table_sha256(table)

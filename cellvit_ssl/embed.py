@@ -40,9 +40,9 @@ from cellvit_ssl.data.dataset import read_index
 from cellvit_ssl.data.readers import open_labels
 from cellvit_ssl.data.samples import RawSample, SampleReader, cells_from_mask
 from cellvit_ssl.embed_io import ResumableWriter, file_sha256, table_sha256
-from cellvit_ssl.encoder import Encoder, load_encoder
-from cellvit_ssl.errors import CellVitSSLError, ConfigError, DataError
-from cellvit_ssl.io import exclusive_lock
+from cellvit_ssl.encoder import Encoder, load_encoder, resolve_device
+from cellvit_ssl.errors import CellVitSSLError, CheckpointError, ConfigError, DataError
+from cellvit_ssl.io import check_writable, exclusive_lock
 
 
 @dataclass(frozen=True)
@@ -74,6 +74,14 @@ class EmbedCommand:
 #: Keys of ``data`` that say how rows are read; recorded in ``uns["embed"]`` so that evaluate's baselines
 #: read the same samples.
 READ_SETTINGS = ("sample_size", "mode", "level", "z_projection", "z_slice", "t_frame", "missing_chunks")
+
+#: What to do about a file lacking one of the model's channels / naming an unknown one, in embed's keys and flags.
+EMBED_REMEDIES = {
+    "missing": "Embed it anyway with --allow-missing (embed.allow_missing=true): absent channels stay empty; or fix "
+               "the channel names (the index's 'channels' column, or --channels)",
+    "unknown": "data.channel_map belongs to the checkpoint here: rename the channel in the index's 'channels' column "
+               "(or --channels) to a name the model knows",
+}
 
 #: Keys of ``data`` that belong to the model's preprocessing contract: taken from the checkpoint.
 CONTRACT_KEYS = ("channels", "channel_map", "extra_channels", "normalize", "normalize_percentiles",
@@ -172,7 +180,7 @@ def sample_reader(table: pd.DataFrame, root: Path | None, data: DataConfig, enco
         level=data.level, z=data.z_slice if data.z_projection == ZProjection.slice else "max", t=data.t_frame,
         missing_chunks=data.missing_chunks, percentiles=data.normalize_percentiles,
         foreground_threshold=data.foreground_threshold, bounds=encoder.preprocess.bounds,
-        mask_background=mask_background, source=source,
+        mask_background=mask_background, source=source, remedies=EMBED_REMEDIES,
     )
 
 
@@ -188,7 +196,9 @@ def read_row(reader: SampleReader, i: int) -> list[RawSample]:
             if "is blank" not in str(exc):
                 raise
     if not samples:
-        raise DataError(f"{reader.source} row {i}: every {reader.sample_size}px tile of the image is blank")
+        path = reader.resolve(str(reader.table.iloc[i]["path"]))
+        raise DataError(f"{path} ({reader.source} row {i}): every {reader.sample_size}px tile of the image is blank "
+                        "(every channel constant); expected image content")
     return samples
 
 
@@ -292,13 +302,14 @@ def check_run_inputs(data: DataConfig, e, section: str, model: str | None, model
 
     Args:
         data: The command's ``data`` section.
-        e: Its own section (``out``, ``images``, ``labels``, ``chunk_rows``).
+        e: Its own section (``out``, ``images``, ``labels``, ``chunk_rows``, ``device``).
         section: ``embed`` or ``predict`` (names the keys in messages).
         model: The model file given.
         model_hint: What to give when ``model`` is missing.
 
     Raises:
-        ConfigError: On a missing model, output or input, or contradictory inputs.
+        ConfigError: On a missing model, output or input, contradictory inputs, a count out of
+            range or a device that does not exist.
         DataError: If the output would overwrite an input.
     """
     if not model:
@@ -313,9 +324,12 @@ def check_run_inputs(data: DataConfig, e, section: str, model: str | None, model
     if e.labels and not e.images:
         raise ConfigError(f"{section}.labels goes with {section}.images (an index names its masks in a "
                           "'labels_path' column)")
-    if e.chunk_rows < 1 or data.batch_size < 1 or data.num_workers < 0:
-        raise ConfigError(f"{section}.chunk_rows={e.chunk_rows}, data.batch_size={data.batch_size} must be >= 1 and "
-                          f"data.num_workers={data.num_workers} >= 0")
+    for key, flag, value, least in ((f"{section}.chunk_rows", "--chunk-rows", e.chunk_rows, 1),
+                                    ("data.batch_size", "--batch-size", data.batch_size, 1),
+                                    ("data.num_workers", "--workers", data.num_workers, 0)):
+        if value < least:
+            raise ConfigError(f"{key}={value} ({flag}); expected >= {least}")
+    resolve_device(e.device, f"{section}.device (--device)")
     inputs = [Path(model), *(Path(p) for p in e.images), *(Path(p) for p in e.labels)]
     if data.index:
         inputs.append(Path(data.index))
@@ -345,7 +359,7 @@ def write_rows(section: str, data: DataConfig, e, encoder: Encoder, model: str, 
     Returns:
         The output path, or None when it was already complete.
     """
-    out = Path(e.out)
+    out = check_writable(e.out, what=f"{section}.out")  # before any row is read
     if data.index:
         table = read_index(data.index)
         root = Path(data.root).expanduser() if data.root else None
@@ -399,6 +413,9 @@ def run(cfg: EmbedCommand, payload: dict | None = None) -> Path | None:
     e, data = cfg.embed, cfg.data
     check_run_inputs(data, e, "embed", e.checkpoint,
                      "the checkpoint to embed with (teacher.pt or checkpoint.pt)")
+    if data.sample_size < 0 or (data.sample_size == 0 and data.mode != SampleMode.image):
+        raise ConfigError(f"data.sample_size={data.sample_size} (--crop-size); expected a side in pixels >= 1 (0, the "
+                          "native size, only with data.mode=image)")
     encoder = load_encoder(e.checkpoint, device=e.device, payload=payload)
     encoder.pooled_dim(e.pooling)  # refuse a bad pooling before reading anything
     if data.sample_size != encoder.crop_size:
@@ -421,7 +438,8 @@ def load(argv: list[str]) -> tuple[EmbedCommand, dict | None]:
 
         payload = load_checkpoint(first.embed.checkpoint)
         if "config" not in payload:
-            raise DataError(f"{first.embed.checkpoint}: the checkpoint holds no run config")
+            raise CheckpointError(f"{first.embed.checkpoint}: the checkpoint holds no run config; it was not written "
+                                  "by cellvit_ssl")
         stored = dict(payload["config"].get("data", {}))
         base = [("checkpoint config", {"data": {k: v for k, v in stored.items() if k != "demo"}})]
         given = {k for name, src in sources for k in (src.get("data") or {}).keys()}

@@ -125,7 +125,7 @@ class ResumableWriter:
             except (OSError, ValueError):
                 old = None
             chunks = sorted(self.partial.glob("chunk_*.npz"))
-            if old is None and not chunks:
+            if not chunks:
                 remove_path(self.partial)  # a run that failed before its first chunk: nothing to keep
             elif old != self.fingerprint:
                 if not self.overwrite:
@@ -145,11 +145,23 @@ class ResumableWriter:
     def done(self, start: int) -> bool:
         return self._chunk(start).is_file()
 
+    def _resume_hint(self) -> str:
+        return (f"the finished chunks are kept in {self.partial}: free space (or fix the folder) and run the same "
+                "command again to continue from them")
+
     def save(self, start: int, embeddings: np.ndarray, boxes: np.ndarray, kinds: Sequence[str]) -> None:
+        """Write the chunk of rows from ``start`` (atomically).
+
+        Raises:
+            DataError: If it cannot be written, saying what is kept and how to continue.
+        """
         buffer = io.BytesIO()
         np.savez(buffer, X=embeddings.astype(np.float32), boxes=boxes.astype(np.int64),
                  kinds=np.asarray(list(kinds), dtype=str))
-        atomic_write_bytes(self._chunk(start), buffer.getvalue())
+        try:
+            atomic_write_bytes(self._chunk(start), buffer.getvalue())
+        except DataError as exc:
+            raise DataError(f"{exc}; {self._resume_hint()}") from exc
 
     def load(self, starts: Sequence[int]) -> tuple[np.ndarray, np.ndarray, list[str]]:
         parts = [np.load(self._chunk(s), allow_pickle=False) for s in starts]
@@ -191,21 +203,24 @@ class ResumableWriter:
         adata = anndata.AnnData(X=x, obs=obs, uns=uns)
         if var_names is not None:
             adata.var_names = [str(v) for v in var_names]
-        if self.out.suffix == ".h5ad":
-            atomic_write_with(self.out, lambda tmp: adata.write_h5ad(tmp))
-        else:
-            def write_zarr(tmp: Path) -> None:
-                # Zarr v3, the format the package reads and writes, in plain chunks: an embeddings table is
-                # small, and saying so explicitly keeps anndata from warning about its future sharding default.
-                settings = {"zarr_write_format": 3}
-                if hasattr(anndata.settings, "auto_shard_zarr_v3"):
-                    settings["auto_shard_zarr_v3"] = False
-                with anndata.settings.override(**settings), warnings.catch_warnings():
-                    # anndata consolidates the store's metadata on purpose; zarr notes that v3 has no such spec
-                    warnings.filterwarnings("ignore", message="Consolidated metadata is currently not part")
-                    adata.write_zarr(tmp)
+        try:
+            if self.out.suffix == ".h5ad":
+                atomic_write_with(self.out, lambda tmp: adata.write_h5ad(tmp))
+            else:
+                def write_zarr(tmp: Path) -> None:
+                    # Zarr v3, the format the package reads and writes, in plain chunks: an embeddings table is
+                    # small, and saying so explicitly keeps anndata from warning about its future sharding default.
+                    settings = {"zarr_write_format": 3}
+                    if hasattr(anndata.settings, "auto_shard_zarr_v3"):
+                        settings["auto_shard_zarr_v3"] = False
+                    with anndata.settings.override(**settings), warnings.catch_warnings():
+                        # anndata consolidates the store's metadata on purpose; zarr notes that v3 has no such spec
+                        warnings.filterwarnings("ignore", message="Consolidated metadata is currently not part")
+                        adata.write_zarr(tmp)
 
-            atomic_write_with(self.out, write_zarr, directory=True)
+                atomic_write_with(self.out, write_zarr, directory=True)
+        except DataError as exc:
+            raise DataError(f"{exc}; {self._resume_hint()}") from exc
         remove_path(self.partial)
         return self.out
 

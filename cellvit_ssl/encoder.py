@@ -465,7 +465,7 @@ class Encoder:
         labels = np.asarray(labels)
         if labels.shape != tuple(image.shape[-2:]):
             raise DataError(f"the label mask has shape {labels.shape} but the image is {tuple(image.shape[-2:])}")
-        size = _positive(crop_size or self.crop_size, "crop_size")
+        size = _positive(self.crop_size if crop_size is None else crop_size, "crop_size")
         table = cells if cells is not None else cells_from_mask(labels, "labels")
         for label_id, cy, cx in zip(table["cell_label"], table["centroid_y"], table["centroid_x"]):
             box = Box.around((cy, cx), size)
@@ -555,7 +555,7 @@ class Encoder:
         if len(image.shape) != 3:
             raise DataError(f"embed_tiles expects one (C, H, W) image, got shape {tuple(image.shape)}")
         ids = self.resolve_channels(channels, int(image.shape[0]), allow_missing)
-        size = _positive(tile_size or self.crop_size, "tile_size")
+        size = _positive(self.crop_size if tile_size is None else tile_size, "tile_size")
         batch_size = _positive(batch_size, "batch_size")
         height, width = (int(n) for n in image.shape[-2:])
         boxes = np.array([(y, x, size, size) for y in range(0, height, size) for x in range(0, width, size)],
@@ -662,8 +662,12 @@ def load_encoder(path: str | Path, device: str | torch.device | None = None, pay
     return Encoder(model, config, device, source=str(path), preprocess=preprocess, vocabulary=vocabulary)
 
 
-def resolve_device(device: str | torch.device | None) -> torch.device:
+def resolve_device(device: str | torch.device | None, key: str = "device") -> torch.device:
     """``None`` / ``"auto"`` → CUDA when available, else CPU; anything else is checked.
+
+    Args:
+        device: ``auto``, ``cpu``, ``cuda``, ``cuda:N`` or a :class:`torch.device`.
+        key: How the caller names the setting in messages (e.g. ``embed.device``).
 
     Raises:
         ConfigError: On an unknown device string or a CUDA device this machine does not have.
@@ -672,12 +676,12 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
 
     if device is None or str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    check_device(str(device), "device")
+    check_device(str(device), key)
     dev = torch.device(device)
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            raise ConfigError(f"device={str(device)!r} but no CUDA GPU is available here; use device=cpu")
+            raise ConfigError(f"{key}={str(device)!r} but no CUDA GPU is available here; use cpu (or auto)")
         if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise ConfigError(f"device={str(device)!r} but this machine has {torch.cuda.device_count()} GPU(s)")
+            raise ConfigError(f"{key}={str(device)!r} but this machine has {torch.cuda.device_count()} GPU(s)")
     return dev
 

@@ -57,10 +57,11 @@ from cellvit_ssl.checkpoint import (
 )
 from cellvit_ssl.cli import CommandLine
 from cellvit_ssl.config import Config, Precision, config_changes, config_to_dict, save_config, validate_config
-from cellvit_ssl.data.collate import collate_channels
+from cellvit_ssl.data.collate import collate_or_error
 from cellvit_ssl.data.dataset import build_dataset as build_index_dataset
 from cellvit_ssl.data.synthetic import DemoSpec, generate_demo
 from cellvit_ssl.errors import CellVitSSLError, CheckpointError, ConfigError, DataError
+from cellvit_ssl.io import AppendLog, ensure_folder, exclusive_lock
 from cellvit_ssl.models.channels import build_model
 from cellvit_ssl.optim import Schedules, apply_schedules, param_groups
 from cellvit_ssl.preprocess import Preprocess
@@ -69,6 +70,7 @@ from cellvit_ssl.view_maker import DeviceViews, WorkerViews, build_view_maker
 
 EXIT_ERROR = 2
 EXIT_DIVERGED = 3
+EXIT_INTERRUPTED = 130
 
 
 def resolve_index(cfg: Config) -> tuple[Path, Path | None]:
@@ -160,6 +162,10 @@ def item_seed(seed: int, epoch: int, index: int) -> int:
 class SeededViews(Dataset):
     """A dataset whose item ``(epoch, i)`` draws its random crops from its own seed.
 
+    A bad sample's :class:`~cellvit_ssl.errors.CellVitSSLError` is returned instead of raised:
+    from a loader worker it then reaches the main process as the error itself (see
+    :func:`~cellvit_ssl.data.collate.collate_or_error`), not wrapped in the worker's traceback.
+
     The augmentations of sample ``i`` in epoch ``e`` then depend on neither the rank, the
     data-loader worker nor what was loaded before, so a run gives the same batches on any
     number of processes, and a resumed run the same batches as an uninterrupted one.
@@ -176,11 +182,14 @@ class SeededViews(Dataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, key: tuple[int, int] | int) -> dict:
+    def __getitem__(self, key: tuple[int, int] | int) -> dict | CellVitSSLError:
         epoch, index = key if isinstance(key, tuple) else (0, key)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(item_seed(self.seed, epoch, index))
-            return self.dataset[index]
+            try:
+                return self.dataset[index]
+            except CellVitSSLError as exc:  # a value: it reaches the main process as it was raised
+                return exc
 
 
 def build_dataset(cfg: Config, view_maker: WorkerViews | DeviceViews | None = None) -> SeededViews:
@@ -234,7 +243,7 @@ def build_loader(cfg: Config, info: D.DistInfo | None = None,
         batch_size=cfg.data.batch_size,
         sampler=sampler,
         drop_last=True,
-        collate_fn=collate_channels,  # pads mixed channel sets and adds channel_mask
+        collate_fn=collate_or_error,  # pads mixed channel sets, adds channel_mask; passes a sample's error on
         num_workers=cfg.data.num_workers,
         persistent_workers=cfg.data.num_workers > 0,
         worker_init_fn=_ignore_stop_signals,
@@ -242,6 +251,19 @@ def build_loader(cfg: Config, info: D.DistInfo | None = None,
         # Its own generator: creating an iterator must not draw from the global RNG.
         generator=torch.Generator().manual_seed(cfg.train.seed + info.rank),
     )
+
+
+def shutdown_workers(loader: DataLoader) -> None:
+    """Stop a loader's worker processes now.
+
+    Persistent workers otherwise live until their iterator is garbage-collected; when a run ends
+    by an error, that may only happen at interpreter exit, after ``multiprocessing`` has sent
+    them SIGTERM (which they ignore, see ``_ignore_stop_signals``) and waits for them forever.
+    """
+    iterator = getattr(loader, "_iterator", None)
+    if iterator is not None:
+        iterator._shutdown_workers()  # what the iterator's __del__ does; torch has no public call for it
+        loader._iterator = None
 
 
 def _checkpointed_forward(forward, *args, **kwargs):
@@ -314,17 +336,14 @@ class StopRequest:
         self._previous.clear()
 
 
-def _drop_records_after(path: Path, step: int) -> None:
-    kept = []
-    for line in path.read_text().splitlines():
+def _record_up_to(step: int) -> Callable[[str], bool]:
+    def keep(line: str) -> bool:
         try:
-            if json.loads(line)["step"] <= step:
-                kept.append(line)
+            return json.loads(line)["step"] <= step
         except (ValueError, KeyError, TypeError):
-            continue  # a line cut short by a kill
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(line + "\n" for line in kept))
-    tmp.replace(path)
+            return False  # a line cut short by a kill
+
+    return keep
 
 
 class MetricsLog:
@@ -336,10 +355,10 @@ class MetricsLog:
         self.tb = None
         if not enabled:
             return
-        path = folder / "metrics.jsonl"
-        if resumed_step is not None and path.is_file():
-            _drop_records_after(path, resumed_step)  # steps a killed run did past its checkpoint
-        self.file = open(path, "a")
+        self.file = AppendLog(folder / "metrics.jsonl", hint=f"the checkpoints in {folder} are kept; free space (or "
+                              "fix the folder) and run the same command again to resume")
+        if resumed_step is not None:
+            self.file.keep(_record_up_to(resumed_step))  # steps a killed run did past its checkpoint
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -353,8 +372,7 @@ class MetricsLog:
     def write(self, record: dict) -> None:
         if not self.enabled:
             return
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
+        self.file.write(json.dumps(record))
         if self.tb is not None:
             for key, value in record.items():
                 if key not in ("step", "epoch") and isinstance(value, (int, float)):
@@ -386,7 +404,8 @@ class Trainer:
         seed_everything(t.seed)
         #: Makes each micro-batch's views: in the loader's workers or on the device (views.device).
         self.view_maker = build_view_maker(cfg, info.device, info.rank)
-        # Rank 0 generates demo data / opens the index first; the others then reuse it.
+        # Rank 0 generates demo data / opens the index first; the others then reuse it. Nothing is
+        # written into the run folder before fit() has the model and the checkpoint it resumes from.
         dataset = build_dataset(cfg, self.view_maker) if info.is_main else None
         D.barrier()
         # Nothing is written before the data and a resumed checkpoint's settings are checked (see fit):
@@ -454,12 +473,24 @@ class Trainer:
                 "epoch": self.step // self.steps_per_epoch,
                 "world_size": self.info.world_size, "global_batch": self.global_batch, "rng": rngs}
 
+    def _what_was_kept(self) -> str:
+        kept = (f"the last complete checkpoint is {self.last_checkpoint}" if self.last_checkpoint
+                else "no checkpoint was written yet")
+        return f"{kept}; free space (or fix the folder) and run the same command again to resume"
+
     def save(self) -> Path:
-        """Checkpoint the current step (all ranks call; rank 0 writes)."""
+        """Checkpoint the current step (all ranks call; rank 0 writes).
+
+        Raises:
+            CheckpointError: If it cannot be written, saying which checkpoint is kept.
+        """
         payload = self._training_payload()
         path = self.out / f"checkpoint_{self.step:08d}.pt"
         if self.info.is_main:
-            path = save_training_checkpoint(payload, self.out, self.step, self.cfg.train.keep_last)
+            try:
+                path = save_training_checkpoint(payload, self.out, self.step, self.cfg.train.keep_last)
+            except CheckpointError as exc:
+                raise CheckpointError(f"{exc}; {self._what_was_kept()}") from exc
         D.barrier()
         self.last_checkpoint, self.saved_step = path, self.step
         return path
@@ -469,8 +500,12 @@ class Trainer:
         backbone = self.meta.teacher_backbone_state_dict()
         path = self.out / "teacher.pt"
         if self.info.is_main:
-            save_checkpoint({"format": ENCODER_FORMAT, "config": config_to_dict(self.cfg), **self._contract(),
-                             "backbone": backbone}, path)
+            try:
+                save_checkpoint({"format": ENCODER_FORMAT, "config": config_to_dict(self.cfg), **self._contract(),
+                                 "backbone": backbone}, path)
+            except CheckpointError as exc:
+                raise CheckpointError(f"{exc}; the training checkpoint {self.last_checkpoint} is complete: free "
+                                      "space and run the same command again to write teacher.pt") from exc
         D.barrier()
         return path
 
@@ -494,9 +529,12 @@ class Trainer:
         try:
             D.load_full_state_dict(self.model, self.optimizer, payload["model"], payload["optimizer"])
         except (RuntimeError, KeyError, ValueError) as exc:
+            changed = _changed_settings(payload.get("config", {}), config_to_dict(self.cfg), ("model", "ssl"))
+            why = (f"it was trained with {', '.join(changed)}" if changed
+                   else f"changed model or ssl settings? {str(exc).splitlines()[0]}")
             raise CheckpointError(
-                f"checkpoint {str(path)!r} does not fit this run's model/optimizer "
-                f"(changed model or ssl settings?): {str(exc).splitlines()[0]}"
+                f"checkpoint {str(path)!r} does not fit this run's model/optimizer: {why}. Keep the run's "
+                "settings to resume it, or start a new run in another train.output_dir (or train.resume=none)"
             ) from exc
         self.step = int(payload["step"])
         rngs = payload["rng"]
@@ -510,6 +548,12 @@ class Trainer:
                   f"this run has {self.global_batch}; the data order and schedules change from here",
                   file=sys.stderr)
         self.last_checkpoint, self.saved_step = path, self.step
+
+    def _prepare_output(self) -> None:
+        """Create the run folder and write ``config.yaml`` (rank 0), once everything has been checked."""
+        ensure_folder(self.out, what="train.output_dir")
+        remove_stale_temporaries(self.out)
+        save_config(self.cfg, self.out / "config.yaml")
 
     # -- the loop ----------------------------------------------------------------------------
 
@@ -541,7 +585,10 @@ class Trainer:
         terms: dict[str, torch.Tensor] = {}
         autocast = torch.autocast(device.type, dtype=torch.bfloat16) if self.bf16 else nullcontext()
         for micro in range(t.accumulate_steps):
-            views, ids, kwargs = self._model_inputs(next(batches), epoch, micro)
+            batch = next(batches)
+            if isinstance(batch, Exception):  # a bad sample, read in a loader worker (see SeededViews)
+                raise batch
+            views, ids, kwargs = self._model_inputs(batch, epoch, micro)
             with D.no_sync(self.model, micro < t.accumulate_steps - 1):
                 with autocast:
                     out = self.model(views, ids, epoch=epoch, **kwargs)
@@ -576,9 +623,9 @@ class Trainer:
             if self.step >= self.total_steps:
                 return self._finished(source)
         if info.is_main:
-            self.out.mkdir(parents=True, exist_ok=True)
-            remove_stale_temporaries(self.out)
-            save_config(self.cfg, self.out / "config.yaml")
+            self._prepare_output()
+        D.barrier()
+        if info.is_main:
             resumed = f", resumed at step {self.step} from {source}" if source is not None else ""
             if self.config_changes:
                 resumed += " with " + ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in
@@ -623,6 +670,9 @@ class Trainer:
         if self.info.is_main and losses:
             rate = len(losses) * self.global_batch / max(seconds, 1e-9)
             note = f", {skipped} bad samples skipped" if skipped else ""
+            if len(losses) < self.steps_per_epoch:  # resumed mid-epoch: metrics.jsonl has the earlier steps
+                note += (f"; mean of the {len(losses)} steps since the resume, of {self.steps_per_epoch} in the "
+                         "epoch")
             tqdm.write(f"epoch {epoch + 1}/{self.cfg.train.epochs}  loss {np.mean(losses):.4f}  "
                        f"({rate:.1f} images/s{note})")
 
@@ -676,6 +726,15 @@ class Trainer:
                         f"{self.out / 'config.yaml'}")
 
 
+def _changed_settings(stored: dict, current: dict, sections: tuple[str, ...]) -> list[str]:
+    """``section.key=old (now new)`` for the settings of ``sections`` that differ between two configs."""
+    out = []
+    for section in sections:
+        old, new = stored.get(section) or {}, current.get(section) or {}
+        out += [f"{section}.{k}={old[k]!r} (now {new.get(k)!r})" for k in sorted(old) if k in new and old[k] != new[k]]
+    return out
+
+
 def run(cfg: Config) -> Path:
     """Train with a loaded config on this process; returns ``teacher.pt``.
 
@@ -684,10 +743,17 @@ def run(cfg: Config) -> Path:
 
     Raises:
         FloatingPointError: On a NaN / Inf loss (the last good checkpoint is kept).
+        DataError: If another run holds ``train.output_dir`` (naming its process).
     """
     info = D.init_distributed(cfg.train.device, cfg.train.dist_backend)
     try:
-        return Trainer(cfg, info).fit()
+        trainer = Trainer(cfg, info)
+        # one run per output folder: a second one would interleave its checkpoints with ours
+        with exclusive_lock(trainer.out) if info.is_main else nullcontext():
+            try:
+                return trainer.fit()
+            finally:
+                shutdown_workers(trainer.loader)
     finally:
         D.cleanup()
 
@@ -717,6 +783,10 @@ def main(argv: list[str] | None = None) -> int:
     except FloatingPointError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_DIVERGED
+    except KeyboardInterrupt:
+        print("interrupted; the last checkpoint written is kept. Run the same command again to resume.",
+              file=sys.stderr)
+        return EXIT_INTERRUPTED
     return 0
 
 

@@ -61,6 +61,11 @@ __all__ = ["BOX_COLUMNS", "CENTROID_COLUMNS", "ROOT_COLUMN", "Box", "RawSample",
 BOX_COLUMNS = ("box_y0", "box_x0", "box_y1", "box_x1")
 #: Index columns of a cell centre in pixels.
 CENTROID_COLUMNS = ("centroid_y", "centroid_x")
+#: What to do about a file lacking a wanted channel / naming an unknown one, in training's keys.
+TRAINING_REMEDIES = {
+    "missing": "Fix data.channels or data.channel_map, or allow absent channels (data.missing_channels=pad)",
+    "unknown": "",
+}
 #: Index column of the folder a row's relative ``path`` starts from (written by the index builder).
 ROOT_COLUMN = "root"
 #: Open stacks kept per process (least recently used are dropped; CHAMMI has ~220k files).
@@ -223,6 +228,9 @@ class SampleReader:
         mask_background: Zero the pixels of a cell crop outside its cell (needs
             ``labels_path`` and ``cell_label`` columns).
         source: Name of the index in messages.
+        remedies: What a user can do about a file that lacks a wanted channel (``missing``) or
+            names a channel the vocabulary does not know (``unknown``), in the caller's terms
+            (config keys and flags); defaults are training's.
 
     Raises:
         DataError: If the table has no ``path`` column, or background masking lacks its columns.
@@ -237,8 +245,9 @@ class SampleReader:
                  percentiles: Sequence[float] = (1.0, 99.8), foreground_threshold: float = 0.1,
                  min_foreground: float = 0.0, tile_attempts: int = 10,
                  bounds: Mapping[str, tuple[float, float]] | None = None, mask_background: bool = False,
-                 source: str = "index") -> None:
+                 source: str = "index", remedies: Mapping[str, str] | None = None) -> None:
         self.source = source
+        self.remedies = {**TRAINING_REMEDIES, **(remedies or {})}
         if "path" not in table.columns:
             raise DataError(f"{source}: no 'path' column (columns: {list(table.columns)})")
         if mask_background and not {"labels_path", "cell_label"} <= set(table.columns):
@@ -374,24 +383,27 @@ class SampleReader:
         except DataError as exc:
             if "no such file" in str(exc):
                 raise DataError(f"{exc} ({self.missing_file_hint(i)})") from exc
-            raise
-        found = self.vocabulary.canonical_names(stack.channel_names, source=stack.path)
-        self._check_file_names(stack, found)
+            raise DataError(f"{exc} ({self._where(i)})") from exc
+        try:
+            found = self.vocabulary.canonical_names(stack.channel_names, source=stack.path)
+        except DataError as exc:
+            unknown = self.remedies["unknown"]
+            raise DataError(f"{exc} ({self._where(i)}{'; ' + unknown if unknown else ''})") from exc
+        self._check_file_names(stack, found, i)
         if self.channels is not None and self.missing_channels == MissingChannels.error:
             missing = [c for c in self.channels if c not in found]
             if missing:
                 raise DataError(
                     f"{stack.path}: has {len(found)} channels {stack.channel_names} but the config asks for "
-                    f"{len(self.channels)} {self.channels}; missing {missing}. Fix data.channels or "
-                    "data.channel_map, or allow absent channels (data.missing_channels=pad; for embed: "
-                    "embed.allow_missing=true)"
+                    f"{len(self.channels)} {self.channels}; missing {missing} ({self._where(i)}). "
+                    f"{self.remedies['missing']}"
                 )
         self._stacks[key] = (stack, found)
         if len(self._stacks) > STACK_CACHE_SIZE:
             self._stacks.popitem(last=False)
         return stack, found
 
-    def _check_file_names(self, stack: ChannelStack, found: list[str]) -> None:
+    def _check_file_names(self, stack: ChannelStack, found: list[str], i: int) -> None:
         """Refuse index channel names that contradict the names stored in the file itself."""
         stored = stack.metadata.get("file_channel_names")
         if not stored or stored == stack.channel_names:
@@ -404,7 +416,7 @@ class SampleReader:
             raise DataError(
                 f"{stack.path}: the file names its channels {stored} ({stored_canon}) but the index says "
                 f"{stack.channel_names} ({found}); the channels would be swapped. Fix the index's 'channels' "
-                "column (or --channels), or relabel with data.channel_map"
+                f"column (or --channels), or relabel with data.channel_map ({self._where(i)})"
             )
 
     def layout(self, found: list[str]) -> tuple[list[str], list[int | None]]:
@@ -504,7 +516,10 @@ class SampleReader:
         else:
             box = box or self.box(i, stack)
             part = self._read_box(stack, box, read_at, i)
-        check_pixels(part, stack.path)
+        try:
+            check_pixels(part, stack.path)
+        except DataError as exc:
+            raise DataError(f"{exc} ({self._where(i)})") from exc
         if self.mask_background:
             part = part * (read_region(self._label_image(i), box) == int(self.table.iloc[i]["cell_label"]))
         if _blank(part):
@@ -602,12 +617,13 @@ class _Region:
 
 
 def _as_float(value, column: str, where: str) -> float:
+    shown = value.item() if isinstance(value, np.generic) else value
     try:
         out = float(value)
     except (TypeError, ValueError):
-        raise DataError(f"{where}: {column}={value!r} is not a number") from None
+        raise DataError(f"{where}: {column}={shown!r} is not a number") from None
     if not math.isfinite(out):
-        raise DataError(f"{where}: {column}={value!r} is not a finite number")
+        raise DataError(f"{where}: {column}={shown!r} is not a finite number")
     return out
 
 

@@ -20,7 +20,8 @@ import pandas as pd
 from scipy import ndimage
 
 from cellvit_ssl.channels import PRESETS
-from cellvit_ssl.io import atomic_write_text, atomic_write_with
+from cellvit_ssl.errors import DataError
+from cellvit_ssl.io import atomic_write_text, atomic_write_with, describe_os_error
 
 #: Phenotype classes: where the protein sits in the cell.
 PHENOTYPES: tuple[str, ...] = ("nuclear", "cytoplasmic", "punctate", "membrane", "mitochondrial")
@@ -168,6 +169,26 @@ def _write_ome_tiff(path: Path, image: np.ndarray, labels: np.ndarray) -> None:
     tifffile.imwrite(path.with_name(path.name.replace(".ome.tif", "_labels.tif")), labels)
 
 
+def _write_demo(out: Path, spec: DemoSpec, stamp: dict) -> None:
+    """Render and write the demo fields, both indexes and the ``spec.json`` stamp (last: marks it complete)."""
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(spec.seed)
+    rows: dict[str, list[dict]] = {"ome-zarr": [], "ome-tiff": []}
+    for i in range(spec.n_images):
+        image, labels, cells = _render_field(rng, spec)
+        stem = f"images/field_{i:03d}"
+        _write_ome_zarr(out / f"{stem}.ome.zarr", image, labels)
+        _write_ome_tiff(out / f"{stem}.ome.tif", image, labels)
+        split = "test" if i % 4 == 3 else "train"
+        for kind, suffix in (("ome-zarr", ".ome.zarr"), ("ome-tiff", ".ome.tif")):
+            rows[kind] += [{"path": stem + suffix, "channels": ";".join(CHANNELS), "image_id": i,
+                            "split": split, **c} for c in cells]
+    for kind, kind_rows in rows.items():
+        table = pd.DataFrame(kind_rows, columns=list(INDEX_COLUMNS))
+        atomic_write_with(out / f"index_{kind}.csv", lambda tmp, t=table: t.to_csv(tmp, index=False))
+    atomic_write_text(out / "spec.json", json.dumps(stamp))  # last: a killed generation is redone next time
+
+
 def generate_demo(out_dir: str | Path, spec: DemoSpec = DemoSpec(), fmt: str = "ome-zarr") -> Path:
     """Generate the demo data set (both formats) into ``out_dir`` unless it is already there.
 
@@ -193,20 +214,10 @@ def generate_demo(out_dir: str | Path, spec: DemoSpec = DemoSpec(), fmt: str = "
         stamp.pop("localisations")
     if marker.is_file() and json.loads(marker.read_text()) == stamp and index_path.is_file():
         return index_path
-    (out / "images").mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(spec.seed)
-    rows: dict[str, list[dict]] = {"ome-zarr": [], "ome-tiff": []}
-    for i in range(spec.n_images):
-        image, labels, cells = _render_field(rng, spec)
-        stem = f"images/field_{i:03d}"
-        _write_ome_zarr(out / f"{stem}.ome.zarr", image, labels)
-        _write_ome_tiff(out / f"{stem}.ome.tif", image, labels)
-        split = "test" if i % 4 == 3 else "train"
-        for kind, suffix in (("ome-zarr", ".ome.zarr"), ("ome-tiff", ".ome.tif")):
-            rows[kind] += [{"path": stem + suffix, "channels": ";".join(CHANNELS), "image_id": i,
-                            "split": split, **c} for c in cells]
-    for kind, kind_rows in rows.items():
-        table = pd.DataFrame(kind_rows, columns=list(INDEX_COLUMNS))
-        atomic_write_with(out / f"index_{kind}.csv", lambda tmp, t=table: t.to_csv(tmp, index=False))
-    atomic_write_text(marker, json.dumps(stamp))  # last: a killed generation is redone next time
+    try:
+        _write_demo(out, spec, stamp)
+    except OSError as exc:
+        raise DataError(f"data.demo.cache_dir={str(out)!r}: the demo data cannot be written there: "
+                        f"{describe_os_error(exc, out / 'images')}; set data.demo.cache_dir to a writable folder") \
+            from exc
     return index_path
