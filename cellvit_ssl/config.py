@@ -586,13 +586,22 @@ def _validate_train(train: TrainConfig) -> None:
             raise ConfigError(f"train.{key}={getattr(train, key)}; expected >= 0")
     if not 0 < train.layer_decay <= 1:
         raise ConfigError(f"train.layer_decay={train.layer_decay}; expected 0 < layer_decay <= 1")
-    known = set(_all_keys(OmegaConf.structured(Config)))
-    for key in train.allow_config_change:
+    check_allowed_changes(train.allow_config_change, Config)
+    check_device(train.device, "train.device")
+
+
+def check_allowed_changes(keys: Sequence[str], schema: type) -> None:
+    """Refuse a ``train.allow_config_change`` entry that names no key or section of ``schema``.
+
+    Raises:
+        ConfigError: Naming the entry and the nearest valid key.
+    """
+    known = set(_all_keys(OmegaConf.structured(schema)))
+    for key in keys:
         if key not in known:
-            near = nearest_key(key, Config)
+            near = nearest_key(key, schema)
             raise ConfigError(f"train.allow_config_change names {key!r}, which is no config key or section"
                               + (f"; did you mean {near!r}?" if near else ""))
-    check_device(train.device, "train.device")
 
 
 def check_device(device: str, key: str) -> None:

@@ -36,7 +36,9 @@ are chosen per class on the validation rows (best F1). The test rows are scored 
 
 Outputs in ``train.output_dir``: ``config.yaml``; ``checkpoint_<step>.pt`` / ``checkpoint.pt``
 (exact resume with ``train.resume=auto``, also after SIGKILL; SIGTERM / SIGUSR1 checkpoint and
-stop); ``metrics.jsonl`` (training steps and per-epoch validation); ``classifier.pt`` (see
+stop; as in training, resuming under changed settings is refused naming every changed key unless
+``train.allow_config_change`` names it, and a finished run says so and writes nothing);
+``metrics.jsonl`` (training steps and per-epoch validation); ``classifier.pt`` (see
 :mod:`cellvit_ssl.classifier`); ``evaluation.json`` (validation and test scores in
 ``evaluate``'s terms: macro-F1, accuracy, per-class F1, mAP for multi-label).
 """
@@ -79,6 +81,7 @@ from cellvit_ssl.config import (
     Precision,
     ViewsConfig,
     ViewsDevice,
+    check_allowed_changes,
     check_device,
     config_to_dict,
     save_config,
@@ -93,7 +96,15 @@ from cellvit_ssl.labels import Labels, class_weights, read_labels, require_train
 from cellvit_ssl.lora import LoRA, LoRASpec
 from cellvit_ssl.optim import Schedules, apply_schedules, layer_decay_groups
 from cellvit_ssl.preprocess import Preprocess
-from cellvit_ssl.train import MetricsLog, SeededViews, StopRequest, build_loader, seed_everything, use_bf16
+from cellvit_ssl.train import (
+    MetricsLog,
+    SeededViews,
+    StopRequest,
+    build_loader,
+    check_resume_config,
+    seed_everything,
+    use_bf16,
+)
 from cellvit_ssl.transforms import ClassifierView
 
 EXIT_ERROR = 2
@@ -199,6 +210,7 @@ class FinetuneTrainConfig:
     checkpoint_every: int = 0  # steps; 0 = only at each epoch end (after validation)
     keep_last: int = 2  # step checkpoints kept (checkpoint.pt always points at the newest)
     resume: str = "auto"  # auto (latest in output_dir) | none | path to a fine-tuning checkpoint
+    allow_config_change: list[str] = field(default_factory=list)  # keys a resumed run may change, e.g. [train.epochs]
     max_steps: int = 0  # stop after this many steps (0 = run all epochs)
 
 
@@ -260,6 +272,7 @@ def validate(cfg: FinetuneCommand) -> None:
     if not 0 < t.layer_decay <= 1:
         raise ConfigError(f"train.layer_decay={t.layer_decay}; expected 0 < layer_decay <= 1")
     check_device(t.device, "train.device")
+    check_allowed_changes(t.allow_config_change, FinetuneCommand)
     if d.batch_size < 1 or d.num_workers < 0:
         raise ConfigError(f"data.batch_size={d.batch_size} must be >= 1 and data.num_workers={d.num_workers} >= 0")
     if not 0 <= f.val_fraction < 1:
@@ -464,11 +477,17 @@ class FinetuneTrainer:
         ids = self.classifier.resolve_channels(self.classifier.channels)
         view = ClassifierView(cfg.views, self.classifier.channels, f.augment, preprocess.model_input)
         samples = LabelledSamples(self.reader, preprocess, self.splits.train, view, ids)
-        if info.is_main:  # only once the data is known good: a data error leaves no run folder
-            self.out.mkdir(parents=True, exist_ok=True)
-            remove_stale_temporaries(self.out)
-            save_config(cfg, self.out / "config.yaml")
-        D.barrier()
+        # Nothing is written before the data and a resumed checkpoint's settings are checked (fit writes):
+        # a failed or refused command leaves the run folder as it was.
+        self.resume_from = find_resume_checkpoint(t.resume, self.out)
+        self._resume_payload: dict | None = None
+        #: Changes to the resumed checkpoint's settings that train.allow_config_change allowed.
+        self.config_changes: dict[str, tuple] = {}
+        if self.resume_from is not None:
+            self._resume_payload = self._checked_resume_payload(self.resume_from)
+            self.config_changes = check_resume_config(self._resume_payload.get("config"), cfg, self.resume_from,
+                                                      schema=FinetuneCommand,
+                                                      path_keys=("data.index", "finetune.checkpoint"))
         self.loader = build_loader(cfg, info, SeededViews(samples, t.seed))
         self.sampler: D.ShardedSampler = self.loader.sampler
         seed_everything(t.seed + info.rank)  # per-rank stream for dropout
@@ -530,17 +549,30 @@ class FinetuneTrainer:
         self.last_checkpoint, self.saved_step = path, self.step
         return path
 
-    def resume(self, path: Path) -> None:
-        """Restore model, optimizer, step, random state and early-stopping state.
+    def _checked_resume_payload(self, path: Path) -> dict:
+        """A fine-tuning checkpoint to resume from, read and checked to belong to this run's classes.
 
         Raises:
-            CheckpointError: If the file is unreadable or belongs to another set-up.
+            CheckpointError: If the file is unreadable or was fine-tuned on other classes.
         """
         payload = load_checkpoint(path, expect=(FINETUNE_FORMAT,))
         if payload.get("classes") != self.classifier.classes:
             raise CheckpointError(f"checkpoint {str(path)!r} was fine-tuned on classes {payload.get('classes')}, this "
                                   f"run has {self.classifier.classes}; use another train.output_dir or "
                                   "train.resume=none")
+        return payload
+
+    def resume(self, path: Path, payload: dict | None = None) -> None:
+        """Restore model, optimizer, step, random state and early-stopping state.
+
+        Args:
+            path: The fine-tuning checkpoint.
+            payload: Its content when already read (and checked) by the caller.
+
+        Raises:
+            CheckpointError: If the file is unreadable or belongs to another set-up.
+        """
+        payload = payload if payload is not None else self._checked_resume_payload(path)
         try:
             D.load_full_state_dict(self.model, self.optimizer, payload["model"], payload["optimizer"])
         except (RuntimeError, KeyError, ValueError) as exc:
@@ -633,9 +665,10 @@ class FinetuneTrainer:
     def fit(self) -> Path:
         """Fine-tune to the end (or early stop, or a stop signal); returns ``classifier.pt`` (or the checkpoint)."""
         t, info = self.cfg.train, self.info
-        source = find_resume_checkpoint(t.resume, self.out)
+        source = self.resume_from
         if source is not None:
-            self.resume(source)
+            self.resume(source, self._resume_payload)
+            self._resume_payload = None
             finished = self.step >= self.total_steps or self.best["stopped"]
             if finished and (self.out / CLASSIFIER_FILE).is_file():
                 if info.is_main:
@@ -643,7 +676,15 @@ class FinetuneTrainer:
                           "do (train.resume=none starts over)", flush=True)
                 return self.out / CLASSIFIER_FILE
         if info.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            remove_stale_temporaries(self.out)
+            save_config(self.cfg, self.out / "config.yaml")
+        D.barrier()
+        if info.is_main:
             resumed = f", resumed at step {self.step} from {source}" if source is not None else ""
+            if self.config_changes:
+                resumed += " with " + ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in
+                                                self.config_changes.items())
             counts = self.classifier.count_parameters()
             print(f"cellvit_ssl finetune: {self.mode.value}, {len(self.splits.train)} training / "
                   f"{len(self.splits.val)} validation{' (held out of train)' if self.splits.val_carved else ''} / "

@@ -34,6 +34,7 @@ import time
 from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -112,14 +113,23 @@ def _same_path(a, b) -> bool:
     return Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
 
 
-def check_resume_config(stored: dict | None, cfg: Config, source: Path) -> dict[str, tuple]:
+def check_resume_config(stored: dict | None, cfg: Any, source: Path, schema: type = Config,
+                        path_keys: tuple[str, ...] = ("data.index",)) -> dict[str, tuple]:
     """Refuse to resume a run whose settings changed, unless the user allowed those keys.
 
     A checkpoint's weights, optimiser state and schedules belong to the config it was trained
     with; continuing under other settings would leave a run whose ``config.yaml`` and
-    ``teacher.pt`` describe something that never happened. Keys in :data:`RESUME_FREE_KEYS`
-    may change; any other key only when named (or its section is named) in
-    ``train.allow_config_change``.
+    ``teacher.pt`` (or ``classifier.pt``) describe something that never happened. Keys in
+    :data:`RESUME_FREE_KEYS` may change; any other key only when named (or its section is named)
+    in ``train.allow_config_change``.
+
+    Args:
+        stored: The checkpoint's config (:func:`~cellvit_ssl.config.config_to_dict`); None: nothing to check.
+        cfg: This run's config, an instance of ``schema`` with ``train.allow_config_change``.
+        source: The checkpoint, named in the error.
+        schema: The command's config dataclass (training's :class:`~cellvit_ssl.config.Config`,
+            fine-tuning's command config, ...).
+        path_keys: Keys holding a file path: the same file by another spelling is no change.
 
     Returns:
         The allowed changes, ``{key: (old, new)}``.
@@ -129,9 +139,9 @@ def check_resume_config(stored: dict | None, cfg: Config, source: Path) -> dict[
     """
     if not stored:
         return {}
-    changes = config_changes(stored, config_to_dict(cfg))
+    changes = config_changes(stored, config_to_dict(cfg), schema)
     changes = {k: v for k, v in changes.items() if k not in RESUME_FREE_KEYS
-               and not (k == "data.index" and _same_path(*v))}
+               and not (k in path_keys and _same_path(*v))}
     allowed = list(cfg.train.allow_config_change)
     refused = {k: v for k, v in changes.items() if not any(k == a or k.startswith(a + ".") for a in allowed)}
     if refused:

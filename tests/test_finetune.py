@@ -7,6 +7,7 @@ cut from the demo generator are made once per module.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -497,12 +498,38 @@ def test_the_inspector_predicts_from_the_classifiers_own_embedding_whatever_the_
                                expected.probabilities, atol=1e-5)  # the head saw its own (default) embedding
 
 
+def _snapshot(run: Path) -> dict[str, tuple[bytes, int]]:
+    return {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(run.iterdir()) if p.is_file()}
+
+
 def test_a_finished_run_is_not_trained_again(runs, teacher, cells, capsys):
     out = runs["linear"]
-    before = (out / "classifier.pt").stat().st_mtime_ns, (out / "metrics.jsonl").read_text()
+    before = _snapshot(out)
     assert ft.main([str(teacher), "--index", str(cells), "--out", str(out), *FAST, "finetune.mode=linear"]) == 0
     assert "holds a finished run" in capsys.readouterr().out
-    assert ((out / "classifier.pt").stat().st_mtime_ns, (out / "metrics.jsonl").read_text()) == before
+    assert _snapshot(out) == before  # config.yaml included
+
+
+def test_resuming_under_changed_settings_is_refused_naming_each_key_before_anything_is_written(
+        runs, teacher, cells, tmp_path, capsys):
+    out = tmp_path / "linear"
+    shutil.copytree(runs["linear"], out)
+    args = [str(teacher), "--index", str(cells), "--out", str(out), *FAST, "finetune.mode=linear"]
+    before = _snapshot(out)
+    capsys.readouterr()
+    # more epochs would train on (patience is not spent): refused, as training refuses
+    assert ft.main([*args, "train.epochs=5", "finetune.patience=4"]) == 2
+    err = capsys.readouterr().err
+    assert "train.epochs: 3 -> 5" in err and "finetune.patience: 10 -> 4" in err and str(out) in err
+    assert "train.allow_config_change=[finetune.patience,train.epochs]" in err
+    assert _snapshot(out) == before
+    # a key allowed by name and a free key (how it runs, not what it learns) pass; finished: nothing written
+    assert ft.main([*args, "finetune.standalone=true", "train.allow_config_change=[finetune.standalone]",
+                    "train.log_every=3"]) == 0
+    assert "holds a finished run" in capsys.readouterr().out
+    assert _snapshot(out) == before
+    with pytest.raises(ConfigError, match=r"names 'finetune.patiense'.*'finetune.patience'"):
+        ft.load([*args, "train.allow_config_change=[finetune.patiense]"])
 
 
 @pytest.mark.slow
