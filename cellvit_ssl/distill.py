@@ -50,7 +50,7 @@ from torch import Tensor, nn
 
 from cellvit_ssl.channels import ChannelVocabulary
 from cellvit_ssl.checkpoint import ENCODER_FORMAT, TRAINING_FORMAT, load_checkpoint
-from cellvit_ssl.config import Config, ModelConfig, config_from_dict
+from cellvit_ssl.config import Config, FfnLayer, ModelConfig, config_from_dict
 from cellvit_ssl.embed_io import file_sha256
 from cellvit_ssl.errors import CheckpointError, ConfigError
 from cellvit_ssl.models.channels import ChannelAdaptiveViT, build_model
@@ -194,7 +194,7 @@ def dinov2_model_config(state: Mapping[str, Tensor], like: ModelConfig) -> Model
         img_size=side * patch, mlp_ratio=ratio, drop_path_rate=0.0,
         layerscale_init=1.0e-5 if "blocks.0.ls1.gamma" in state else None,
         num_register_tokens=0 if registers is None else int(registers.shape[1]),
-        qkv_bias="blocks.0.attn.qkv.bias" in state, ffn_layer="swiglu" if swiglu else "mlp", pretrained=None,
+        qkv_bias="blocks.0.attn.qkv.bias" in state, ffn_layer=FfnLayer.swiglu if swiglu else FfnLayer.mlp, pretrained=None,
     )
 
 

@@ -218,6 +218,11 @@ class DINOMetaArch(nn.Module):
         if cfg.koleo:
             self.koleo_loss = KoLeoLoss()
         self.teacher.requires_grad_(False)
+        for name in ("dino_head", "ibot_head") if frozen_teacher is not None else ():
+            if name in self.student and (theirs := getattr(frozen_teacher, name).last_layer.out_features) != \
+                    (ours := self.student[name].last_layer.out_features):
+                raise ValueError(f"the frozen teacher's {name} has {theirs} prototypes, the student's {ours}: "
+                                 "build the student from cellvit_ssl.distill.resolve_distill_config's config")
 
     # -- what wrapping, compiling and exporting code asks for ---------------------------------
 
