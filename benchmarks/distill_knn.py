@@ -3,10 +3,10 @@
     python -m benchmarks.distill_knn [--teacher RUN/checkpoint.pt] [--workdir /tmp/distill]
         [--json benchmarks/results/distill_knn.json]
 
-The teacher is ``configs/demo.yaml``'s model (width 64, 4 blocks, 4 heads, 150 steps); without
-``--teacher`` it is trained first. The student is width 32, 4 blocks, 2 heads (about a quarter
-of the teacher's block parameters), trained for the same ``--steps`` (default: the demo's 150)
-three ways: from scratch with the demo recipe; distilled from the teacher's ``checkpoint.pt``
+The teacher is ``configs/demo.yaml``'s model (width 64, 4 blocks, 4 heads, 100 steps); without
+``--teacher`` it is trained first (``WORKDIR/base``). The student is width 32, 4 blocks, 2 heads
+(about a quarter of the teacher's block parameters), trained for the same ``--steps`` (default:
+the demo's 100) three ways: from scratch with the demo recipe; distilled from the teacher's ``checkpoint.pt``
 (its trained heads give the targets); distilled from its ``teacher.pt`` (no heads: fresh,
 frozen ones). All are scored with the demo probe; the table and JSON report the gate of the
 issue: the distilled student beats the scratch one and comes within 0.05 of the teacher.
@@ -19,7 +19,7 @@ import tempfile
 from pathlib import Path
 
 from benchmarks._common import format_table, write_json
-from benchmarks._demo_runs import knn_scores, machine, train_demo
+from benchmarks._demo_runs import demo_data, knn_scores, machine, smoke, train_demo
 
 STUDENT = ["model.embed_dim=32", "model.depth=4", "model.num_heads=2"]
 GATE = 0.05  # the issue's: distilled within this of the teacher's k-NN macro-F1
@@ -28,19 +28,23 @@ GATE = 0.05  # the issue's: distilled within this of the teacher's k-NN macro-F1
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--teacher", help="checkpoint.pt of a demo run (its folder also has teacher.pt)")
-    parser.add_argument("--steps", type=int, default=150, help="optimiser steps of every student")
+    parser.add_argument("--steps", type=int, default=100, help="optimiser steps of every student")
     parser.add_argument("--workdir", help="keep runs and probes here (default: a temp folder)")
     parser.add_argument("--json", default="benchmarks/results/distill_knn.json")
+    parser.add_argument("--smoke", action="store_true", help="tiny runs: check that the script works")
     args = parser.parse_args()
+    if args.smoke:
+        smoke()
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(args.workdir or tmp)
         rows = []
+        cache = demo_data(work)
         if args.teacher:
             teacher = Path(args.teacher)
             teacher_s = None
         else:
-            trained = train_demo(work / "teacher", work / "demo", [])
-            teacher, teacher_s = work / "teacher" / "checkpoint.pt", trained["seconds"]
+            trained = train_demo(work / "base", cache, [])
+            teacher, teacher_s = work / "base" / "checkpoint.pt", trained["seconds"]
         rows.append({"model": "teacher (64 wide, 4 blocks)", "train_s": teacher_s,
                      **knn_scores(teacher.with_name("teacher.pt"), work / "probe_teacher")})
         steps = [f"train.max_steps={args.steps}", "train.epochs=1000"]
@@ -49,7 +53,7 @@ def main() -> None:
                     ("student distilled (teacher.pt: fresh frozen heads)",
                      [f"distill.teacher={teacher.with_name('teacher.pt')}"]))
         for i, (name, extra) in enumerate(students):
-            trained = train_demo(work / f"student_{i}", work / "demo", [*STUDENT, *steps, *extra])
+            trained = train_demo(work / f"student_{i}", cache, [*STUDENT, *steps, *extra])
             rows.append({"model": name, "train_s": trained["seconds"],
                          **knn_scores(work / f"student_{i}" / "teacher.pt", work / f"probe_student_{i}")})
     teacher_f1, scratch, distilled = rows[0]["trained"], rows[1]["trained"], rows[2]["trained"]

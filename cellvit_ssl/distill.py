@@ -194,7 +194,8 @@ def dinov2_model_config(state: Mapping[str, Tensor], like: ModelConfig) -> Model
         img_size=side * patch, mlp_ratio=ratio, drop_path_rate=0.0,
         layerscale_init=1.0e-5 if "blocks.0.ls1.gamma" in state else None,
         num_register_tokens=0 if registers is None else int(registers.shape[1]),
-        qkv_bias="blocks.0.attn.qkv.bias" in state, ffn_layer=FfnLayer.swiglu if swiglu else FfnLayer.mlp, pretrained=None,
+        qkv_bias="blocks.0.attn.qkv.bias" in state, ffn_layer=FfnLayer.swiglu if swiglu else FfnLayer.mlp,
+        pretrained=None,
     )
 
 

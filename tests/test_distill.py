@@ -4,6 +4,7 @@ targets it gives; refusals of pairs that do not line up; exact resume."""
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 
@@ -158,7 +159,8 @@ def test_a_dinov2_checkpoint_with_a_shared_head_uses_it_for_ibot_and_a_backbone_
     torch.testing.assert_close(frozen.ibot_head.layers[0].weight, frozen.dino_head.layers[0].weight)
     payload, _, _ = _dinov2_payload([], heads=False)
     torch.save(payload["teacher"], tmp_path / "backbone.pth")
-    frozen = build_frozen_teacher(_student_cfg(tmp_path, tmp_path / "backbone.pth"), ChannelVocabulary.from_config(cfg.data))
+    frozen = build_frozen_teacher(_student_cfg(tmp_path, tmp_path / "backbone.pth"),
+                                  ChannelVocabulary.from_config(cfg.data))
     assert frozen.heads_from["dino_head"].startswith("fresh")
 
 
@@ -191,6 +193,18 @@ def test_the_targets_are_the_frozen_teachers(tmp_path):
     torch.testing.assert_close(loss, expected)
 
 
+def _recording(forward, seen):
+    def recorded(*args, masks=None, **kwargs):
+        seen.append(masks)
+        return forward(*args, masks=masks, **kwargs)
+
+    return recorded
+
+
+def _record_rows(seen, module, inputs, output):
+    seen.append(inputs[0].shape[0])
+
+
 def test_unmasked_distillation_scores_every_patch_token_and_masking_restores_block_masks(tmp_path):
     _, _, training, _ = _teacher_files(tmp_path)
     vocab = ChannelVocabulary.from_config(load_config(None, TINY_OVERRIDES).data)
@@ -201,12 +215,9 @@ def test_unmasked_distillation_scores_every_patch_token_and_masking_restores_blo
         cfg = resolve_distill_config(cfg, frozen)
         meta = DINOMetaArch(build_model(cfg.model, list(cfg.data.channels), vocabulary=vocab), cfg.ssl,
                             frozen_teacher=frozen, mask_student=cfg.distill.masking)
-        masks_seen = []
-        real = meta.student.backbone.forward_features
-        meta.student.backbone.forward_features = lambda *a, masks=None, **k: (masks_seen.append(masks),
-                                                                               real(*a, masks=masks, **k))[1]
-        heads_seen = []
-        frozen.ibot_head.register_forward_hook(lambda m, inp, out: heads_seen.append(inp[0].shape[0]))
+        masks_seen, heads_seen = [], []
+        meta.student.backbone.forward_features = _recording(meta.student.backbone.forward_features, masks_seen)
+        frozen.ibot_head.register_forward_hook(functools.partial(_record_rows, heads_seen))
         meta([torch.rand(2, 4, 32, 32)] * 2, torch.tensor([vocab.ids(cfg.data.channels)] * 2), epoch=0)
         seen[masking] = (masks_seen[0], heads_seen[0])
     assert seen[False][0] is None and seen[False][1] == 2 * 2 * 4 * 16  # 2 views x 2 images x 4 channels x 16 tokens

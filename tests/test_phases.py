@@ -97,7 +97,8 @@ def test_the_last_phase_trains_at_twice_the_view_size_and_the_encoder_embeds_at_
 
     # the boundary is checkpointed with the main phase's contract; the export carries the phase's
     boundary = load_checkpoint(out / "checkpoint_00000006.pt")
-    assert (boundary["phase"], boundary["preprocess"]["input_size"], boundary["preprocess"]["sample_size"]) == (0, 32, 32)
+    contract = boundary["preprocess"]
+    assert (boundary["phase"], contract["input_size"], contract["sample_size"]) == (0, 32, 32)
     final = load_checkpoint(out / "teacher.pt")
     assert (final["preprocess"]["input_size"], final["preprocess"]["sample_size"]) == (64, 64)
     encoder = load_encoder(out / "teacher.pt", device="cpu")

@@ -2,6 +2,7 @@
 the uninterrupted run ends. The interrupted runs are real subprocesses of
 ``python -m cellvit_ssl.train``; a small harness only decides *when* the signal arrives."""
 
+import json
 import os
 import random
 import signal
@@ -56,6 +57,12 @@ def _overrides(demo: Path, out: Path) -> list[str]:
             "model.drop_path_rate=0.2"]  # stochastic depth: the resumed run needs the RNG state too
 
 
+# A high-resolution phase over the last half (views 64 / 32 px, batch 2: 5 steps per phase epoch)
+# and Gram anchoring from step 2, refreshed at step 5: checkpoints at 3, 4 (the phase boundary), 6, 8.
+LATER_PHASES = ["train.phases=[{start: 0.5, crop_scale: 2, batch_size: 2}]", "ssl.gram.enabled=true",
+                "ssl.gram.start_step=2", "ssl.gram.refresh_every=3"]
+
+
 def _in_process(overrides: list[str]) -> None:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -66,7 +73,8 @@ def _in_process(overrides: list[str]) -> None:
         torch.use_deterministic_algorithms(False)
 
 
-def _interrupt(tmp_path: Path, demo: Path, at: str, step: int, sig: str) -> tuple[subprocess.CompletedProcess, Path]:
+def _interrupt(tmp_path: Path, demo: Path, at: str, step: int, sig: str,
+               extra: tuple[str, ...] = ()) -> tuple[subprocess.CompletedProcess, Path]:
     out = tmp_path / "interrupted"
     harness = tmp_path / "harness.py"
     harness.write_text(HARNESS)
@@ -74,7 +82,7 @@ def _interrupt(tmp_path: Path, demo: Path, at: str, step: int, sig: str) -> tupl
            "SIGNAL": sig}
     empty = tmp_path / "empty.yaml"
     empty.write_text("train: {}\n")
-    proc = subprocess.run([sys.executable, str(harness), str(empty), *_overrides(demo, out)],
+    proc = subprocess.run([sys.executable, str(harness), str(empty), *_overrides(demo, out), *extra],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     return proc, out
 
@@ -134,3 +142,33 @@ def test_sigterm_after_the_update_writes_the_next_steps_checkpoint_and_exits_cle
 
     _in_process(_overrides(demo, out))
     _assert_same_run(expected, load_checkpoint(out / "checkpoint.pt"))
+
+
+@pytest.fixture(scope="module")
+def reference_with_phases(tmp_path_factory):
+    """The uninterrupted run with a high-resolution phase and Gram anchoring."""
+    base = tmp_path_factory.mktemp("reference_phases")
+    demo = base / "demo"
+    resolve_index(load_config(None, _overrides(demo, base / "x")))
+    _in_process([*_overrides(demo, base / "run"), *LATER_PHASES])
+    ckpt = load_checkpoint(base / "run" / "checkpoint.pt")
+    assert ckpt["step"] == TOTAL_STEPS and ckpt["phase"] == 1
+    return demo, ckpt
+
+
+@pytest.mark.parametrize("step, last_good", [(4, 3), (5, 4), (7, 6)],
+                         ids=["in-main-phase", "at-the-boundary", "in-high-res-phase"])
+def test_sigkill_in_each_phase_then_resume_equals_the_uninterrupted_run(tmp_path, reference_with_phases, step,
+                                                                       last_good):
+    """Killed during step 4 (resumes in the main phase from 3 and crosses the boundary), 5 (resumes
+    from the boundary checkpoint straight into the high-resolution phase) or 7 (resumes inside it)."""
+    demo, expected = reference_with_phases
+    proc, out = _interrupt(tmp_path, demo, "step", step, "SIGKILL", tuple(LATER_PHASES))
+    assert proc.returncode == -signal.SIGKILL, f"killed at step {step}: {proc.stderr[-2000:]}"
+    survivors = [load_checkpoint(p)["step"] for p in step_checkpoints(out)]
+    assert max(survivors) == last_good, survivors
+    _in_process([*_overrides(demo, out), *LATER_PHASES])
+    _assert_same_run(expected, load_checkpoint(out / "checkpoint.pt"))
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(1, TOTAL_STEPS + 1))
+    assert [r["global_crop"] for r in records] == [32] * 4 + [64] * 4
