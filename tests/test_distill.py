@@ -191,6 +191,13 @@ def test_the_targets_are_the_frozen_teachers(tmp_path):
         student = meta.student.dino_head(meta.student.backbone.forward_features(g, ids.repeat(2, 1))["x_norm_clstoken"])
     expected = dino_cross_entropy(list(probs.chunk(2)), list(student.chunk(2)), cfg.ssl.student_temp)
     torch.testing.assert_close(loss, expected)
+    # near-uniform random heads make that cross-entropy about ln K whatever the targets: check them directly
+    present = torch.ones_like(ids.repeat(2, 1), dtype=torch.bool)
+    targets = meta._targets(g, ids.repeat(2, 1), present, None)["dino"]
+    torch.testing.assert_close(targets, target)
+    with torch.no_grad():
+        ema = meta.teacher.dino_head(meta.teacher.backbone.forward_features(g, ids.repeat(2, 1))["x_norm_clstoken"])
+    assert (ema - target).abs().max() > 1e-3
 
 
 def _recording(forward, seen):
