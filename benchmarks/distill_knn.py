@@ -25,6 +25,40 @@ STUDENT = ["model.embed_dim=32", "model.depth=4", "model.num_heads=2"]
 GATE = 0.05  # the issue's: distilled within this of the teacher's k-NN macro-F1
 
 
+def run(work: Path, teacher: Path | None = None, steps: int = 100, fresh_heads: bool = True) -> dict:
+    """Train (or reuse) the teacher and the students in ``work``, probe them; rows and the gate.
+
+    Args:
+        work: Working folder (runs, probes, demo data).
+        teacher: A demo run's ``checkpoint.pt``; None trains ``work/base``.
+        steps: Optimiser steps of every student.
+        fresh_heads: Also distil from ``teacher.pt`` (fresh, frozen heads).
+    """
+    rows = []
+    cache = demo_data(work)
+    teacher_s = None
+    if teacher is None:
+        trained = train_demo(work / "base", cache, [])
+        teacher, teacher_s = work / "base" / "checkpoint.pt", trained["seconds"]
+    rows.append({"model": "teacher (64 wide, 4 blocks)", "train_s": teacher_s,
+                 **knn_scores(teacher.with_name("teacher.pt"), work / "probe_teacher")})
+    budget = [f"train.max_steps={steps}", "train.epochs=1000"]
+    students = [("student from scratch", []),
+                ("student distilled (checkpoint.pt: trained heads)", [f"distill.teacher={teacher}"])]
+    if fresh_heads:
+        students.append(("student distilled (teacher.pt: fresh frozen heads)",
+                         [f"distill.teacher={teacher.with_name('teacher.pt')}"]))
+    for i, (name, extra) in enumerate(students):
+        trained = train_demo(work / f"student_{i}", cache, [*STUDENT, *budget, *extra])
+        rows.append({"model": name, "train_s": trained["seconds"],
+                     **knn_scores(work / f"student_{i}" / "teacher.pt", work / f"probe_student_{i}")})
+    teacher_f1, scratch, distilled = rows[0]["trained"], rows[1]["trained"], rows[2]["trained"]
+    gate = {"distilled_beats_scratch": distilled > scratch, "distilled_within_of_teacher": GATE,
+            "teacher_minus_distilled": teacher_f1 - distilled,
+            "passed": distilled > scratch and teacher_f1 - distilled <= GATE}
+    return {"rows": rows, "gate": gate}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--teacher", help="checkpoint.pt of a demo run (its folder also has teacher.pt)")
@@ -36,36 +70,13 @@ def main() -> None:
     if args.smoke:
         smoke()
     with tempfile.TemporaryDirectory() as tmp:
-        work = Path(args.workdir or tmp)
-        rows = []
-        cache = demo_data(work)
-        if args.teacher:
-            teacher = Path(args.teacher)
-            teacher_s = None
-        else:
-            trained = train_demo(work / "base", cache, [])
-            teacher, teacher_s = work / "base" / "checkpoint.pt", trained["seconds"]
-        rows.append({"model": "teacher (64 wide, 4 blocks)", "train_s": teacher_s,
-                     **knn_scores(teacher.with_name("teacher.pt"), work / "probe_teacher")})
-        steps = [f"train.max_steps={args.steps}", "train.epochs=1000"]
-        students = (("student from scratch", []),
-                    ("student distilled (checkpoint.pt: trained heads)", [f"distill.teacher={teacher}"]),
-                    ("student distilled (teacher.pt: fresh frozen heads)",
-                     [f"distill.teacher={teacher.with_name('teacher.pt')}"]))
-        for i, (name, extra) in enumerate(students):
-            trained = train_demo(work / f"student_{i}", cache, [*STUDENT, *steps, *extra])
-            rows.append({"model": name, "train_s": trained["seconds"],
-                         **knn_scores(work / f"student_{i}" / "teacher.pt", work / f"probe_student_{i}")})
-    teacher_f1, scratch, distilled = rows[0]["trained"], rows[1]["trained"], rows[2]["trained"]
-    gate = {"distilled_beats_scratch": distilled > scratch, "distilled_within_of_teacher": GATE,
-            "teacher_minus_distilled": teacher_f1 - distilled, "passed": distilled > scratch
-            and teacher_f1 - distilled <= GATE}
-    print(format_table(rows, [("model", "model", "s"), ("train_s", "train s", ".0f"), ("trained", "k-NN F1", ".3f"),
-                              ("random-init", "random F1", ".3f"), ("raw-pixels", "raw F1", ".3f")]))
-    print(gate)
+        result = run(Path(args.workdir or tmp), Path(args.teacher) if args.teacher else None, args.steps)
+    print(format_table(result["rows"], [("model", "model", "s"), ("train_s", "train s", ".0f"),
+                                        ("trained", "k-NN F1", ".3f"), ("random-init", "random F1", ".3f"),
+                                        ("raw-pixels", "raw F1", ".3f")]))
+    print(result["gate"])
     write_json(args.json, {"benchmark": "distill_knn", "student": STUDENT, "steps": args.steps, "machine": machine(),
-                           "probe": "demo_knn: k-NN macro-F1, leave one field out, 48 unseen demo fields",
-                           "rows": rows, "gate": gate})
+                           "probe": "demo_knn: k-NN macro-F1, leave one field out, 48 unseen demo fields", **result})
 
 
 if __name__ == "__main__":

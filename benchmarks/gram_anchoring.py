@@ -50,6 +50,43 @@ def heldout_samples(checkpoint: Path, workdir: Path) -> tuple[torch.Tensor, list
     return torch.stack([data.load(i) for i in range(len(data))]), list(data.channels)
 
 
+def run(work: Path, start: int = 40, refresh: int = 0, weight: float = 1.0) -> dict:
+    """Train (or reuse) the plain demo run and the Gram-anchored one in ``work``; measure both.
+
+    Returns:
+        ``rows`` (off, on, the early teacher: drift from the early teacher and k-NN scores), the
+        Gram settings, the number of held-out samples and how far apart the two runs' early
+        teachers are (0 when the runs are the same until ``start``).
+    """
+    gram = ["ssl.gram.enabled=true", f"ssl.gram.start_step={start}", f"ssl.gram.refresh_every={refresh}",
+            f"ssl.gram.weight={weight}"]
+    rows, early, same_until_start = [], None, None
+    cache = demo_data(work)
+    on_run = work / f"gram_on_s{start}_r{refresh}_w{weight:g}"
+    runs = {"on": train_demo(on_run, cache, gram)}  # base second: another benchmark may train it
+    runs["off"] = train_demo(work / "base", cache, [])
+    for name, run_dir in (("off", work / "base"), ("on", on_run)):
+        trained = runs[name]
+        early_ckpt = run_dir / f"checkpoint_{start:08d}.pt"
+        if early is None:
+            early = early_ckpt
+            samples, channels = heldout_samples(early, work)
+            reference = patch_features(early, samples, channels)
+        else:  # both runs are the same until the Gram term starts
+            other = patch_features(early_ckpt, samples, channels)
+            same_until_start = float((other - reference).abs().max())
+        final = patch_features(run_dir / "teacher.pt", samples, channels)
+        gram_terms = [r["gram"] for r in trained["records"] if "gram" in r]
+        rows.append({"gram": name, "steps": trained["records"][-1]["step"], "train_s": trained["seconds"],
+                     "drift_from_early": float(gram_loss(final, reference)),
+                     "gram_term_last": gram_terms[-1] if gram_terms else None,
+                     **knn_scores(run_dir / "teacher.pt", work / f"probe_{run_dir.name}")})
+    rows.append({"gram": f"early teacher (step {start})", "steps": start, "drift_from_early": 0.0,
+                 **knn_scores(early, work / "probe_early")})
+    return {"gram": gram, "samples": int(samples.shape[0]), "rows": rows,
+            "early_teachers_max_abs_difference": same_until_start}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--start", type=int, default=40, help="step of the Gram teacher snapshot (an epoch end)")
@@ -61,38 +98,13 @@ def main() -> None:
     args = parser.parse_args()
     if args.smoke:
         smoke()
-    gram = ["ssl.gram.enabled=true", f"ssl.gram.start_step={args.start}", f"ssl.gram.refresh_every={args.refresh}",
-            f"ssl.gram.weight={args.weight}"]
     with tempfile.TemporaryDirectory() as tmp:
-        work = Path(args.workdir or tmp)
-        rows, early, same_until_start = [], None, None
-        cache = demo_data(work)
-        runs = {"on": train_demo(work / "gram_on", cache, gram)}  # base second: another benchmark may train it
-        runs["off"] = train_demo(work / "base", cache, [])
-        for name, run in (("off", work / "base"), ("on", work / "gram_on")):
-            trained = runs[name]
-            early_ckpt = run / f"checkpoint_{args.start:08d}.pt"
-            if early is None:
-                early = early_ckpt
-                samples, channels = heldout_samples(early, work)
-                reference = patch_features(early, samples, channels)
-            else:  # both runs are the same until the Gram term starts
-                other = patch_features(early_ckpt, samples, channels)
-                same_until_start = float((other - reference).abs().max())
-            final = patch_features(run / "teacher.pt", samples, channels)
-            gram_terms = [r["gram"] for r in trained["records"] if "gram" in r]
-            rows.append({"gram": name, "steps": trained["records"][-1]["step"], "train_s": trained["seconds"],
-                         "drift_from_early": float(gram_loss(final, reference)),
-                         "gram_term_last": gram_terms[-1] if gram_terms else None,
-                         **knn_scores(run / "teacher.pt", work / f"probe_{name}")})
-        rows.append({"gram": f"early teacher (step {args.start})", "steps": args.start, "drift_from_early": 0.0,
-                     **knn_scores(early, work / "probe_early")})
-    print(format_table(rows, [("gram", "Gram anchoring", "s"), ("steps", "steps", "d"), ("train_s", "train s", ".0f"),
-                              ("drift_from_early", "drift from early", ".4f"), ("trained", "CLS k-NN F1", ".3f"),
-                              ("random-init", "random F1", ".3f"), ("raw-pixels", "raw F1", ".3f")]))
-    write_json(args.json, {"benchmark": "gram_anchoring", "gram": gram, "machine": machine(),
-                           "samples": int(samples.shape[0]), "rows": rows,
-                           "early_teachers_max_abs_difference": same_until_start,
+        result = run(Path(args.workdir or tmp), args.start, args.refresh, args.weight)
+    print(format_table(result["rows"], [("gram", "Gram anchoring", "s"), ("steps", "steps", "d"),
+                                        ("train_s", "train s", ".0f"), ("drift_from_early", "drift from early", ".4f"),
+                                        ("trained", "CLS k-NN F1", ".3f"), ("random-init", "random F1", ".3f"),
+                                        ("raw-pixels", "raw F1", ".3f")]))
+    write_json(args.json, {"benchmark": "gram_anchoring", "machine": machine(), **result,
                            "probe": "demo_knn: k-NN macro-F1, leave one field out, 48 unseen demo fields"})
 
 

@@ -345,7 +345,7 @@ class TrainConfig:
     keep_last: int = 3  # step checkpoints kept (checkpoint.pt always points at the newest)
     resume: str = "auto"  # auto (latest in output_dir) | none | path to a checkpoint
     max_steps: int = 0  # stop early after this many steps (0 = run all epochs)
-    phases: list[PhaseConfig] = field(default_factory=list)  # later phases, e.g. [{start: 0.9, crop_scale: 2}]
+    phases: list[PhaseConfig] = field(default_factory=list)  # later phases: [{start: 0.9, crop_scale: 2}, ...]
 
 
 @dataclass(frozen=True)
@@ -398,6 +398,11 @@ def describe(schema: type, prefix: str = "") -> list[tuple[str, str, str]]:
         value = getattr(default, f.name)
         if dataclasses.is_dataclass(hints[f.name]):
             rows += describe(hints[f.name], f"{prefix}{f.name}.")
+            continue
+        item = typing.get_args(hints[f.name])[0] if typing.get_origin(hints[f.name]) is list else None
+        if item is not None and dataclasses.is_dataclass(item):  # a list of sections: the list, then its fields
+            rows.append((f"{prefix}{f.name}", _yaml_value(value), docs.get(f.name, "")))
+            rows += describe(item, f"{prefix}{f.name}[].")
             continue
         shown = value.value if isinstance(value, enum.Enum) else value
         if isinstance(hints[f.name], type) and issubclass(hints[f.name], enum.Enum):
