@@ -1,10 +1,11 @@
 """Gram anchoring on a long tiny run: patch-similarity drift from the early teacher, and CLS k-NN.
 
-    python -m benchmarks.gram_anchoring [--start 40] [--refresh 0] [--weight 1]
+    python -m benchmarks.gram_anchoring [--start 40] [--refresh 0] [--weight 1] [--epochs 25]
         [--workdir /tmp/gram] [--json benchmarks/results/gram_anchoring.json]
 
-Two runs of ``configs/demo.yaml`` (100 steps), the same up to step ``--start``: the plain demo
-run (``WORKDIR/base``) and one that adds ``ssl.gram`` from there (Gram teacher = the EMA
+Two runs of ``configs/demo.yaml`` (``--epochs`` of 4 steps; the demo's 25: 100 steps), the same
+up to step ``--start``: the plain demo run (``WORKDIR/base``; ``base_e<epochs>`` for other
+lengths) and one that adds ``ssl.gram`` from there (Gram teacher = the EMA
 teacher at ``--start``, refreshed every ``--refresh`` steps, 0 = never). For each run the script measures, on the
 cells of 48 unseen demo fields (each channel one sample, as the bag-of-channels model trains):
 
@@ -50,7 +51,7 @@ def heldout_samples(checkpoint: Path, workdir: Path) -> tuple[torch.Tensor, list
     return torch.stack([data.load(i) for i in range(len(data))]), list(data.channels)
 
 
-def run(work: Path, start: int = 40, refresh: int = 0, weight: float = 1.0) -> dict:
+def run(work: Path, start: int = 40, refresh: int = 0, weight: float = 1.0, epochs: int = 25) -> dict:
     """Train (or reuse) the plain demo run and the Gram-anchored one in ``work``; measure both.
 
     Returns:
@@ -60,12 +61,14 @@ def run(work: Path, start: int = 40, refresh: int = 0, weight: float = 1.0) -> d
     """
     gram = ["ssl.gram.enabled=true", f"ssl.gram.start_step={start}", f"ssl.gram.refresh_every={refresh}",
             f"ssl.gram.weight={weight}"]
+    length = [] if epochs == 25 else [f"train.epochs={epochs}"]  # 25: the demo's own (4 steps each)
     rows, early, same_until_start = [], None, None
     cache = demo_data(work)
-    on_run = work / f"gram_on_s{start}_r{refresh}_w{weight:g}"
-    runs = {"on": train_demo(on_run, cache, gram)}  # base second: another benchmark may train it
-    runs["off"] = train_demo(work / "base", cache, [])
-    for name, run_dir in (("off", work / "base"), ("on", on_run)):
+    base = work / ("base" if epochs == 25 else f"base_e{epochs}")
+    on_run = work / (f"gram_on_s{start}_r{refresh}_w{weight:g}" + ("" if epochs == 25 else f"_e{epochs}"))
+    runs = {"on": train_demo(on_run, cache, [*length, *gram])}  # base second: another benchmark may train it
+    runs["off"] = train_demo(base, cache, length)
+    for name, run_dir in (("off", base), ("on", on_run)):
         trained = runs[name]
         early_ckpt = run_dir / f"checkpoint_{start:08d}.pt"
         if early is None:
@@ -83,7 +86,7 @@ def run(work: Path, start: int = 40, refresh: int = 0, weight: float = 1.0) -> d
                      **knn_scores(run_dir / "teacher.pt", work / f"probe_{run_dir.name}")})
     rows.append({"gram": f"early teacher (step {start})", "steps": start, "drift_from_early": 0.0,
                  **knn_scores(early, work / "probe_early")})
-    return {"gram": gram, "samples": int(samples.shape[0]), "rows": rows,
+    return {"gram": gram, "epochs": epochs, "samples": int(samples.shape[0]), "rows": rows,
             "early_teachers_max_abs_difference": same_until_start}
 
 
@@ -92,6 +95,7 @@ def main() -> None:
     parser.add_argument("--start", type=int, default=40, help="step of the Gram teacher snapshot (an epoch end)")
     parser.add_argument("--refresh", type=int, default=0, help="steps between refreshes (0: never)")
     parser.add_argument("--weight", type=float, default=1.0)
+    parser.add_argument("--epochs", type=int, default=25, help="run length (4 steps an epoch; 25: the demo's)")
     parser.add_argument("--workdir", help="keep runs and probes here (default: a temp folder)")
     parser.add_argument("--json", default="benchmarks/results/gram_anchoring.json")
     parser.add_argument("--smoke", action="store_true", help="tiny runs: check that the script works")
@@ -99,7 +103,7 @@ def main() -> None:
     if args.smoke:
         smoke()
     with tempfile.TemporaryDirectory() as tmp:
-        result = run(Path(args.workdir or tmp), args.start, args.refresh, args.weight)
+        result = run(Path(args.workdir or tmp), args.start, args.refresh, args.weight, args.epochs)
     print(format_table(result["rows"], [("gram", "Gram anchoring", "s"), ("steps", "steps", "d"),
                                         ("train_s", "train s", ".0f"), ("drift_from_early", "drift from early", ".4f"),
                                         ("trained", "CLS k-NN F1", ".3f"), ("random-init", "random F1", ".3f"),

@@ -10,7 +10,8 @@ teacher momentum.
 The script checks, from ``metrics.jsonl``, that the phase trained at the larger views, that
 every grid the runs saw gets the position embedding resampled exactly from the stored native
 grid, and that the exported contract (``teacher.pt``) is the phase's; then it scores both
-encoders with the demo probe and prints the table.
+encoders with the demo probe and prints the table. A control row embeds the plain run's model
+at the phase's input size (64 px) without having trained at it.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import torch
 from benchmarks._common import format_table, write_json
 from benchmarks._demo_runs import demo_data, knn_scores, machine, smoke, train_demo
 from cellvit_ssl import load_encoder
+from cellvit_ssl.checkpoint import save_checkpoint
 from cellvit_ssl.models.vit import resample_grid
 
 PHASE = "train.phases=[{start: 0.9, crop_scale: 2, sample_scale: 1}]"
@@ -36,7 +38,7 @@ def positional_check(teacher: Path, grids: set[tuple[int, int]]) -> dict:
     At the native grid the stored embedding must come back untouched; elsewhere it must be the
     bicubic resample of the stored grid to exactly that grid (``(1, 1 + h*w, D)``).
     """
-    vit = load_encoder(teacher, device="cpu").model.backbone
+    vit = load_encoder(teacher, device="cpu").model.backbone.requires_grad_(False)
     worst = 0.0
     for grid in sorted(grids):
         got = vit.interpolate_pos_encoding(grid)
@@ -77,6 +79,14 @@ def main() -> None:
                             "positional_encoding": positional_check(run / "teacher.pt", grids)}
             scores = knn_scores(run / "teacher.pt", work / f"probe_{name}")
             rows.insert(0, {"run": name, "steps": records[-1]["step"], "train_s": trained["seconds"], **scores})
+        # control: the base model embedded at the phase's input size without having trained at it
+        control = work / "base_at_phase_size" / "teacher.pt"
+        payload = torch.load(work / "base" / "teacher.pt", weights_only=True)
+        phase_input = checks["highres"]["exported_contract"]["input_size"]
+        payload["preprocess"] = {**payload["preprocess"], "input_size": phase_input}
+        save_checkpoint(payload, control)
+        rows.append({"run": f"base, embedded at {phase_input} px", "steps": rows[0]["steps"], "train_s": None,
+                     **knn_scores(control, work / "probe_base_at_phase_size")})
     print(format_table(rows, [("run", "run", "s"), ("steps", "steps", "d"), ("train_s", "train s", ".0f"),
                               ("trained", "trained F1", ".3f"), ("random-init", "random F1", ".3f"),
                               ("raw-pixels", "raw F1", ".3f")]))

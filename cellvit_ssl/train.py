@@ -215,14 +215,15 @@ def enable_activation_checkpointing(meta: DINOMetaArch) -> None:
 
 
 def compile_blocks(meta: DINOMetaArch, backend: str | Callable = "inductor") -> None:
-    """``torch.compile`` every transformer block of student and teacher (names unchanged).
+    """``torch.compile`` every transformer block of student and teachers (names unchanged).
 
     Args:
-        meta: The meta-architecture; its ``transformer_blocks()`` are compiled in place
-            (``nn.Module.compile``), cross-channel blocks included.
+        meta: The meta-architecture; its ``transformer_blocks()`` (cross-channel blocks and the
+            Gram teacher's included) and a distillation teacher's blocks are compiled in place
+            (``nn.Module.compile``).
         backend: ``torch.compile`` backend.
     """
-    for block in meta.transformer_blocks():
+    for block in meta.transformer_blocks() + meta.frozen_teacher_blocks():
         block.compile(backend=backend)
 
 
@@ -387,7 +388,12 @@ class Trainer:
         self.vocabulary = ChannelVocabulary.from_config(cfg.data)
         frozen = None
         if cfg.distill.teacher:  # before the run folder exists: a bad teacher file leaves none
-            frozen, cfg = load_distill_teacher(cfg, self.vocabulary)
+            frozen, resolved = load_distill_teacher(cfg, self.vocabulary)
+            if resolved.ssl != cfg.ssl and info.is_main:
+                print(f"cellvit_ssl: the student's heads score the teacher's prototypes: ssl.head_output_dim="
+                      f"{resolved.ssl.head_output_dim}, ssl.ibot_head_output_dim={resolved.ssl.ibot_head_output_dim} "
+                      "(the saved config.yaml has them)", flush=True)
+            cfg = resolved
         self.cfg = cfg
         # Rank 0 generates demo data / opens the index first; the others then reuse it.
         dataset = build_dataset(cfg) if info.is_main else None

@@ -284,3 +284,16 @@ def test_a_distillation_run_resumes_exactly_and_refuses_another_teacher(tmp_path
 def test_shipped_distillation_config_loads():
     cfg = load_config("configs/distill_hpa_vits16_from_vitl16.yaml")
     assert cfg.distill.teacher and cfg.model.arch == "vit_small" and cfg.model.variant == "boc"
+
+
+@pytest.mark.gpu
+def test_on_gpu_the_frozen_teacher_runs_in_bf16_under_inference_mode(tmp_path):
+    _, _, training, _ = _teacher_files(tmp_path)
+    cfg = _student_cfg(tmp_path, training, ["train.device=cuda", "train.precision=bf16", "train.resume=none",
+                                            "data.demo.n_images=3", "train.max_steps=2"])
+    trainer = Trainer(cfg, DistInfo(0, 1, 0, torch.device("cuda")))
+    seen = []
+    trainer.meta.frozen_teacher.backbone.backbone.blocks[0].register_forward_hook(
+        lambda m, inp, out: seen.append((out.dtype, out.device.type, torch.is_inference_mode_enabled())))
+    trainer.fit()
+    assert seen and set(seen) == {(torch.bfloat16, "cuda", True)}

@@ -202,13 +202,16 @@ def _distill_teacher_file(tmp_path):
 
 
 def test_distillation_on_two_gloo_processes_equals_one_process(tmp_path):
-    """A student distilled under DDP and FSDP2 (2 x batch 2) ends where one process with batch 4 ends.
+    """A student distilled (with Gram anchoring) under DDP and FSDP2 (2 x batch 2) ends where one
+    process with batch 4 ends.
 
     Unmasked distillation (the default) has no per-process masks, so iBOT is batch-split invariant
     too: its Sinkhorn-Knopp targets are normalised over both processes.
     """
     teacher = _distill_teacher_file(tmp_path)
-    distill = [f"distill.teacher={teacher}", "ssl.ibot=true"]
+    # Gram anchoring too (its snapshot is copied shard by shard under FSDP): refreshed at steps 2 and 4
+    distill = [f"distill.teacher={teacher}", "ssl.ibot=true", "ssl.gram.enabled=true", "ssl.gram.start_step=2",
+               "ssl.gram.refresh_every=2"]
     resolve_index(load_config(None, _overrides(tmp_path, "x", 4)))
     runs = [_overrides(tmp_path, "ddp", 2, ["train.strategy=ddp", *distill]),
             _overrides(tmp_path, "fsdp", 2, ["train.strategy=fsdp", *distill])]
@@ -232,7 +235,8 @@ def test_distillation_on_two_gloo_processes_equals_one_process(tmp_path):
         for key, value in reference["model"].items():
             torch.testing.assert_close(ckpt["model"][key], value, atol=1e-6, rtol=0, msg=f"{name}: {key}")
     records = [json.loads(line) for line in (tmp_path / "single" / "metrics.jsonl").read_text().splitlines()]
-    assert all(r["ibot"] > 0 for r in records)
+    assert all(r["ibot"] > 0 for r in records) and "gram" in records[-1]
+    assert any(k.startswith("gram_teacher.") for k in reference["model"])
     key = "student.backbone.backbone.blocks.0.attn.qkv.weight"
     mid = load_checkpoint(tmp_path / "single" / "checkpoint_00000003.pt")["model"]
     assert (mid[key] - reference["model"][key]).abs().max() > 1e-4
