@@ -464,6 +464,22 @@ class DINOMetaArch(nn.Module):
         update_momentum(self.student, self.teacher, m)
 
 
+def with_gram_teacher(model_state: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], bool]:
+    """A training state with a Gram teacher: the given one, or a copy of its EMA teacher's backbone.
+
+    Lets a run written without Gram anchoring be resumed with it (DINOv3 turns it on late in
+    training): the snapshot is then the teacher at the resumed step.
+
+    Returns:
+        The state and whether the Gram teacher was added.
+    """
+    if any(k.startswith("gram_teacher.") for k in model_state):
+        return dict(model_state), False
+    added = {f"gram_teacher.{k[len('teacher.backbone.'):]}": v.clone() for k, v in model_state.items()
+             if k.startswith("teacher.backbone.")}
+    return {**model_state, **added}, True
+
+
 def teacher_backbone_state(model_state: Mapping[str, Tensor], config,
                            vocabulary: ChannelVocabulary | None = None) -> dict[str, Tensor]:
     """The teacher backbone's weights from the ``model`` state of a training checkpoint.

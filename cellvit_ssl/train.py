@@ -70,7 +70,7 @@ from cellvit_ssl.models.channels import build_model
 from cellvit_ssl.optim import Schedules, apply_schedules, param_groups
 from cellvit_ssl.phases import Phase, phase_schedules, plan_phases
 from cellvit_ssl.preprocess import Preprocess
-from cellvit_ssl.ssl import DINOMetaArch
+from cellvit_ssl.ssl import DINOMetaArch, with_gram_teacher
 from cellvit_ssl.transforms import MultichannelDINOTransform
 
 EXIT_ERROR = 2
@@ -543,8 +543,14 @@ class Trainer:
         if missing:
             raise CheckpointError(f"checkpoint {str(path)!r} has no {missing}; it cannot be resumed from")
         self._check_distill_teacher(payload.get("distill_teacher"), path)
+        model_state = payload["model"]
+        if self.meta.gram_enabled:
+            model_state, added = with_gram_teacher(model_state)
+            if added and self.info.is_main:
+                print(f"cellvit_ssl: {path} has no Gram teacher (written without ssl.gram): it starts as the "
+                      f"checkpoint's EMA teacher (step {payload['step']})", file=sys.stderr)
         try:
-            D.load_full_state_dict(self.model, self.optimizer, payload["model"], payload["optimizer"])
+            D.load_full_state_dict(self.model, self.optimizer, model_state, payload["optimizer"])
         except (RuntimeError, KeyError, ValueError) as exc:
             raise CheckpointError(
                 f"checkpoint {str(path)!r} does not fit this run's model/optimizer "

@@ -118,3 +118,19 @@ def test_a_run_logs_the_term_from_the_start_step_and_checkpoints_the_snapshot(ti
     teacher = {k[len("teacher.backbone."):]: v for k, v in ckpt["model"].items() if k.startswith("teacher.backbone.")}
     assert snapshot.keys() == teacher.keys()
     assert any(not torch.equal(snapshot[k], teacher[k]) for k in teacher)  # taken at step 2, the teacher moved on
+
+
+def test_a_run_written_without_gram_anchoring_resumes_with_it(tiny_overrides, tmp_path):
+    """DINOv3 turns Gram anchoring on late: resuming a plain run with it takes the snapshot from its teacher."""
+    common = [*tiny_overrides, "data.demo.n_images=3", "train.log_every=1", "train.progress=false",
+              "train.tensorboard=false"]
+    Trainer(load_config(None, [*common, "train.epochs=1"]), DistInfo(0, 1, 0, torch.device("cpu"))).fit()
+    plain = load_checkpoint(tmp_path / "run" / "checkpoint.pt")
+    trainer = Trainer(load_config(None, [*common, "train.epochs=2", "ssl.gram.enabled=true", "ssl.gram.start_step=3",
+                                         "ssl.gram.refresh_every=0"]), DistInfo(0, 1, 0, torch.device("cpu")))
+    trainer.resume(tmp_path / "run" / "checkpoint.pt")
+    for key, value in trainer.meta.gram_teacher.state_dict().items():
+        torch.testing.assert_close(value, plain["model"][f"teacher.backbone.{key}"], msg=key)
+    trainer.fit()
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "gram" in r] == [4]  # from step index 3: the last record
