@@ -25,33 +25,50 @@ STUDENT = ["model.embed_dim=32", "model.depth=4", "model.num_heads=2"]
 GATE = 0.05  # the issue's: distilled within this of the teacher's k-NN macro-F1
 
 
-def run(work: Path, teacher: Path | None = None, steps: int = 100, fresh_heads: bool = True) -> dict:
+def students(teacher: Path, fresh_heads: bool = True) -> list[tuple[str, str, list[str]]]:
+    """``(row name, run folder, overrides)`` of the students trained against ``teacher`` (a ``checkpoint.pt``)."""
+    export = teacher.with_name("teacher.pt")
+    rows = [("student from scratch", "scratch", []),
+            ("student distilled (checkpoint.pt: trained heads)", "distill_ckpt",
+             [f"distill.teacher={teacher}", "distill.init_student_heads=true"]),
+            ("  same, student heads new (as DINOv2)", "distill_ckpt_newheads",
+             [f"distill.teacher={teacher}", "distill.init_student_heads=false"])]
+    if fresh_heads:
+        rows += [("student distilled (teacher.pt: fresh frozen heads)", "distill_export",
+                  [f"distill.teacher={export}", "distill.init_student_heads=true"]),
+                 ("  same, student heads new", "distill_export_newheads",
+                  [f"distill.teacher={export}", "distill.init_student_heads=false"])]
+    return rows
+
+
+def run(work: Path, teacher: Path | None = None, steps: int = 100, fresh_heads: bool = True,
+        teacher_epochs: int = 25) -> dict:
     """Train (or reuse) the teacher and the students in ``work``, probe them; rows and the gate.
 
     Args:
         work: Working folder (runs, probes, demo data).
-        teacher: A demo run's ``checkpoint.pt``; None trains ``work/base``.
+        teacher: A demo run's ``checkpoint.pt``; None trains the demo model for ``teacher_epochs``
+            (``work/base``, or ``work/base_e<epochs>``).
         steps: Optimiser steps of every student.
         fresh_heads: Also distil from ``teacher.pt`` (fresh, frozen heads).
+        teacher_epochs: Length of the teacher's run (4 steps an epoch; 25: the demo's).
     """
     rows = []
     cache = demo_data(work)
     teacher_s = None
     if teacher is None:
-        trained = train_demo(work / "base", cache, [])
-        teacher, teacher_s = work / "base" / "checkpoint.pt", trained["seconds"]
-    rows.append({"model": "teacher (64 wide, 4 blocks)", "train_s": teacher_s,
-                 **knn_scores(teacher.with_name("teacher.pt"), work / "probe_teacher")})
+        name = "base" if teacher_epochs == 25 else f"base_e{teacher_epochs}"
+        trained = train_demo(work / name, cache, [] if teacher_epochs == 25 else [f"train.epochs={teacher_epochs}"])
+        teacher, teacher_s = work / name / "checkpoint.pt", trained["seconds"]
+    rows.append({"model": f"teacher (64 wide, 4 blocks, {teacher_epochs * 4} steps)", "train_s": teacher_s,
+                 **knn_scores(teacher.with_name("teacher.pt"), work / f"probe_{teacher.parent.name}")})
     budget = [f"train.max_steps={steps}", "train.epochs=1000"]
-    students = [("student from scratch", []),
-                ("student distilled (checkpoint.pt: trained heads)", [f"distill.teacher={teacher}"])]
-    if fresh_heads:
-        students.append(("student distilled (teacher.pt: fresh frozen heads)",
-                         [f"distill.teacher={teacher.with_name('teacher.pt')}"]))
-    for i, (name, extra) in enumerate(students):
-        trained = train_demo(work / f"student_{i}", cache, [*STUDENT, *budget, *extra])
-        rows.append({"model": name, "train_s": trained["seconds"],
-                     **knn_scores(work / f"student_{i}" / "teacher.pt", work / f"probe_student_{i}")})
+    tag = "" if teacher.parent.name == "base" else f"_{teacher.parent.name}"
+    for name, folder, extra in students(teacher, fresh_heads):
+        folder = "student_scratch" if folder == "scratch" else f"student_{folder}{tag}"
+        trained = train_demo(work / folder, cache, [*STUDENT, *budget, *extra])
+        rows.append({"model": name, "run": folder, "train_s": trained["seconds"],
+                     **knn_scores(work / folder / "teacher.pt", work / f"probe_{folder}")})
     teacher_f1, scratch, distilled = rows[0]["trained"], rows[1]["trained"], rows[2]["trained"]
     gate = {"distilled_beats_scratch": distilled > scratch, "distilled_within_of_teacher": GATE,
             "teacher_minus_distilled": teacher_f1 - distilled,
@@ -63,6 +80,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--teacher", help="checkpoint.pt of a demo run (its folder also has teacher.pt)")
     parser.add_argument("--steps", type=int, default=100, help="optimiser steps of every student")
+    parser.add_argument("--teacher-epochs", type=int, default=25, help="without --teacher: its run length")
     parser.add_argument("--workdir", help="keep runs and probes here (default: a temp folder)")
     parser.add_argument("--json", default="benchmarks/results/distill_knn.json")
     parser.add_argument("--smoke", action="store_true", help="tiny runs: check that the script works")
@@ -70,7 +88,8 @@ def main() -> None:
     if args.smoke:
         smoke()
     with tempfile.TemporaryDirectory() as tmp:
-        result = run(Path(args.workdir or tmp), Path(args.teacher) if args.teacher else None, args.steps)
+        result = run(Path(args.workdir or tmp), Path(args.teacher) if args.teacher else None, args.steps,
+                     teacher_epochs=args.teacher_epochs)
     print(format_table(result["rows"], [("model", "model", "s"), ("train_s", "train s", ".0f"),
                                         ("trained", "k-NN F1", ".3f"), ("random-init", "random F1", ".3f"),
                                         ("raw-pixels", "raw F1", ".3f")]))

@@ -354,6 +354,7 @@ class DistillConfig:
 
     teacher: str | None = None  # teacher.pt / checkpoint.pt of cellvit_ssl or a DINOv2-layout .pth (null: off)
     masking: bool = False  # iBOT-mask the student's global views (iBOT on masked tokens only: less memory)
+    init_student_heads: bool = True  # student heads start as the teacher's but for the first layer (false: new)
 
 
 @dataclass(frozen=True)

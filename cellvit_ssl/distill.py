@@ -334,18 +334,52 @@ def _warn_on_other_preprocessing(stored: dict | None, cfg: Config, source: str) 
 
 
 def resolve_distill_config(cfg: Config, teacher: FrozenTeacher) -> Config:
-    """The run config with the student's head output sizes set to the teacher heads' prototypes.
+    """The run config with the student's head sizes set from the teacher's heads.
 
-    The student's heads must score the teacher's prototypes; their hidden and bottleneck
-    widths stay the run's own. The resolved config is what ``config.yaml`` and the checkpoints
-    record (so an encoder rebuilds the run's model from them).
+    The student's heads must score the teacher's prototypes (``ssl.head_output_dim``,
+    ``ssl.ibot_head_output_dim``); with ``distill.init_student_heads`` their hidden and
+    bottleneck widths are the teacher's too (of its DINO head, else its iBOT head), so that
+    :func:`init_student_heads` can copy them. The resolved config is what ``config.yaml`` and
+    the checkpoints record (so an encoder rebuilds the run's model from them).
     """
-    k = {name: int(getattr(teacher, name).last_layer.weight_v.shape[0]) for name in HEADS if hasattr(teacher, name)}
+    heads = {name: getattr(teacher, name) for name in HEADS if hasattr(teacher, name)}
     ssl = cfg.ssl
-    dino_k = k.get("dino_head", ssl.head_output_dim)
-    ibot_k = k.get("ibot_head", ssl.ibot_head_output_dim or ssl.head_output_dim)
+    dino_k = heads["dino_head"].last_layer.out_features if "dino_head" in heads else ssl.head_output_dim
+    ibot_k = heads["ibot_head"].last_layer.out_features if "ibot_head" in heads \
+        else ssl.ibot_head_output_dim or ssl.head_output_dim
     resolved = replace(ssl, head_output_dim=dino_k, ibot_head_output_dim=None if ibot_k == dino_k else ibot_k)
+    if cfg.distill.init_student_heads and heads:
+        head = next(iter(heads.values()))
+        resolved = replace(resolved, head_hidden_dim=head.layers[0].out_features,
+                           head_bottleneck_dim=head.last_layer.in_features)
     return cfg if resolved == ssl else replace(cfg, ssl=resolved)
+
+
+@torch.no_grad()
+def init_student_heads(meta: nn.Module, teacher: FrozenTeacher) -> list[str]:
+    """Start the student's heads (and their EMA copies) as the frozen teacher's, but for the first layer.
+
+    The first layer reads the student's features (another width); the rest of each head and its
+    prototypes are the teacher's, so from the first step the student only has to produce
+    features the teacher's head maps to the teacher's assignments, instead of also finding a
+    head and prototypes of its own. Tensors whose shapes differ are left as initialised.
+
+    Returns:
+        The keys copied, as ``<head>.<key>``.
+    """
+    copied = []
+    for name in HEADS:
+        if name not in meta.student or not hasattr(teacher, name):
+            continue
+        source = getattr(teacher, name).state_dict()
+        for net in (meta.student, meta.teacher):
+            target = net[name].state_dict()
+            for key, value in source.items():
+                if not key.startswith("layers.0.") and key in target and target[key].shape == value.shape:
+                    target[key].copy_(value)
+                    if net is meta.student:
+                        copied.append(f"{name}.{key}")
+    return copied
 
 
 def check_compatible(student: ChannelAdaptiveViT, teacher: FrozenTeacher, cfg: Config, view_sizes: Sequence[int],

@@ -64,7 +64,13 @@ from cellvit_ssl.data.collate import collate_channels
 from cellvit_ssl.data.dataset import build_dataset as build_index_dataset
 from cellvit_ssl.data.normalize import ChannelStats
 from cellvit_ssl.data.synthetic import DemoSpec, generate_demo
-from cellvit_ssl.distill import FrozenTeacher, build_frozen_teacher, check_compatible, resolve_distill_config
+from cellvit_ssl.distill import (
+    FrozenTeacher,
+    build_frozen_teacher,
+    check_compatible,
+    init_student_heads,
+    resolve_distill_config,
+)
 from cellvit_ssl.errors import CellVitSSLError, CheckpointError, DataError
 from cellvit_ssl.models.channels import build_model
 from cellvit_ssl.optim import Schedules, apply_schedules, param_groups
@@ -390,9 +396,10 @@ class Trainer:
         if cfg.distill.teacher:  # before the run folder exists: a bad teacher file leaves none
             frozen, resolved = load_distill_teacher(cfg, self.vocabulary)
             if resolved.ssl != cfg.ssl and info.is_main:
-                print(f"cellvit_ssl: the student's heads score the teacher's prototypes: ssl.head_output_dim="
-                      f"{resolved.ssl.head_output_dim}, ssl.ibot_head_output_dim={resolved.ssl.ibot_head_output_dim} "
-                      "(the saved config.yaml has them)", flush=True)
+                s = resolved.ssl
+                print(f"cellvit_ssl: the student's heads follow the teacher's: ssl.head_output_dim="
+                      f"{s.head_output_dim}, ssl.ibot_head_output_dim={s.ibot_head_output_dim}, ssl.head_hidden_dim={s.head_hidden_dim}, "
+                      f"ssl.head_bottleneck_dim={s.head_bottleneck_dim} (the saved config.yaml has them)", flush=True)
             cfg = resolved
         self.cfg = cfg
         # Rank 0 generates demo data / opens the index first; the others then reuse it.
@@ -411,6 +418,8 @@ class Trainer:
         self.preprocess = Preprocess.from_config(cfg, self.stats)
         self.meta = DINOMetaArch(build_model(cfg.model, list(cfg.data.channels), vocabulary=self.vocabulary),
                                  cfg.ssl, frozen_teacher=frozen, mask_student=cfg.distill.masking).to(info.device)
+        if frozen is not None and cfg.distill.init_student_heads:
+            init_student_heads(self.meta, frozen)
         seed_everything(t.seed + info.rank)  # per-rank stream for stochastic layers (drop path)
         if t.activation_checkpointing:
             enable_activation_checkpointing(self.meta)

@@ -95,6 +95,22 @@ def test_the_frozen_teacher_stays_out_of_state_dict_optimizer_and_autograd(tmp_p
     assert load_checkpoint(tmp_path / "student" / "teacher.pt")["backbone"]["backbone.pos_embed"].shape[-1] == 16
 
 
+def test_the_student_heads_start_as_the_teachers_but_for_the_first_layer(tmp_path):
+    _, _, training, _ = _teacher_files(tmp_path)
+    cpu = DistInfo(0, 1, 0, torch.device("cpu"))
+    trainer = Trainer(_student_cfg(tmp_path, training, ["train.resume=none"]), cpu)
+    teacher = trainer.meta.frozen_teacher.dino_head.state_dict()
+    assert (trainer.cfg.ssl.head_hidden_dim, trainer.cfg.ssl.head_bottleneck_dim) == (64, 16)  # the teacher's
+    for net in (trainer.meta.student, trainer.meta.teacher):  # the student and its EMA
+        head = net.dino_head.state_dict()
+        assert head["layers.0.weight"].shape == (64, 16) and teacher["layers.0.weight"].shape == (64, 32)
+        for key in ("layers.2.weight", "layers.4.weight", "last_layer.weight_v"):
+            torch.testing.assert_close(head[key], teacher[key], msg=key)
+    fresh = Trainer(_student_cfg(tmp_path, training, ["train.resume=none", "distill.init_student_heads=false"]), cpu)
+    assert fresh.cfg.ssl.head_hidden_dim == 32  # the run's own widths, new weights
+    assert fresh.meta.student.dino_head.layers[2].weight.shape == (32, 32)
+
+
 def test_an_encoder_export_gets_fresh_frozen_heads_from_the_seed(tmp_path):
     _, _, _, export = _teacher_files(tmp_path)
     cfg = _student_cfg(tmp_path, export)
