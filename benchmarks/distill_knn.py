@@ -21,7 +21,8 @@ from pathlib import Path
 from benchmarks._common import format_table, write_json
 from benchmarks._demo_runs import demo_data, knn_scores, machine, smoke, train_demo
 
-STUDENT = ["model.embed_dim=32", "model.depth=4", "model.num_heads=2"]
+#: Student sizes by name: width, blocks, attention heads (the teacher: 64, 4, 4).
+STUDENTS = {"w32d4": (32, 4, 2), "w16d2": (16, 2, 2)}
 GATE = 0.05  # the issue's: distilled within this of the teacher's k-NN macro-F1
 
 
@@ -42,7 +43,7 @@ def students(teacher: Path, fresh_heads: bool = True) -> list[tuple[str, str, li
 
 
 def run(work: Path, teacher: Path | None = None, steps: int = 100, fresh_heads: bool = True,
-        teacher_epochs: int = 25) -> dict:
+        teacher_epochs: int = 25, student: str = "w16d2") -> dict:
     """Train (or reuse) the teacher and the students in ``work``, probe them; rows and the gate.
 
     Args:
@@ -52,7 +53,10 @@ def run(work: Path, teacher: Path | None = None, steps: int = 100, fresh_heads: 
         steps: Optimiser steps of every student.
         fresh_heads: Also distil from ``teacher.pt`` (fresh, frozen heads).
         teacher_epochs: Length of the teacher's run (4 steps an epoch; 25: the demo's).
+        student: A key of :data:`STUDENTS`.
     """
+    width, depth, heads = STUDENTS[student]
+    size = [f"model.embed_dim={width}", f"model.depth={depth}", f"model.num_heads={heads}"]
     rows = []
     cache = demo_data(work)
     teacher_s = None
@@ -63,17 +67,18 @@ def run(work: Path, teacher: Path | None = None, steps: int = 100, fresh_heads: 
     rows.append({"model": f"teacher (64 wide, 4 blocks, {teacher_epochs * 4} steps)", "train_s": teacher_s,
                  **knn_scores(teacher.with_name("teacher.pt"), work / f"probe_{teacher.parent.name}")})
     budget = [f"train.max_steps={steps}", "train.epochs=1000"]
-    tag = "" if teacher.parent.name == "base" else f"_{teacher.parent.name}"
+    tag = ("" if teacher.parent.name == "base" else f"_{teacher.parent.name}") + ("" if student == "w32d4" else
+                                                                                  f"_{student}")
     for name, folder, extra in students(teacher, fresh_heads):
-        folder = "student_scratch" if folder == "scratch" else f"student_{folder}{tag}"
-        trained = train_demo(work / folder, cache, [*STUDENT, *budget, *extra])
+        folder = f"student_{folder}{tag}"
+        trained = train_demo(work / folder, cache, [*size, *budget, *extra])
         rows.append({"model": name, "run": folder, "train_s": trained["seconds"],
                      **knn_scores(work / folder / "teacher.pt", work / f"probe_{folder}")})
     teacher_f1, scratch, distilled = rows[0]["trained"], rows[1]["trained"], rows[2]["trained"]
     gate = {"distilled_beats_scratch": distilled > scratch, "distilled_within_of_teacher": GATE,
             "teacher_minus_distilled": teacher_f1 - distilled,
             "passed": distilled > scratch and teacher_f1 - distilled <= GATE}
-    return {"rows": rows, "gate": gate}
+    return {"student": {"width": width, "depth": depth, "heads": heads}, "steps": steps, "rows": rows, "gate": gate}
 
 
 def main() -> None:
@@ -81,6 +86,7 @@ def main() -> None:
     parser.add_argument("--teacher", help="checkpoint.pt of a demo run (its folder also has teacher.pt)")
     parser.add_argument("--steps", type=int, default=100, help="optimiser steps of every student")
     parser.add_argument("--teacher-epochs", type=int, default=25, help="without --teacher: its run length")
+    parser.add_argument("--student", default="w16d2", choices=sorted(STUDENTS), help="student size")
     parser.add_argument("--workdir", help="keep runs and probes here (default: a temp folder)")
     parser.add_argument("--json", default="benchmarks/results/distill_knn.json")
     parser.add_argument("--smoke", action="store_true", help="tiny runs: check that the script works")
@@ -89,12 +95,12 @@ def main() -> None:
         smoke()
     with tempfile.TemporaryDirectory() as tmp:
         result = run(Path(args.workdir or tmp), Path(args.teacher) if args.teacher else None, args.steps,
-                     teacher_epochs=args.teacher_epochs)
+                     teacher_epochs=args.teacher_epochs, student=args.student)
     print(format_table(result["rows"], [("model", "model", "s"), ("train_s", "train s", ".0f"),
                                         ("trained", "k-NN F1", ".3f"), ("random-init", "random F1", ".3f"),
                                         ("raw-pixels", "raw F1", ".3f")]))
     print(result["gate"])
-    write_json(args.json, {"benchmark": "distill_knn", "student": STUDENT, "steps": args.steps, "machine": machine(),
+    write_json(args.json, {"benchmark": "distill_knn", "machine": machine(),
                            "probe": "demo_knn: k-NN macro-F1, leave one field out, 48 unseen demo fields", **result})
 
 
