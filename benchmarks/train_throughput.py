@@ -11,13 +11,15 @@ One run measures, on random data already on the device, for every channel count 
   for every variant (a variant that cannot be built yet is reported as unavailable).
 
 Per entry: images/s (multichannel images), step time, peak memory, FLOPs per step
-(``torch.utils.flop_counter``), MFU against a square matmul measured in the same run (bf16 on
-CUDA, fp32 on CPU), and ratios to the matching lightly reference. On CUDA the steps run
-under bf16 autocast with fused AdamW; ``--compile`` compiles the backbones.
+(``torch.utils.flop_counter``), on CUDA the MFU against a bf16 square matmul measured in the
+same run (on CPU no MFU is given: a small fp32 matmul is no peak to divide by), and ratios to
+the matching lightly reference. On CUDA the steps run under bf16 autocast with fused AdamW;
+``--compile`` compiles the backbones.
 
-``--mode views`` (or ``both``) also measures the view pipeline: samples/s delivered to the
-device by DataLoader workers running the CPU transform, against raw tiles moved once and cut
-by :class:`cellvit_ssl.gpu_views.GPUMultiCrop` on the device.
+``--mode views`` (or ``both``) also measures the view pipeline with the full ``views`` config
+of our step (every op on): samples/s delivered to the device by DataLoader workers running the
+CPU transform, against normalised tiles moved once and cut by
+:class:`cellvit_ssl.gpu_views.GPUMultiCrop` on the device (what ``views.device=device`` does).
 
 Examples:
     python -m benchmarks.train_throughput --tiny --json /tmp/tiny.json
@@ -60,7 +62,7 @@ from benchmarks._common import (  # noqa: E402
 )
 from cellvit_ssl.channels import VOCABULARY, channel_ids
 from cellvit_ssl.config import Variant, load_config
-from cellvit_ssl.gpu_views import GPU_VIEWS_OVERRIDES, GPUMultiCrop
+from cellvit_ssl.gpu_views import GPUMultiCrop
 from cellvit_ssl.models import build_model
 from cellvit_ssl.ssl import DINOMetaArch
 from cellvit_ssl.transforms import MultichannelDINOTransform
@@ -194,7 +196,7 @@ def random_views(batch: int, channels: int, args: argparse.Namespace, device: to
 
 
 def measure(name: str, build: Callable[[], nn.Module], views: list[Tensor], images: int, samples: int,
-            args: argparse.Namespace, device: torch.device, peak_flops: float) -> dict:
+            args: argparse.Namespace, device: torch.device, peak_flops: float | None) -> dict:
     """Build, count FLOPs, optionally compile, warm up and time one entry; never raises."""
     row: dict = {"name": name, "batch_images": images, "samples_per_step": samples}
     free_memory(device)
@@ -228,14 +230,14 @@ def measure(name: str, build: Callable[[], nn.Module], views: list[Tensor], imag
         peak_mem_gib=peak,
         mem_per_image_mib=None if peak is None else peak * 1024 / images,
         tflops_per_step=row["flops_per_step"] / 1e12,
-        mfu=row["flops_per_step"] / seconds / peak_flops,
+        mfu=None if peak_flops is None else row["flops_per_step"] / seconds / peak_flops,
     )
     del model, step, forward_backward
     free_memory(device)
     return row
 
 
-def train_rows(args: argparse.Namespace, device: torch.device, peak_flops: float) -> list[dict]:
+def train_rows(args: argparse.Namespace, device: torch.device, peak_flops: float | None) -> list[dict]:
     rows = []
     head_dims = (args.head_hidden, args.head_bottleneck, args.head_dim)
     for c in args.channels:
@@ -299,10 +301,9 @@ def _delivered_per_s(loader: DataLoader, deliver: Callable, batches: int, batch:
 
 
 def views_rows(args: argparse.Namespace, device: torch.device) -> dict:
-    """Samples/s of multi-crop views delivered to ``device``: CPU transform in workers vs GPU views."""
+    """Samples/s of multi-crop views delivered to ``device``: CPU transform in workers vs device views."""
     c = max(args.channels)
-    # Both paths make the same views: the CPU transform's extra ops are off (see GPU_VIEWS_OVERRIDES).
-    args = argparse.Namespace(**{**vars(args), "override": [*args.override, *GPU_VIEWS_OVERRIDES]})
+    # Both paths make the same views (same config, every op of the CPU transform on the device too).
     cfg = ours_config(args, "boc", c).views
     pin = device.type == "cuda"
     n = args.views_batch * (args.views_batches + 1)
@@ -363,7 +364,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--compile", action="store_true", help="torch.compile the backbones")
     p.add_argument("--compile-backend", default="inductor", help="torch.compile backend ('eager' only traces)")
     p.add_argument("--device", default="auto")
-    p.add_argument("--matmul-size", type=int, default=8192, help="side of the peak-FLOP/s matmul")
+    p.add_argument("--matmul-size", type=int, default=8192, help="side of the peak-FLOP/s matmul (CUDA only)")
     p.add_argument("--tile-size", type=int, default=256, help="raw tile side for the views benchmark")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="DataLoader workers (views)")
     p.add_argument("--views-batch", type=int, default=256)
@@ -387,21 +388,23 @@ def main(argv: list[str] | None = None) -> dict:
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    peak = matmul_peak_flops(device, args.matmul_size, dtype)
+    # MFU needs the device's dense-matmul peak. On CPU a matmul of the sizes a quick run can
+    # afford is no such peak (the model's larger matmuls beat it), so no MFU is given there.
+    peak = matmul_peak_flops(device, args.matmul_size, torch.bfloat16) if device.type == "cuda" else None
     result = {
         "benchmark": "train_throughput",
         "env": {**device_info(device), **versions()},
         "args": vars(args),
         "precision": "bf16 autocast, fused AdamW" if device.type == "cuda" else "fp32",
-        "peak_matmul": {"dtype": str(dtype).removeprefix("torch."), "size": args.matmul_size,
-                        "tflops": peak / 1e12},
+        "peak_matmul": None if peak is None else {"dtype": "bfloat16", "size": args.matmul_size,
+                                                  "tflops": peak / 1e12},
         "train": None,
         "views": None,
     }
+    yardstick = (f"peak bf16 matmul {peak / 1e12:.1f} TFLOP/s (MFU yardstick)" if peak is not None
+                 else "no MFU on CPU (no meaningful matmul peak)")
     print(f"device {result['env']['name']} ({device}); torch {result['env']['torch']}, "
-          f"lightly {result['env']['lightly']}, timm {result['env']['timm']}; {result['precision']}; "
-          f"peak {result['peak_matmul']['dtype']} matmul {peak / 1e12:.2f} TFLOP/s")
+          f"lightly {result['env']['lightly']}, timm {result['env']['timm']}; {result['precision']}; {yardstick}")
     if args.mode in ("train", "both"):
         result["train"] = train_rows(args, device, peak)
         print(f"\n{args.arch}, {args.global_size}px x2 + {args.local_size}px x{args.n_local}, head "
@@ -419,18 +422,18 @@ def main(argv: list[str] | None = None) -> dict:
         v = result["views"] = views_rows(args, device)
         print(f"\nviews delivered to {device} ({v['channels']}ch {v['tile_size']}px tiles, "
               f"{v['views_per_sample']} views, {v['workers']} workers): CPU transform "
-              f"{v['cpu_path_samples_per_s']:.1f}/s, GPU views {v['gpu_path_samples_per_s']:.1f}/s "
-              f"(x{v['gpu_over_cpu']:.2f}); GPU views alone {v['gpu_views_only_samples_per_s']:.1f}/s")
+              f"{v['cpu_path_samples_per_s']:.1f}/s, device views {v['gpu_path_samples_per_s']:.1f}/s "
+              f"(x{v['gpu_over_cpu']:.2f}); device views alone {v['gpu_views_only_samples_per_s']:.1f}/s")
         ours = [r["images_per_s"] for r in result["train"] or [] if r["name"].startswith("ours/")
                 and r.get("status") == "ok"]
         if ours:
             v["step_consumption_images_per_s"] = max(ours)
             v["feed_ratio_cpu"] = v["cpu_path_samples_per_s"] / max(ours)
             v["feed_ratio_gpu"] = v["gpu_path_samples_per_s"] / max(ours)
-            # Device time the GPU views take per image, as a share of the fastest step's time per image.
+            # Device time the device views take per image, as a share of the fastest step's time per image.
             v["gpu_views_share_of_step"] = max(ours) / v["gpu_views_only_samples_per_s"]
             print(f"feed ratio (delivered / fastest step's consumption): CPU {v['feed_ratio_cpu']:.2f}, "
-                  f"GPU {v['feed_ratio_gpu']:.2f}; GPU views cost {v['gpu_views_share_of_step']:.1%} of a step")
+                  f"device {v['feed_ratio_gpu']:.2f}; device views cost {v['gpu_views_share_of_step']:.1%} of a step")
     if args.json:
         print(f"\nwrote {write_json(args.json, result)}")
     return result

@@ -31,6 +31,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "embed": ("cellvit_ssl.embed", "embeddings of an index or of images into AnnData"),
     "evaluate": ("cellvit_ssl.evaluate", "k-NN / linear scores of embeddings against baselines"),
     "index": ("cellvit_ssl.data.index", "build an index table from a folder or a CHAMMI download"),
+    "curate": ("cellvit_ssl.curate", "curate an index: near-duplicates out, clusters balanced, rare rows retrieved"),
 }
 
 

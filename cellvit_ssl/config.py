@@ -97,6 +97,14 @@ class ChannelMode(Choice):
     boc = "boc"
 
 
+class ViewsDevice(Choice):
+    """Where the training views are made."""
+
+    auto = "auto"
+    workers = "workers"
+    device = "device"
+
+
 class Variant(Choice):
     """Channel-adaptive model variant (see :mod:`cellvit_ssl.models`)."""
 
@@ -227,6 +235,7 @@ class ViewsConfig:
     channel_drop_prob: float = 0.0  # per channel, joint mode only; never all channels
     protected_channels: list[str] = field(default_factory=list)  # never dropped, e.g. [protein]
     channel_mode: ChannelMode = ChannelMode.joint  # joint: channels share a crop | boc: each its own sample
+    device: ViewsDevice = ViewsDevice.auto  # auto: device on CUDA | workers: per sample on CPU | device: batched
 
 
 @dataclass(frozen=True)
@@ -248,8 +257,8 @@ class ModelConfig:
     ffn_layer: FfnLayer = FfnLayer.mlp  # mlp | swiglu (DINOv2's fused SwiGLU, e.g. for vit_giant2)
     pool_patch_tokens: bool = False  # embed(): append the mean patch token to each CLS token
     attn_backend: AttnBackend = AttnBackend.sdpa  # sdpa | xformers (used only when installed and on CUDA)
-    interpolate_offset: float = 0.0  # pos-embed resize: 0 = exact grid; 0.1 = DINOv2's scale-factor resize
-    interpolate_antialias: bool = False  # antialias the position-embedding resize
+    interpolate_offset: float = 0.0  # 0: exact grid; 0.1: DINOv2's resize (models without registers)
+    interpolate_antialias: bool = False  # antialias the pos-embed resize (DINOv2 register models, timm)
     pretrained: str | None = None  # local DINOv2-layout .pth loaded into the backbone at build time
     pretrained_strict: bool = True  # missing / unexpected checkpoint keys are an error (else a warning)
 

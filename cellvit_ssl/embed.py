@@ -141,7 +141,8 @@ def provenance(encoder: Encoder, checkpoint: str, sha: str) -> dict:
     return {
         "model": {"checkpoint": str(Path(checkpoint).resolve()), "sha256": sha, "variant": cfg.variant.value,
                   "arch": cfg.arch, "patch_size": int(cfg.patch_size), "embed_dim": int(encoder.model.embed_dim),
-                  "output_dim": encoder.output_dim, "channels": list(encoder.channels),
+                  "output_dim": encoder.output_dim, "channel_dim": encoder.channel_dim,
+                  "channels": list(encoder.channels),
                   "input_size": encoder.input_size},
         "config": json.dumps(config_to_dict(encoder.config)),
         "preprocess": json.dumps(encoder.preprocess.to_dict()),

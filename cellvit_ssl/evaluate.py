@@ -457,6 +457,7 @@ class EvaluateConfig:
     dataset_key: str | None = None  # obs column naming sub-datasets scored apart (default: dataset if present)
     k: int = 10  # k of the k-NN classifiers (1-NN is always scored)
     baselines: bool = True  # also score random-init weights and raw pixels on the same samples
+    channel_blocks: bool = True  # also score each channel's block of a concatenated embedding (trained[protein])
     pixel_size: int = 8  # raw-pixel baseline: side per channel before PCA
     pca: int = 64  # raw-pixel baseline: PCA dimensions
     seed: int = 0  # seed of the random-init baseline, CV folds and classifiers
@@ -493,6 +494,7 @@ COMMAND_LINE = CommandLine(
         Flag(("--group-key",), "evaluate.group_key"), Flag(("--leave-out",), "evaluate.leave_out"),
         Flag(("--dataset-key",), "evaluate.dataset_key"), Flag(("--k",), "evaluate.k"),
         Flag(("--no-baselines",), "evaluate.baselines", False), Flag(("--root",), "data.root"),
+        Flag(("--no-channel-blocks",), "evaluate.channel_blocks", False),
         Flag(("--pixel-size",), "evaluate.pixel_size"), Flag(("--pca",), "evaluate.pca"),
         Flag(("--seed",), "evaluate.seed"), Flag(("--device",), "evaluate.device"),
         Flag(("--workers",), "data.num_workers"), Flag(("--json",), "evaluate.json"),
@@ -503,6 +505,23 @@ COMMAND_LINE = CommandLine(
         "python -m cellvit_ssl.evaluate chammi.h5ad --label-key label --protocol chammi",
     ),
 )
+
+
+def channel_blocks(adata) -> dict[str, np.ndarray]:
+    """Each channel's block of a concatenated embedding, as ``trained[<channel>]`` feature sets.
+
+    Embeddings hold one block per model channel when ``embed`` concatenated them (the bag-of-channels
+    default, or ``embed.pooling=concat``); otherwise there is nothing to split and this is empty.
+    """
+    model = dict(adata.uns.get("model", {}))
+    channels = [str(c) for c in model.get("channels", [])]
+    width = int(model.get("channel_dim", 0) or 0)
+    pooling = str(dict(adata.uns.get("embed", {})).get("pooling", "default"))
+    concatenated = pooling == "concat" or (pooling == "default" and model.get("variant") == "boc")
+    x = np.asarray(adata.X, dtype=np.float32)
+    if not (concatenated and channels and width and x.shape[1] == len(channels) * width):
+        return {}
+    return {f"trained[{c}]": x[:, k * width : (k + 1) * width] for k, c in enumerate(channels)}
 
 
 def _check(cfg: EvaluateCommand) -> None:
@@ -550,6 +569,8 @@ def run(cfg: EvaluateCommand) -> dict:
                             seed=args.seed)
         detected = None
     feature_sets = {"trained": np.asarray(adata.X, dtype=np.float32)}
+    if args.channel_blocks:
+        feature_sets.update(channel_blocks(adata))
     if args.baselines:
         _check_index_unchanged(adata)
         print("computing baselines: random-init encoder, raw pixels ...", file=sys.stderr)

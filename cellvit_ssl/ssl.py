@@ -337,9 +337,14 @@ class DINOMetaArch(nn.Module):
             max_image_mask_ratio=hi,
             # DINOv2's 4-patch minimum block is meant for 16x16 grids; small grids need 1.
             min_num_masks_per_block=4 if n_tokens >= 64 else 1,
-            device=view.device,
+            # lightly places the blocks in a Python loop that reads every block back (.item()): a
+            # host sync per block on a GPU, free on the CPU. One non-blocking copy moves the masks.
+            device="cpu",
         )
-        return masks.flatten(1)
+        masks = masks.flatten(1)
+        if view.device.type == "cuda":
+            return masks.pin_memory().to(view.device, non_blocking=True)
+        return masks.to(view.device)
 
     def _targets(self, g: Tensor, g_ids: Tensor, g_present: Tensor, tokens: Tensor | None) -> dict[str, Tensor]:
         """Raw head outputs of the target network on the global views (no gradients).

@@ -77,7 +77,7 @@ from cellvit_ssl.optim import Schedules, apply_schedules, param_groups
 from cellvit_ssl.phases import Phase, phase_schedules, plan_phases
 from cellvit_ssl.preprocess import Preprocess
 from cellvit_ssl.ssl import DINOMetaArch, with_gram_teacher
-from cellvit_ssl.transforms import MultichannelDINOTransform
+from cellvit_ssl.view_maker import DeviceViews, WorkerViews, build_view_maker
 
 EXIT_ERROR = 2
 EXIT_DIVERGED = 3
@@ -144,18 +144,25 @@ class SeededViews(Dataset):
             return self.dataset[index]
 
 
-def build_dataset(cfg: Config, stats: ChannelStats | None = None, seed: int | None = None) -> SeededViews:
-    """The run's dataset of multichannel DINO views (generating the demo data if enabled).
+def build_dataset(cfg: Config, view_maker: WorkerViews | DeviceViews | None = None,
+                  stats: ChannelStats | None = None, seed: int | None = None) -> SeededViews:
+    """The run's dataset (generating the demo data if enabled).
+
+    Its items hold the multichannel DINO views when ``view_maker`` makes them in the loader's
+    workers, and the normalised samples (``image``) when it makes them on the device.
 
     Args:
         cfg: The run config (for a later phase: the phase's, see :func:`cellvit_ssl.phases.phase_config`).
+        view_maker: From :func:`~cellvit_ssl.view_maker.build_view_maker` (default: the one a
+            CPU run of ``cfg`` uses).
         stats: Dataset statistics to use (``data.normalize=dataset``) instead of computing them.
         seed: Seed of the augmentations (default ``train.seed``).
     """
     index, root = resolve_index(cfg)
-    views = MultichannelDINOTransform(cfg.views, channels=list(cfg.data.channels))
-    dataset = build_index_dataset(cfg.data, views, index=index, root=root, stats=stats)
-    return SeededViews(dataset, cfg.train.seed if seed is None else seed)
+    seed = cfg.train.seed if seed is None else seed
+    view_maker = view_maker or build_view_maker(cfg, torch.device("cpu"), seed=seed)
+    dataset = build_index_dataset(cfg.data, view_maker.sample_transform, index=index, root=root, stats=stats)
+    return SeededViews(dataset, seed)
 
 
 def _ignore_stop_signals(_worker_id: int) -> None:
@@ -178,7 +185,8 @@ def build_loader(cfg: Config, info: D.DistInfo | None = None,
     """
     info = info or D.DistInfo(0, 1, 0, torch.device("cpu"))
     seed = cfg.train.seed if seed is None else seed
-    dataset = dataset if dataset is not None else build_dataset(cfg, seed=seed)
+    dataset = dataset if dataset is not None else build_dataset(
+        cfg, build_view_maker(cfg, info.device, info.rank, seed=seed), seed=seed)
     per_step = cfg.data.batch_size * info.world_size
     if len(dataset) < per_step:
         raise DataError(
@@ -398,18 +406,22 @@ class Trainer:
             if resolved.ssl != cfg.ssl and info.is_main:
                 s = resolved.ssl
                 print(f"cellvit_ssl: the student's heads follow the teacher's: ssl.head_output_dim="
-                      f"{s.head_output_dim}, ssl.ibot_head_output_dim={s.ibot_head_output_dim}, ssl.head_hidden_dim={s.head_hidden_dim}, "
-                      f"ssl.head_bottleneck_dim={s.head_bottleneck_dim} (the saved config.yaml has them)", flush=True)
+                      f"{s.head_output_dim}, ssl.ibot_head_output_dim={s.ibot_head_output_dim}, "
+                      f"ssl.head_hidden_dim={s.head_hidden_dim}, ssl.head_bottleneck_dim={s.head_bottleneck_dim} "
+                      "(the saved config.yaml has them)", flush=True)
             cfg = resolved
         self.cfg = cfg
+        #: Makes each micro-batch's views: in the loader's workers or on the device (views.device);
+        #: rebuilt with the loader at each phase boundary.
+        self.view_maker = build_view_maker(cfg, info.device, info.rank)
         # Rank 0 generates demo data / opens the index first; the others then reuse it.
-        dataset = build_dataset(cfg) if info.is_main else None
+        dataset = build_dataset(cfg, self.view_maker) if info.is_main else None
         if info.is_main:  # only once the data is there: a data error leaves no empty run folder
             self.out.mkdir(parents=True, exist_ok=True)
             remove_stale_temporaries(self.out)
             save_config(cfg, self.out / "config.yaml")
         D.barrier()
-        self.loader = build_loader(cfg, info, dataset if dataset is not None else build_dataset(cfg))
+        self.loader = build_loader(cfg, info, dataset if dataset is not None else build_dataset(cfg, self.view_maker))
         self.sampler: D.ShardedSampler = self.loader.sampler
         inner = self.loader.dataset.dataset
         #: Dataset statistics (``data.normalize=dataset``), shared by every phase.
@@ -480,13 +492,19 @@ class Trainer:
         return next((run for run in self.phases if step < run.phase.end_step), self.phases[-1])
 
     def _enter_phase(self, run: PhaseRun) -> None:
-        """Switch the data loader (and so the views) to ``run``'s phase if it is not the active one."""
+        """Switch the data loader and the view maker to ``run``'s phase if it is not the active one.
+
+        Both view makers switch: worker views are cut by the phase's transform in the loader,
+        device views by the phase's batched crops, each drawn from the phase's seed.
+        """
         index = run.phase.index
         if index == self._active_phase:
             return
+        phase = run.phase
         with _rng_untouched():
-            dataset = build_dataset(run.phase.cfg, stats=self.stats, seed=run.phase.seed)
-            self.loader = build_loader(run.phase.cfg, self.info, dataset, seed=run.phase.seed)
+            self.view_maker = build_view_maker(phase.cfg, self.info.device, self.info.rank, seed=phase.seed)
+            dataset = build_dataset(phase.cfg, self.view_maker, stats=self.stats, seed=phase.seed)
+            self.loader = build_loader(phase.cfg, self.info, dataset, seed=phase.seed)
         self.sampler = self.loader.sampler
         self._active_phase = index
         if self.info.is_main:
@@ -599,6 +617,22 @@ class Trainer:
 
     # -- the loop ----------------------------------------------------------------------------
 
+    def _model_inputs(self, batch: dict, run: PhaseRun, micro: int) -> tuple[list[torch.Tensor], torch.Tensor, dict]:
+        """Views, channel ids and model keyword arguments of one micro-batch, on the device.
+
+        Every copy is non-blocking (the loader pins its batches on CUDA); the views come from
+        :attr:`view_maker`, seeded by the data epoch and the micro-batch's number within it on
+        this rank, both counted from the first step of ``run``'s phase (as the sampler counts).
+        """
+        device = self.info.device
+        ids = batch["channel_ids"].to(device, non_blocking=True)
+        kwargs = {}
+        if "channel_mask" in batch:
+            kwargs["channel_mask"] = batch["channel_mask"].to(device, non_blocking=True)
+        epoch, within = divmod(self.step - run.phase.first_step, run.steps_per_epoch)
+        number = within * self.cfg.train.accumulate_steps + micro
+        return self.view_maker(batch, ids, epoch, number), ids, kwargs
+
     def _train_step(self, batches, epoch: int, stop: StopRequest) -> dict:
         """One optimiser step and its record (loss terms averaged over ranks, schedules).
 
@@ -615,12 +649,10 @@ class Trainer:
         terms: dict[str, torch.Tensor] = {}
         autocast = torch.autocast(device.type, dtype=torch.bfloat16) if self.bf16 else nullcontext()
         for micro in range(t.accumulate_steps):
-            batch = next(batches)
-            views = [v.to(device, non_blocking=True) for v in batch["views"]]
-            kwargs = {"channel_mask": batch["channel_mask"].to(device)} if "channel_mask" in batch else {}
+            views, ids, kwargs = self._model_inputs(next(batches), run, micro)
             with D.no_sync(self.model, micro < t.accumulate_steps - 1):
                 with autocast:
-                    out = self.model(views, batch["channel_ids"].to(device), epoch=epoch, step=self.step, **kwargs)
+                    out = self.model(views, ids, epoch=epoch, step=self.step, **kwargs)
                 (out["loss"] / t.accumulate_steps).backward()
             for key, value in out.items():
                 value = value.detach().float() / t.accumulate_steps
@@ -654,7 +686,8 @@ class Trainer:
             resumed = f", resumed at step {self.step} from {source}" if source is not None else ""
             print(f"cellvit_ssl: {len(self.loader.dataset)} samples, {info.world_size} process(es) on "
                   f"{info.device.type}, global batch {self.global_batch}, {self.steps_per_epoch} steps/epoch, "
-                  f"{self.total_steps} steps, model {self.cfg.model.variant}/{self.cfg.model.arch}, "
+                  f"{self.total_steps} steps, model {self.cfg.model.variant}/{self.cfg.model.arch}, views "
+                  f"{'batched on ' + info.device.type if self.view_maker.on_device else 'in loader workers'}, "
                   f"{'bf16' if self.bf16 else 'fp32'}, {t.strategy}, output {self.out}{resumed}", flush=True)
             if len(self.phases) > 1:
                 print("cellvit_ssl: " + "; ".join(run.phase.describe() for run in self.phases), flush=True)

@@ -199,13 +199,34 @@ class _PerChannelView:
         return torch.cat([self.view(x[c : c + 1]) for c in range(x.shape[0])])
 
 
-def _protected_indices(cfg, channels: Sequence[str] | None) -> list[int]:
+def check_view_settings(cfg, channels: Sequence[str] | None = None) -> list[int]:
+    """Check the ``views`` settings both view makers share; return the protected channels' indices.
+
+    Args:
+        cfg: The ``views`` section of the run config.
+        channels: The channel names of the input, in order (``data.channels``); needed only
+            when ``views.protected_channels`` is set.
+
+    Raises:
+        ConfigError: On an unknown channel mode, channel drop in ``boc`` mode (dropping a
+            channel there would only feed the model blank samples), or a protected channel
+            that is not among ``channels``.
+    """
+    if cfg.channel_mode not in CHANNEL_MODES:
+        raise ConfigError(f"views.channel_mode={cfg.channel_mode!r}; expected one of {list(CHANNEL_MODES)}")
+    if cfg.noise not in NOISE_KINDS:
+        raise ConfigError(f"views.noise={cfg.noise!r}; expected one of {list(NOISE_KINDS)}")
+    if cfg.channel_mode == "boc" and cfg.channel_drop_prob > 0:
+        raise ConfigError(
+            f"views.channel_drop_prob={cfg.channel_drop_prob} with views.channel_mode='boc': in a bag "
+            "of channels every channel is its own sample, so set channel_drop_prob to 0"
+        )
     names = list(cfg.protected_channels)
     if not names:
         return []
     if channels is None:
         raise ConfigError(
-            f"views.protected_channels={names} needs the channel names: build the transform "
+            f"views.protected_channels={names} needs the channel names: build the views "
             "with channels=data.channels"
         )
     missing = [n for n in names if n not in channels]
@@ -257,16 +278,8 @@ class MultichannelDINOTransform(MultiViewTransform):
     """
 
     def __init__(self, cfg, channels: Sequence[str] | None = None) -> None:
-        if cfg.channel_mode not in CHANNEL_MODES:
-            raise ConfigError(f"views.channel_mode={cfg.channel_mode!r}; expected one of {list(CHANNEL_MODES)}")
-        if cfg.channel_mode == "boc" and cfg.channel_drop_prob > 0:
-            raise ConfigError(
-                f"views.channel_drop_prob={cfg.channel_drop_prob} with views.channel_mode='boc': in a bag "
-                "of channels every channel is its own sample, so set channel_drop_prob to 0"
-            )
-        drop = None
-        if cfg.channel_drop_prob > 0:
-            drop = RandomChannelDrop(cfg.channel_drop_prob, _protected_indices(cfg, channels))
+        protected = check_view_settings(cfg, channels)
+        drop = RandomChannelDrop(cfg.channel_drop_prob, protected) if cfg.channel_drop_prob > 0 else None
         blur_g1, blur_g2, blur_local = cfg.blur_prob
         views = [
             _view(cfg.global_crop_size, cfg.global_crop_scale, blur_g1, cfg, drop),

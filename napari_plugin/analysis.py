@@ -61,7 +61,8 @@ class Analysis:
 
 def embed_cells_chunked(encoder, image: np.ndarray, labels: np.ndarray, channels: Sequence[str],
                         chunk: int = 64, batch_size: int = 32, crop_size: int | None = None,
-                        mask_background: bool = False) -> Generator[float, None, tuple[np.ndarray, np.ndarray]]:
+                        mask_background: bool = False, pooling: str | None = None
+                        ) -> Generator[float, None, tuple[np.ndarray, np.ndarray]]:
     """Embed every cell of ``labels`` with ``encoder.embed_cells``, ``chunk`` cells at a time.
 
     Yields:
@@ -79,7 +80,7 @@ def embed_cells_chunked(encoder, image: np.ndarray, labels: np.ndarray, channels
         part = ids[start : start + chunk]
         masked = np.where(np.isin(labels, part), labels, 0) if ids.size > chunk else labels
         emb, got = encoder.embed_cells(image, masked, channels, crop_size=crop_size, mask_background=mask_background,
-                                       batch_size=batch_size, allow_missing=True)
+                                       batch_size=batch_size, allow_missing=True, pooling=pooling)
         out.append(np.asarray(emb, np.float32))
         out_ids.append(np.asarray(got))
         yield min(1.0, (start + part.size) / ids.size)
@@ -87,7 +88,8 @@ def embed_cells_chunked(encoder, image: np.ndarray, labels: np.ndarray, channels
 
 
 def embed_tiles_chunked(encoder, image: np.ndarray, channels: Sequence[str], tile: int, chunk: int = 64,
-                        batch_size: int = 32) -> Generator[float, None, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+                        batch_size: int = 32, pooling: str | None = None
+                        ) -> Generator[float, None, tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """Embed the ``tile × tile`` tiles of ``image`` with ``encoder.embed_tiles``, a strip of rows at a time.
 
     Strips start on tile rows, so their tiles are the whole image's tiles.
@@ -102,7 +104,7 @@ def embed_tiles_chunked(encoder, image: np.ndarray, channels: Sequence[str], til
     for r0 in range(0, ny, rows):
         r1 = min(ny, r0 + rows)
         emb, _ = encoder.embed_tiles(image[:, r0 * tile : r1 * tile], channels, tile_size=tile,
-                                     batch_size=batch_size, allow_missing=True)
+                                     batch_size=batch_size, allow_missing=True, pooling=pooling)
         out.append(np.asarray(emb, np.float32))
         yield r1 / ny
     return np.concatenate(out), np.arange(1, ny * nx + 1), labels
@@ -174,7 +176,7 @@ def build_features(label_ids: np.ndarray, embeddings: np.ndarray, coords: np.nda
 def analyse(encoder, image: np.ndarray | None, channels: Sequence[str], labels: np.ndarray | None = None,
             tile_size: int | None = None, precomputed: str | Path | None = None, image_name: str | None = None,
             existing: pd.DataFrame | None = None, map_method: str = "auto", n_clusters: int = 8,
-            batch_size: int = 32) -> Generator[float, None, Analysis]:
+            batch_size: int = 32, pooling: str | None = None) -> Generator[float, None, Analysis]:
     """Embed the cells (or tiles), map them to 2-D, cluster them and tabulate the result.
 
     Args:
@@ -189,6 +191,9 @@ def analyse(encoder, image: np.ndarray | None, channels: Sequence[str], labels: 
         map_method: See :func:`napari_plugin.compute.reduce_to_2d`.
         n_clusters: k of k-means.
         batch_size: Images per forward pass.
+        pooling: How the model's channels combine into one embedding (see
+            :meth:`cellvit_ssl.Encoder.embed`): the model's default, ``concat``, ``mean``, or channel
+            names such as ``protein`` (a localisation question looks at the protein block alone).
 
     Yields:
         Progress from 0 to 1.
@@ -204,13 +209,13 @@ def analyse(encoder, image: np.ndarray | None, channels: Sequence[str], labels: 
         if not tile_size:
             raise DataError("pick a Labels layer or a tile size")
         embeddings, ids, labels = yield from _scaled(
-            embed_tiles_chunked(encoder, image, channels, tile_size, batch_size=batch_size), 0.8)
+            embed_tiles_chunked(encoder, image, channels, tile_size, batch_size=batch_size, pooling=pooling), 0.8)
     else:
         if labels.shape != image.shape[-2:]:
             raise DataError(f"the Labels layer is {labels.shape[0]}x{labels.shape[1]} px but the image is "
                             f"{image.shape[-2]}x{image.shape[-1]} px")
         embeddings, ids = yield from _scaled(
-            embed_cells_chunked(encoder, image, labels, channels, batch_size=batch_size), 0.8)
+            embed_cells_chunked(encoder, image, labels, channels, batch_size=batch_size, pooling=pooling), 0.8)
     order = np.argsort(ids, kind="stable")
     embeddings, ids = embeddings[order], ids[order]
     coords, method = reduce_to_2d(embeddings, map_method)

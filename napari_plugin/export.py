@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 
 from cellvit_ssl.errors import DataError
+from cellvit_ssl.io import atomic_write_with
 
 
 def export_selection(features: pd.DataFrame, ids: Sequence[int], path: str | Path) -> Path:
@@ -28,8 +29,7 @@ def export_selection(features: pd.DataFrame, ids: Sequence[int], path: str | Pat
     if rows.empty:
         raise DataError("nothing is selected: select cells in the map or Shift-click them in the image first")
     if path.suffix == ".csv":
-        rows.to_csv(path, index=False)
-        return path
+        return atomic_write_with(path, lambda tmp: rows.to_csv(tmp, index=False))
     if path.suffix == ".h5ad":
         import anndata
 
@@ -38,6 +38,5 @@ def export_selection(features: pd.DataFrame, ids: Sequence[int], path: str | Pat
         obs.index = obs["index"].astype(str).to_numpy()
         obs.columns = [str(c) for c in obs.columns]
         adata = anndata.AnnData(X=rows[emb_cols].to_numpy(np.float32), obs=obs)
-        adata.write_h5ad(path)
-        return path
+        return atomic_write_with(path, adata.write_h5ad)
     raise DataError(f"cannot export to {path.name!r}: use a .csv or .h5ad file name")

@@ -29,6 +29,7 @@ from napari_plugin.compute import cosine_similarity_to, fov_region, keep_labels,
 from napari_plugin.plot import MapPlot
 
 TILES = "(tiles, no segmentation)"
+DEFAULT_POOLING = "(model default)"
 EMBEDDING_SUFFIXES = (".h5ad", ".zarr")
 SELECTION_LAYER = "selection"
 OVERLAY_LAYER = "PCA-RGB features"
@@ -80,6 +81,9 @@ class InspectorWidget(QWidget):
         self.tile_size.setRange(8, 4096)
         self.tile_size.setValue(64)
         self.tile_size.setSuffix(" px")
+        self.pooling_box = QComboBox()
+        self.pooling_box.setToolTip("How channels combine into one embedding: the model's default, all channel "
+                                    "blocks, their mean, or one channel's block (e.g. protein for localisation)")
         self.channel_group = QGroupBox("Model channel ← image layer")
         self.channel_form = QFormLayout(self.channel_group)
 
@@ -108,6 +112,7 @@ class InspectorWidget(QWidget):
         form.addRow("model / embeddings", source_row)
         form.addRow("cells", self.labels_box)
         form.addRow("tile size", self.tile_size)
+        form.addRow("embedding", self.pooling_box)
         layout = QVBoxLayout(self)
         layout.addLayout(form)
         layout.addWidget(self.channel_group)
@@ -211,6 +216,7 @@ class InspectorWidget(QWidget):
             self.channel_form.removeRow(0)
         self.channel_boxes = {}
         self.channel_group.setVisible(self.encoder is not None)
+        self._rebuild_pooling()
         if self.encoder is None:
             return
         for channel, choice in suggest_mapping(self.encoder.channels, sources).items():
@@ -220,6 +226,19 @@ class InspectorWidget(QWidget):
             box.setCurrentText(kept if kept in (LEAVE_OUT, *sources) else choice)
             self.channel_form.addRow(channel, box)
             self.channel_boxes[channel] = box
+
+    def _rebuild_pooling(self) -> None:
+        """Pooling choices of the loaded model: per-channel blocks exist for all variants but ``fixed``."""
+        self.pooling_box.clear()
+        self.pooling_box.addItem(DEFAULT_POOLING)
+        if self.encoder is not None and self.encoder.config.model.variant != "fixed":
+            self.pooling_box.addItems(["concat", "mean", *self.encoder.channels])
+        self.pooling_box.setEnabled(self.pooling_box.count() > 1)
+
+    def pooling(self) -> str | None:
+        """The chosen pooling (None: the model's default)."""
+        text = self.pooling_box.currentText()
+        return None if text in ("", DEFAULT_POOLING) else text
 
     def mapping(self) -> dict[str, str]:
         """The current model channel → source choices."""
@@ -283,13 +302,15 @@ class InspectorWidget(QWidget):
             return False
         existing = None if labels_layer is None else labels_layer.features
         encoder, tile = self.encoder, (None if labels_layer is not None else self.tile_size.value())
+        pooling = self.pooling()
         precomputed = self.embeddings_path
 
         @thread_worker(progress=False)
         def work():
             try:
                 result = yield from analyse(encoder, image, channels, labels=labels, tile_size=tile,
-                                            precomputed=precomputed, image_name=image_name, existing=existing)
+                                            precomputed=precomputed, image_name=image_name, existing=existing,
+                                            pooling=pooling)
                 overlay = None if encoder is None else feature_overlay(encoder, image, channels, region)
             except CellVitSSLError as exc:  # a user mistake: a message, not napari's traceback pop-up
                 return None, None, str(exc)  # (a returned exception would be re-raised by the worker)

@@ -18,7 +18,12 @@ CHANNELS = ["nucleus", "microtubules", "er", "protein"]
 @pytest.fixture
 def encoder(tiny_cfg):
     torch.manual_seed(0)
-    return Encoder(build_model(tiny_cfg.model, CHANNELS), tiny_cfg, torch.device("cpu"))
+    model = build_model(tiny_cfg.model, CHANNELS)
+    with torch.no_grad():  # LayerScale at its 1e-5 init would leave the CLS token all but blind to the image
+        for name, p in model.named_parameters():
+            if name.endswith(".gamma"):
+                p.fill_(1.0)
+    return Encoder(model, tiny_cfg, torch.device("cpu"))
 
 
 @pytest.fixture
@@ -44,6 +49,41 @@ def test_embed_is_deterministic_batch_invariant_and_order_preserving(encoder, im
     np.testing.assert_allclose(encoder.embed(images[::-1], CHANNELS), z[::-1], atol=1e-5, rtol=0)
     np.testing.assert_allclose(encoder.embed(images[2], CHANNELS), z[2:3], atol=1e-5, rtol=0)
     assert not np.allclose(z[0], z[1])  # different images, different embeddings
+
+
+def test_embed_is_the_model_on_the_training_preprocessing(encoder, images):
+    """Percentile clip per image and channel, then the training crops' antialiased resize to the crop size."""
+    from torchvision.transforms.v2 import functional as TF
+
+    low, high = encoder.config.data.normalize_percentiles
+    assert (low, high) != (0.0, 100.0) and images.shape[-1] > encoder.input_size  # both steps matter here
+    lo = np.percentile(images, low, axis=(2, 3), keepdims=True)
+    hi = np.percentile(images, high, axis=(2, 3), keepdims=True)
+    clipped = torch.from_numpy(np.clip((images - lo) / (hi - lo), 0.0, 1.0).astype(np.float32))
+    x = TF.resize(clipped, [encoder.input_size] * 2, antialias=True)  # what RandomResizedCrop does in training
+    ids = torch.tensor([channel_ids(CHANNELS)] * len(images))
+    with torch.no_grad():
+        want = encoder.model.embed(x, ids).numpy()
+    np.testing.assert_allclose(encoder.embed(images, CHANNELS), want, atol=1e-5, rtol=0)
+
+
+def test_samples_are_resized_to_the_view_size_the_model_trained_on(tiny_overrides):
+    """48-px samples seen through 32-px views: the model input is the sample shrunk with antialiasing."""
+    from torchvision.transforms.v2 import functional as TF
+
+    from cellvit_ssl.config import load_config
+
+    cfg = load_config(None, tiny_overrides + ["data.sample_size=48", "views.global_crop_size=32",
+                                              "model.layerscale_init=0.5"])
+    torch.manual_seed(0)
+    enc = Encoder(build_model(cfg.model, CHANNELS), cfg, torch.device("cpu"))
+    assert (enc.crop_size, enc.input_size) == (48, 32)
+    samples = np.random.default_rng(3).gamma(2.0, 100.0, size=(2, 4, 48, 48)).astype(np.float32)
+    norm = torch.from_numpy(np.stack([normalize_percentiles(s, *cfg.data.normalize_percentiles) for s in samples]))
+    x = TF.resize(norm, [32, 32], antialias=True)
+    with torch.no_grad():
+        want = enc.model.embed(x, torch.tensor([channel_ids(CHANNELS)] * 2)).numpy()
+    np.testing.assert_allclose(enc.embed(samples, CHANNELS), want, atol=1e-5, rtol=0)
 
 
 def test_embed_matches_channels_by_name_not_position(encoder, images):
@@ -255,3 +295,51 @@ def test_other_variants_embed_and_give_one_patch_grid_per_image(tiny_overrides, 
         tokens = enc.model.forward_features(torch.from_numpy(norm), torch.tensor([channel_ids(CHANNELS)] * 2))
     ref = tokens["x_norm_patchtokens"].transpose(1, 2).reshape(2, -1, 5, 5).numpy()
     np.testing.assert_allclose(grid, ref, atol=1e-5, rtol=0)
+
+
+def test_per_channel_embeddings_and_pooling_choices(encoder, images):
+    blocks, present = encoder.embed_channels(images, CHANNELS)
+    d = encoder.channel_dim
+    assert blocks.shape == (5, 4, d) and present.all()
+    default = encoder.embed(images, CHANNELS)  # boc: the concatenated blocks
+    np.testing.assert_allclose(blocks.reshape(5, -1), default, atol=1e-6, rtol=0)
+    np.testing.assert_allclose(encoder.embed(images, CHANNELS, pooling="mean"), blocks.mean(1), atol=1e-6, rtol=0)
+    np.testing.assert_allclose(encoder.embed(images, CHANNELS, pooling="protein"), blocks[:, 3], atol=1e-6, rtol=0)
+    np.testing.assert_allclose(encoder.embed(images, CHANNELS, pooling="protein,er"),
+                               np.concatenate([blocks[:, 3], blocks[:, 2]], 1), atol=1e-6, rtol=0)
+    np.testing.assert_allclose(encoder.embed(images, CHANNELS, pooling=["antibody"]), blocks[:, 3], atol=1e-6, rtol=0)
+    assert encoder.pooled_dim("protein,er") == 2 * d and encoder.pooled_dim("mean") == d
+    # an absent channel: a zero block, not counted in the mean
+    part, where = encoder.embed_channels(images[:, :3], CHANNELS[:3], allow_missing=True)
+    assert where[:, :3].all() and not where[:, 3].any() and np.all(part[:, 3] == 0)
+    np.testing.assert_allclose(encoder.embed(images[:, :3], CHANNELS[:3], allow_missing=True, pooling="mean"),
+                               part[:, :3].mean(1), atol=1e-6, rtol=0)
+    with pytest.raises(DataError, match="pooling='golgi'.*expected one of"):
+        encoder.embed(images, CHANNELS, pooling="golgi")
+    cells, _ = encoder.embed_cells(*_cells_image(np.random.default_rng(5)), CHANNELS, pooling="protein")
+    assert cells.shape == (3, d)
+
+
+@pytest.mark.parametrize("variant", ["hierarchical", "channelvit"])
+def test_per_channel_embeddings_of_the_joint_variants(tiny_overrides, images, variant):
+    from cellvit_ssl.config import load_config
+
+    cfg = load_config(None, tiny_overrides + [f"model.variant={variant}", "model.layerscale_init=0.5"])
+    torch.manual_seed(0)
+    enc = Encoder(build_model(cfg.model, CHANNELS), cfg, torch.device("cpu"))
+    blocks, present = enc.embed_channels(images[:3], CHANNELS)
+    assert blocks.shape == (3, 4, enc.channel_dim) and present.all()
+    assert not np.allclose(blocks[:, 0], blocks[:, 3], atol=1e-4)  # channels differ after cross-channel attention
+    perm = [2, 0, 3, 1]
+    again, _ = enc.embed_channels(images[:3, perm], [CHANNELS[i] for i in perm])
+    np.testing.assert_allclose(again, blocks, atol=1e-5, rtol=0)  # by name, in the model's channel order
+    np.testing.assert_allclose(enc.embed(images[:3], CHANNELS, pooling="er"), blocks[:, 2], atol=1e-6, rtol=0)
+
+
+def test_fixed_model_has_no_per_channel_embeddings(tiny_overrides, images):
+    from cellvit_ssl.config import load_config
+
+    cfg = load_config(None, tiny_overrides + ["model.variant=fixed"])
+    enc = Encoder(build_model(cfg.model, CHANNELS), cfg, torch.device("cpu"))
+    with pytest.raises(DataError, match="'fixed' has no per-channel embeddings"):
+        enc.embed(images, CHANNELS, pooling="protein")

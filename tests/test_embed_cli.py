@@ -179,3 +179,15 @@ def test_ome_zarr_label_images_are_found(tmp_path):
     write_labels(labels, root, name="cells", axes="yx", fmt=FormatV05())
     for path in ("img.ome.zarr", "img.ome.zarr/labels", "img.ome.zarr/labels/cells"):
         np.testing.assert_array_equal(np.asarray(open_labels(tmp_path / path)), labels)
+
+
+def test_pooling_a_named_channel_writes_that_block(checkpoint, dataset, tmp_path):
+    out, full = tmp_path / "protein.h5ad", tmp_path / "all.h5ad"
+    base = [str(checkpoint), "--index", str(dataset), "--no-progress"]
+    assert cli.main(base + ["--out", str(full)]) == 0
+    assert cli.main(base + ["--out", str(out), "embed.pooling=protein"]) == 0
+    a, b = anndata.read_h5ad(out), anndata.read_h5ad(full)
+    d = b.uns["model"]["channel_dim"]
+    assert a.X.shape == (8, d) and a.uns["embed"]["pooling"] == "protein"
+    np.testing.assert_allclose(a.X, b.X[:, 3 * d : 4 * d], atol=1e-6, rtol=0)  # protein is the model's 4th channel
+    assert cli.main(base + ["--out", str(tmp_path / "x.h5ad"), "--pooling", "golgi"]) == 2

@@ -124,13 +124,25 @@ def test_baselines_reread_the_same_crops(demo_embeddings, tmp_path):
     assert ev.main([str(demo_embeddings), "--label-key", "label", "--group-key", "image_id", "--k", "3",
                     "--pixel-size", "4", "--pca", "5", "--json", str(out)]) == 0
     report = json.loads(out.read_text())
-    assert {r["features"] for r in report["results"]} == {"trained", "random-init", "raw-pixels"}
+    blocks = {f"trained[{c}]" for c in ("nucleus", "microtubules", "er", "protein")}  # boc: one block per channel
+    assert {r["features"] for r in report["results"]} == {"trained", "random-init", "raw-pixels", *blocks}
     trained = {r["classifier"]: r["macro_f1"] for r in report["results"] if r["features"] == "trained"}
     random_init = {r["classifier"]: r["macro_f1"] for r in report["results"] if r["features"] == "random-init"}
     assert trained == random_init
     assert report["summary"]["classifier"] == "3nn_cosine" and report["summary"]["metric"] == "macro_f1"
     summary = report["summary"]["scores"]["leave-one-image_id-out"]
-    assert set(summary) == {"trained", "random-init", "raw-pixels"} and summary["trained"] == trained["3nn_cosine"]
+    assert set(summary) == {"trained", "random-init", "raw-pixels", *blocks}
+    assert summary["trained"] == trained["3nn_cosine"]
+    # a block is the slice of X for that channel, scored like any feature set
+    adata_x = np.asarray(adata.X)
+    d = adata_x.shape[1] // 4
+    protein = ev.evaluate_features("p", adata_x[:, 3 * d :], adata.obs["label"].astype(str).to_numpy(),
+                                   ev.build_tasks(adata.obs.reset_index(drop=True),
+                                                  adata.obs["label"].astype(str).to_numpy(), None, None,
+                                                  "image_id", {}, None), 3, 0)
+    by_classifier = {r.classifier: r.macro_f1 for r in protein}
+    block = {r["classifier"]: r["macro_f1"] for r in report["results"] if r["features"] == "trained[protein]"}
+    assert block == by_classifier
 
 
 def test_baselines_refused_when_the_index_changed_since_embedding(demo_embeddings, capsys):

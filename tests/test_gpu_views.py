@@ -19,26 +19,21 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
 from cellvit_ssl.config import load_config
-from cellvit_ssl.errors import ConfigError
-from cellvit_ssl.gpu_views import (
-    GPU_VIEWS_OVERRIDES,
-    GPUMultiCrop,
-    crop_resize,
-    flip_rotate,
-    jitter_params,
-    sample_crop_boxes,
-    unsupported_view_settings,
-)
+from cellvit_ssl.gpu_views import GPUMultiCrop, crop_resize, flip_rotate, jitter_params, sample_crop_boxes
 from cellvit_ssl.transforms import MultichannelDINOTransform
 
 H, W = 40, 56  # wider than 4:3, so the central-crop fallback is exercised too
 N_CALLS = 1000
 P_FLOOR = 1e-3
+#: The ops after the geometry and the jitter off, so that views show their crop and orientation
+#: (tests/test_device_views.py compares each of those ops on its own).
+GEOMETRY_ONLY = ("views.gamma=0", "views.blur_prob=[0,0,0]", "views.noise=none", "views.standardize=false",
+                 "views.channel_drop_prob=0", "views.channel_mode=joint")
 
 
 def views_cfg(*overrides: str):
     base = ["views.global_crop_size=32", "views.local_crop_size=16", "views.n_local_views=4", "model.patch_size=8",
-            *GPU_VIEWS_OVERRIDES]
+            *GEOMETRY_ONLY]
     return load_config(None, base + list(overrides)).views
 
 
@@ -349,19 +344,28 @@ def test_jitter_params_law():
 
 
 @pytest.mark.gpu
-def test_cuda_views_without_host_syncs():
-    crops = GPUMultiCrop(views_cfg())
+@pytest.mark.parametrize("mode", ["joint", "boc"])
+@pytest.mark.parametrize("noise", ["gaussian", "poisson"])
+def test_cuda_views_with_every_op_without_host_syncs(mode, noise):
+    channels = ["nucleus", "microtubules", "er", "protein"]
+    drop = ["views.channel_drop_prob=0.3", "views.protected_channels=[protein]"] if mode == "joint" else []
+    cfg = load_config(None, ["views.global_crop_size=32", "views.local_crop_size=16", "views.n_local_views=4",
+                             "model.patch_size=8", f"views.channel_mode={mode}", f"views.noise={noise}",
+                             "views.standardize=true", *drop]).views
+    crops = GPUMultiCrop(cfg, channels)
     images = torch.rand(8, 4, 48, 48, device="cuda")
+    padding = torch.zeros(8, 4, dtype=torch.bool, device="cuda")
+    padding[:2, 3] = True
     g = torch.Generator(device="cuda").manual_seed(0)
-    crops(images, generator=g)  # builds the flip tables once (a one-off copy)
     torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
+    torch.cuda.set_sync_debug_mode("error")  # any synchronising call raises
     try:
-        views = crops(images, generator=g)
+        views = crops(images, generator=g, padding=padding)
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert all(v.is_cuda and v.shape[:2] == (8, 4) for v in views)
-    cpu = crops(images.cpu(), generator=torch.Generator().manual_seed(0))
+    assert all(torch.isfinite(v).all() and (v[:2, 3] == 0).all() for v in views)
+    cpu = crops(images.cpu(), generator=torch.Generator().manual_seed(0), padding=padding.cpu())
     assert [v.shape for v in views] == [v.shape for v in cpu]
 
 
@@ -377,10 +381,3 @@ def test_cuda_views_have_the_cpu_law(geometry):
             assert stats.ks_2samp(geometry["cpu"][kind][stat], got[stat]).pvalue > P_FLOOR, (kind, stat)
         cpu = np.bincount(geometry["cpu"][kind]["code"], minlength=8)
         assert stats.chi2_contingency(np.stack([cpu, np.bincount(got["code"], minlength=8)])).pvalue > P_FLOOR
-
-
-def test_settings_the_gpu_path_lacks_are_refused_by_name():
-    cfg = load_config(None, ["views.gamma=0.2", "views.noise=gaussian", "views.noise_prob=0.5"]).views
-    with pytest.raises(ConfigError, match=r"views\.gamma=0 .*views\.noise=none"):
-        GPUMultiCrop(cfg)
-    assert unsupported_view_settings(views_cfg()) == []

@@ -15,7 +15,7 @@ def test_a_distilled_student_beats_the_same_student_from_scratch_and_comes_withi
     """The issue's gate: distilled k-NN > scratch k-NN, and teacher - distilled <= 0.05 (demo probe)."""
     result = distill_knn.run(tmp_path, fresh_heads=False)
     print(json.dumps(result, indent=1))
-    teacher, scratch, distilled = (row["trained"] for row in result["rows"])
+    teacher, scratch, distilled = (row["trained"] for row in result["rows"][:3])  # + the new-heads row
     assert distilled > scratch
     assert teacher - distilled <= 0.05
 

@@ -89,6 +89,11 @@ def test_analysis_on_tiles_and_precomputed_embeddings(checkpoint, sample_dir, tm
     whole, _ = enc.embed_tiles(image, CHANNELS, tile_size=100)
     assert strips[1].tolist() == list(range(1, 10)) and (strips[2] > 0).all()
     np.testing.assert_allclose(strips[0], whole, atol=1e-5)
+    # the protein block alone (a localisation question): one channel's width, that channel's block
+    protein = _finish(analyse(enc, image, CHANNELS, tile_size=64, pooling="protein"))
+    d = enc.channel_dim
+    assert protein.embeddings.shape == (16, d)
+    np.testing.assert_allclose(protein.embeddings, tiles.embeddings[:, 3 * d :], atol=1e-5)
 
     # an embeddings file written by the embed CLI is read back cell by cell
     from cellvit_ssl.embed import main as embed_main
@@ -227,6 +232,12 @@ def test_inspector_messages_leave_the_viewer_unchanged(make_napari_viewer, qtbot
     viewer.open_sample("cellvit-ssl", "demo")
     _, widget = viewer.window.add_plugin_dock_widget("cellvit-ssl", "Embedding inspector")
     before = [layer.name for layer in viewer.layers]
+
+    assert widget.load_source(str(checkpoint))  # the embedding choices of a bag-of-channels model
+    choices = [widget.pooling_box.itemText(i) for i in range(widget.pooling_box.count())]
+    assert choices == ["(model default)", "concat", "mean", *CHANNELS] and widget.pooling() is None
+    widget.pooling_box.setCurrentText("protein")
+    assert widget.pooling() == "protein"
 
     assert not widget.load_source(str(tmp_path / "missing.pt"))
     assert "missing.pt" in widget.status.text()

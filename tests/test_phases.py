@@ -85,10 +85,15 @@ def _train(overrides):
     return trainer
 
 
-def test_the_last_phase_trains_at_twice_the_view_size_and_the_encoder_embeds_at_it(tiny_overrides, tmp_path):
-    """11 demo cells, batch 4: 2 steps per epoch, 4 epochs = 8 steps; the phase trains steps 7 and 8."""
+@pytest.mark.parametrize("views_device", ["workers", "device"])
+def test_the_last_phase_trains_at_twice_the_view_size_and_the_encoder_embeds_at_it(tiny_overrides, tmp_path,
+                                                                                 views_device):
+    """11 demo cells, batch 4: 2 steps per epoch, 4 epochs = 8 steps; the phase trains steps 7 and 8,
+    with views cut in the loader's workers or batched on the device (both switch at the boundary)."""
     out = tmp_path / "run"
-    trainer = _train([*tiny_overrides, *QUIET, "data.demo.n_images=3", "train.epochs=4", HIGHRES])
+    trainer = _train([*tiny_overrides, *QUIET, "data.demo.n_images=3", "train.epochs=4", HIGHRES,
+                      f"views.device={views_device}"])
+    assert trainer.view_maker.on_device == (views_device == "device")
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     seen = [(r["step"], r["phase"], r["global_crop"], r["local_crop"], r["micro_batch"]) for r in records]
     assert seen == [(s, 0, 32, 16, 4) for s in range(1, 7)] + [(s, 1, 64, 32, 1) for s in (7, 8)]

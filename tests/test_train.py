@@ -7,11 +7,11 @@ import math
 
 import pytest
 import torch
-from cellvit_ssl.channels import channel_ids
 from conftest import TINY_OVERRIDES
 from torch._dynamo.testing import CompileCounter
 
 from cellvit_ssl import train
+from cellvit_ssl.channels import channel_ids
 from cellvit_ssl.checkpoint import ENCODER_FORMAT, load_checkpoint, step_checkpoints
 from cellvit_ssl.config import load_config
 from cellvit_ssl.models.channels import build_model

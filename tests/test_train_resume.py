@@ -49,12 +49,12 @@ sys.exit(train.main(sys.argv[1:]))
 """
 
 
-def _overrides(demo: Path, out: Path) -> list[str]:
+def _overrides(demo: Path, out: Path, *extra: str) -> list[str]:
     return [*TINY_OVERRIDES, "data.demo.n_images=3", f"data.demo.cache_dir={demo}", f"train.output_dir={out}",
             "data.num_workers=1", "train.epochs=4", "train.warmup_epochs=1", "train.base_lr=0.05",
             "train.checkpoint_every=3", "train.log_every=1", "train.deterministic=true",
             "train.tensorboard=false", "train.progress=false", "ssl.warmup_teacher_temp_epochs=2",
-            "model.drop_path_rate=0.2"]  # stochastic depth: the resumed run needs the RNG state too
+            "model.drop_path_rate=0.2", *extra]  # stochastic depth: the resumed run needs the RNG state too
 
 
 # A high-resolution phase over the last half (views 64 / 32 px, batch 2: 5 steps per phase epoch)
@@ -74,7 +74,7 @@ def _in_process(overrides: list[str]) -> None:
 
 
 def _interrupt(tmp_path: Path, demo: Path, at: str, step: int, sig: str,
-               extra: tuple[str, ...] = ()) -> tuple[subprocess.CompletedProcess, Path]:
+               *extra: str) -> tuple[subprocess.CompletedProcess, Path]:
     out = tmp_path / "interrupted"
     harness = tmp_path / "harness.py"
     harness.write_text(HARNESS)
@@ -82,7 +82,7 @@ def _interrupt(tmp_path: Path, demo: Path, at: str, step: int, sig: str,
            "SIGNAL": sig}
     empty = tmp_path / "empty.yaml"
     empty.write_text("train: {}\n")
-    proc = subprocess.run([sys.executable, str(harness), str(empty), *_overrides(demo, out), *extra],
+    proc = subprocess.run([sys.executable, str(harness), str(empty), *_overrides(demo, out, *extra)],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     return proc, out
 
@@ -145,30 +145,72 @@ def test_sigterm_after_the_update_writes_the_next_steps_checkpoint_and_exits_cle
 
 
 @pytest.fixture(scope="module")
-def reference_with_phases(tmp_path_factory):
-    """The uninterrupted run with a high-resolution phase and Gram anchoring."""
+def references_with_phases(tmp_path_factory):
+    """The uninterrupted runs with a high-resolution phase and Gram anchoring, by view maker (made on first use)."""
     base = tmp_path_factory.mktemp("reference_phases")
     demo = base / "demo"
     resolve_index(load_config(None, _overrides(demo, base / "x")))
-    _in_process([*_overrides(demo, base / "run"), *LATER_PHASES])
-    ckpt = load_checkpoint(base / "run" / "checkpoint.pt")
-    assert ckpt["step"] == TOTAL_STEPS and ckpt["phase"] == 1
-    return demo, ckpt
+    runs = {}
+
+    def reference(views_device: str) -> dict:
+        if views_device not in runs:
+            out = base / f"run_{views_device}"
+            _in_process([*_overrides(demo, out), *LATER_PHASES, f"views.device={views_device}"])
+            runs[views_device] = load_checkpoint(out / "checkpoint.pt")
+            assert runs[views_device]["step"] == TOTAL_STEPS and runs[views_device]["phase"] == 1
+        return runs[views_device]
+
+    return demo, reference
 
 
-@pytest.mark.parametrize("step, last_good", [(4, 3), (5, 4), (7, 6)],
-                         ids=["in-main-phase", "at-the-boundary", "in-high-res-phase"])
-def test_sigkill_in_each_phase_then_resume_equals_the_uninterrupted_run(tmp_path, reference_with_phases, step,
-                                                                       last_good):
+@pytest.mark.parametrize("step, last_good, views_device",
+                         [(4, 3, "workers"), (5, 4, "workers"), (7, 6, "workers"), (7, 6, "device")],
+                         ids=["in-main-phase", "at-the-boundary", "in-high-res-phase",
+                              "in-high-res-phase-device-views"])
+def test_sigkill_in_each_phase_then_resume_equals_the_uninterrupted_run(tmp_path, references_with_phases, step,
+                                                                       last_good, views_device):
     """Killed during step 4 (resumes in the main phase from 3 and crosses the boundary), 5 (resumes
-    from the boundary checkpoint straight into the high-resolution phase) or 7 (resumes inside it)."""
-    demo, expected = reference_with_phases
-    proc, out = _interrupt(tmp_path, demo, "step", step, "SIGKILL", tuple(LATER_PHASES))
+    from the boundary checkpoint straight into the high-resolution phase) or 7 (resumes inside it,
+    with views cut in the loader's workers or batched on the device)."""
+    demo, reference = references_with_phases
+    expected = reference(views_device)
+    phases = [*LATER_PHASES, f"views.device={views_device}"]
+    proc, out = _interrupt(tmp_path, demo, "step", step, "SIGKILL", *phases)
     assert proc.returncode == -signal.SIGKILL, f"killed at step {step}: {proc.stderr[-2000:]}"
     survivors = [load_checkpoint(p)["step"] for p in step_checkpoints(out)]
     assert max(survivors) == last_good, survivors
-    _in_process([*_overrides(demo, out), *LATER_PHASES])
+    _in_process([*_overrides(demo, out), *phases])
     _assert_same_run(expected, load_checkpoint(out / "checkpoint.pt"))
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == list(range(1, TOTAL_STEPS + 1))
     assert [r["global_crop"] for r in records] == [32] * 4 + [64] * 4
+
+
+@pytest.fixture(scope="module")
+def device_reference(reference, tmp_path_factory):
+    """The uninterrupted run with its views cut batched on the device (here the CPU): its final checkpoint."""
+    demo, _ = reference
+    out = tmp_path_factory.mktemp("device_reference") / "run"
+    _in_process(_overrides(demo, out, *DEVICE_VIEWS))
+    ckpt = load_checkpoint(out / "checkpoint.pt")
+    assert ckpt["step"] == TOTAL_STEPS
+    return demo, ckpt
+
+
+DEVICE_VIEWS = ("views.device=device", "views.noise=poisson")
+
+
+def test_device_views_sigkill_at_a_random_step_then_resume_equals_the_uninterrupted_run(tmp_path, device_reference,
+                                                                                      reference):
+    """Device views are drawn per (seed, epoch, rank, batch): a resumed run cuts the views the
+    uninterrupted one cut, wherever it was killed (here mid-epoch, after the step-3 checkpoint)."""
+    demo, expected = device_reference
+    step = random.Random().randrange(4, TOTAL_STEPS)
+    proc, out = _interrupt(tmp_path, demo, "step", step, "SIGKILL", *DEVICE_VIEWS)
+    assert proc.returncode == -signal.SIGKILL, f"killed at step {step}: {proc.stderr[-2000:]}"
+    assert "views batched on cpu" in proc.stdout
+    _in_process(_overrides(demo, out, *DEVICE_VIEWS))
+    _assert_same_run(expected, load_checkpoint(out / "checkpoint.pt"))
+    # ... and the device views are views of their own: the run differs from the worker-views run
+    key = "student.backbone.backbone.blocks.0.attn.qkv.weight"
+    assert (expected["model"][key] - reference[1]["model"][key]).abs().max() > 1e-4

@@ -38,6 +38,7 @@ from cellvit_ssl.config import Choice
 from cellvit_ssl.data.readers import PNG_SUFFIXES, TIFF_SUFFIXES, ZARR_MARKERS, open_labels, open_stack
 from cellvit_ssl.data.samples import cells_from_mask
 from cellvit_ssl.errors import CellVitSSLError, ConfigError, DataError
+from cellvit_ssl.io import atomic_write_with
 
 CHAMMI_META = "enriched_meta.csv"
 IMAGE_SUFFIXES = (".ome.zarr", ".ome.tiff", ".ome.tif", ".zarr", ".tiff", ".tif", ".png")
@@ -273,17 +274,17 @@ def write_index(table: pd.DataFrame, path: str | Path) -> Path:
         DataError: If the folder cannot be written or parquet support (pyarrow) is missing.
     """
     path = Path(path).expanduser()
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(tmp: Path) -> None:
         if path.suffix == ".parquet":
-            table.to_parquet(path, index=False)
+            table.to_parquet(tmp, index=False)
         else:
-            table.to_csv(path, index=False)
+            table.to_csv(tmp, index=False)
+
+    try:
+        return atomic_write_with(path, write)
     except ImportError as exc:
         raise DataError(f"{path}: writing parquet needs pyarrow (pip install pyarrow), or use .csv ({exc})") from exc
-    except OSError as exc:
-        raise DataError(f"{path}: could not write the index: {exc}") from exc
-    return path
 
 
 def summary(table: pd.DataFrame) -> str:

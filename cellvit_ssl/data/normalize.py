@@ -14,8 +14,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import tempfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -105,14 +103,14 @@ class ChannelStats:
                 np.array([self.high[n] for n in names], np.float32))
 
     def save(self, path: str | Path) -> Path:
-        """Write as JSON atomically (temp file + rename) and return the path."""
-        path = Path(path).expanduser()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-        with os.fdopen(fd, "w") as f:
-            json.dump(asdict(self), f, indent=1)
-        os.replace(tmp, path)
-        return path
+        """Write as JSON atomically (:mod:`cellvit_ssl.io`) and return the path.
+
+        Raises:
+            DataError: If the file cannot be written (the message says where and why).
+        """
+        from cellvit_ssl.io import atomic_write_text
+
+        return atomic_write_text(path, json.dumps(asdict(self), indent=1))
 
     @classmethod
     def load(cls, path: str | Path) -> ChannelStats:

@@ -337,11 +337,8 @@ class SampleReader:
             return None
         row = self.table.iloc[i]
         values = [row[c] for c in CENTROID_COLUMNS]
-        if all(pd.isna(v) for v in values):
-            if self._has_boxes and pd.notna(row["box_y0"]):
-                return None
-            raise DataError(f"{self._where(i)}: centroid_y / centroid_x are empty (NaN); give the cell's centre, "
-                            "or drop the row")
+        if all(pd.isna(v) for v in values):  # a row of another kind in a mixed index (a field, a tape)
+            return None
         return (_as_float(values[0], "centroid_y", self._where(i)), _as_float(values[1], "centroid_x",
                                                                               self._where(i)))
 

@@ -9,15 +9,16 @@ is deterministic from the seed.
 
 from __future__ import annotations
 
-import csv
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 from scipy import ndimage
 
 from cellvit_ssl.channels import PRESETS
+from cellvit_ssl.io import atomic_write_text, atomic_write_with
 
 #: Phenotype classes: where the protein sits in the cell.
 PHENOTYPES: tuple[str, ...] = ("nuclear", "cytoplasmic", "punctate", "membrane", "mitochondrial")
@@ -192,9 +193,7 @@ def generate_demo(out_dir: str | Path, spec: DemoSpec = DemoSpec(), fmt: str = "
             rows[kind] += [{"path": stem + suffix, "channels": ";".join(CHANNELS), "image_id": i,
                             "split": split, **c} for c in cells]
     for kind, kind_rows in rows.items():
-        with open(out / f"index_{kind}.csv", "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=INDEX_COLUMNS)
-            writer.writeheader()
-            writer.writerows(kind_rows)
-    marker.write_text(json.dumps(stamp))
+        table = pd.DataFrame(kind_rows, columns=list(INDEX_COLUMNS))
+        atomic_write_with(out / f"index_{kind}.csv", lambda tmp, t=table: t.to_csv(tmp, index=False))
+    atomic_write_text(marker, json.dumps(stamp))  # last: a killed generation is redone next time
     return index_path

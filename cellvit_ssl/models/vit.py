@@ -42,10 +42,12 @@ class ViTSpec:
 
     Attributes:
         interpolate_offset: 0 resizes the position embedding to exactly the patch grid; a
-            positive value (DINOv2 uses 0.1) resizes by the scale factor
-            ``(grid + offset) / native_grid`` instead, as DINOv2 does, which matters for
-            reproducing DINOv2 features bit for bit.
-        interpolate_antialias: Antialias the bicubic position-embedding resize (DINOv2 option).
+            positive value resizes by the scale factor ``(grid + offset) / native_grid``
+            instead. To reproduce a DINOv2 checkpoint's features at other input sizes use
+            0.1 without antialiasing for DINOv2's models without registers, 0 with
+            antialiasing for its register models (timm does the latter for all of them).
+        interpolate_antialias: Antialias the bicubic position-embedding resize. torch's
+            antialiased bicubic kernel differs from the plain one also when enlarging.
         ffn_layer: ``mlp`` or ``swiglu`` (see :func:`cellvit_ssl.models.layers.build_ffn`).
         attn_backend: ``sdpa`` (default) or ``xformers`` (only used when installed, on CUDA).
     """
