@@ -617,20 +617,20 @@ class Trainer:
 
     # -- the loop ----------------------------------------------------------------------------
 
-    def _model_inputs(self, batch: dict, run: PhaseRun, micro: int) -> tuple[list[torch.Tensor], torch.Tensor, dict]:
+    def _model_inputs(self, batch: dict, epoch: int, micro: int) -> tuple[list[torch.Tensor], torch.Tensor, dict]:
         """Views, channel ids and model keyword arguments of one micro-batch, on the device.
 
         Every copy is non-blocking (the loader pins its batches on CUDA); the views come from
-        :attr:`view_maker`, seeded by the data epoch and the micro-batch's number within it on
-        this rank, both counted from the first step of ``run``'s phase (as the sampler counts).
+        :attr:`view_maker`, seeded by the data ``epoch`` and the micro-batch's number within it
+        on this rank, both counted from the first step of the current phase (as the sampler counts).
         """
         device = self.info.device
         ids = batch["channel_ids"].to(device, non_blocking=True)
         kwargs = {}
         if "channel_mask" in batch:
             kwargs["channel_mask"] = batch["channel_mask"].to(device, non_blocking=True)
-        epoch, within = divmod(self.step - run.phase.first_step, run.steps_per_epoch)
-        number = within * self.cfg.train.accumulate_steps + micro
+        run = self.phase_at(self.step)
+        number = ((self.step - run.phase.first_step) % run.steps_per_epoch) * self.cfg.train.accumulate_steps + micro
         return self.view_maker(batch, ids, epoch, number), ids, kwargs
 
     def _train_step(self, batches, epoch: int, stop: StopRequest) -> dict:
@@ -648,8 +648,10 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         terms: dict[str, torch.Tensor] = {}
         autocast = torch.autocast(device.type, dtype=torch.bfloat16) if self.bf16 else nullcontext()
+        # the views' epoch counts from the phase's first step, ``epoch`` (the schedules') from the run's
+        data_epoch = (self.step - run.phase.first_step) // run.steps_per_epoch
         for micro in range(t.accumulate_steps):
-            views, ids, kwargs = self._model_inputs(next(batches), run, micro)
+            views, ids, kwargs = self._model_inputs(next(batches), data_epoch, micro)
             with D.no_sync(self.model, micro < t.accumulate_steps - 1):
                 with autocast:
                     out = self.model(views, ids, epoch=epoch, step=self.step, **kwargs)
