@@ -273,10 +273,11 @@ def _fit(cfg):
         torch.use_deterministic_algorithms(False)
 
 
-def test_a_distillation_run_resumes_exactly_and_refuses_another_teacher(tmp_path):
+@pytest.mark.parametrize("views_device", ["workers", "device"])
+def test_a_distillation_run_resumes_exactly_and_refuses_another_teacher(tmp_path, views_device):
     _, _, training, _ = _teacher_files(tmp_path)
     run = ["data.demo.n_images=3", "train.epochs=3", "train.deterministic=true", "model.drop_path_rate=0.2",
-           "train.checkpoint_every=2", "train.keep_last=10"]
+           "train.checkpoint_every=2", "train.keep_last=10", f"views.device={views_device}"]
     _fit(_student_cfg(tmp_path, training, run))
     full = load_checkpoint(tmp_path / "student" / "checkpoint.pt")
     assert full["step"] == 6
