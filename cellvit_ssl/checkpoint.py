@@ -27,6 +27,10 @@ from cellvit_ssl.errors import CheckpointError
 #: Value of the ``format`` key for a full training checkpoint and for an encoder export.
 TRAINING_FORMAT = "cellvit_ssl.training"
 ENCODER_FORMAT = "cellvit_ssl.encoder"
+#: ``format`` of a classifier file (:func:`cellvit_ssl.classifier.load_classifier`) and of a fine-tuning
+#: run's own checkpoints (``python -m cellvit_ssl.finetune``, resumed exactly like training).
+CLASSIFIER_FORMAT = "cellvit_ssl.classifier"
+FINETUNE_FORMAT = "cellvit_ssl.finetune"
 
 #: Key layout of the ``model`` and ``optimizer`` entries of a training checkpoint, stored under
 #: ``state_layout``. 1 (checkpoints without the key): the meta-architecture's flat attributes

@@ -355,6 +355,7 @@ class TrainConfig:
     resume: str = "auto"  # auto (latest in output_dir) | none | path to a checkpoint
     max_steps: int = 0  # stop early after this many steps (0 = run all epochs)
     phases: list[PhaseConfig] = field(default_factory=list)  # later phases: [{start: 0.9, crop_scale: 2}, ...]
+    allow_config_change: list[str] = field(default_factory=list)  # keys a resumed run may change, e.g. [train.epochs]
 
 
 @dataclass(frozen=True)
@@ -635,6 +636,12 @@ def _validate_train(train: TrainConfig) -> None:
             raise ConfigError(f"train.{key}={getattr(train, key)}; expected >= 0")
     if not 0 < train.layer_decay <= 1:
         raise ConfigError(f"train.layer_decay={train.layer_decay}; expected 0 < layer_decay <= 1")
+    known = set(_all_keys(OmegaConf.structured(Config)))
+    for key in train.allow_config_change:
+        if key not in known:
+            near = nearest_key(key, Config)
+            raise ConfigError(f"train.allow_config_change names {key!r}, which is no config key or section"
+                              + (f"; did you mean {near!r}?" if near else ""))
     check_device(train.device, "train.device")
 
 
@@ -770,6 +777,35 @@ def config_from_dict(data: Mapping, schema: type = Config) -> Any:
         ConfigError: If the stored config does not fit the schema.
     """
     return merge_config(schema, [("checkpoint config", OmegaConf.create(dict(data)))])
+
+
+def flat_config(data: Mapping, prefix: str = "") -> dict[str, Any]:
+    """``{"train": {"epochs": 5}}`` → ``{"train.epochs": 5}`` (lists and leaf values kept as they are)."""
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, Mapping) and key != "channel_map":  # a mapping-valued key is one value
+            flat.update(flat_config(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = dict(value) if isinstance(value, Mapping) else value
+    return flat
+
+
+def config_changes(old: Mapping, new: Mapping, schema: type = Config) -> dict[str, tuple[Any, Any]]:
+    """The keys whose values differ between two configs written by :func:`config_to_dict`.
+
+    ``old`` (e.g. a checkpoint's config) is read onto ``schema`` first, so keys a newer version
+    added compare at their defaults; when it no longer fits the schema, it is compared as stored.
+
+    Returns:
+        ``{"train.epochs": (25, 5), ...}`` in key order.
+    """
+    try:
+        old = config_to_dict(config_from_dict(old, schema))
+    except ConfigError:
+        old = dict(old)
+    before, after = flat_config(old), flat_config(new)
+    return {k: (before.get(k), after.get(k)) for k in sorted(before.keys() | after.keys())
+            if before.get(k) != after.get(k)}
 
 
 def save_config(cfg: Any, path: str | Path) -> Path:

@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from cellvit_ssl.channels import ChannelVocabulary
 from cellvit_ssl.checkpoint import ENCODER_FORMAT, TRAINING_FORMAT, load_checkpoint
-from cellvit_ssl.config import Normalization, config_from_dict
+from cellvit_ssl.config import Config, Normalization, config_from_dict
 from cellvit_ssl.data.normalize import ChannelStats
 from cellvit_ssl.data.samples import Box, cells_from_mask, read_region
 from cellvit_ssl.errors import CheckpointError, ConfigError, DataError
@@ -609,6 +609,41 @@ def vocabulary_of(payload: dict, config) -> ChannelVocabulary:
     return ChannelVocabulary.from_config(config.data)
 
 
+def pretrained_backbone(payload: dict, path: str | Path, state: dict | None = None
+                        ) -> tuple[ChannelAdaptiveViT, Config, ChannelVocabulary, Preprocess]:
+    """The backbone a checkpoint holds, with its run config, channel vocabulary and preprocessing contract.
+
+    Args:
+        payload: The checkpoint's content (:func:`~cellvit_ssl.checkpoint.load_checkpoint`): a
+            teacher export (its ``backbone``), a training checkpoint (the teacher's weights), or
+            any payload with a ``config`` when ``state`` is given.
+        path: The file, for messages.
+        state: Backbone weights to load instead of the payload's own.
+
+    Returns:
+        ``(model on the CPU, config, vocabulary, preprocess)``.
+
+    Raises:
+        CheckpointError: If the payload holds no config or its weights do not fit its config.
+    """
+    if "config" not in payload:
+        raise CheckpointError(f"{path}: the checkpoint holds no run config; it was not written by cellvit_ssl")
+    config = config_from_dict(payload["config"])
+    vocabulary = vocabulary_of(payload, config)
+    model = build_model(config.model, list(config.data.channels), vocabulary=vocabulary, load_pretrained=False)
+    try:
+        if state is None and payload["format"] == ENCODER_FORMAT:
+            state = payload["backbone"]
+        elif state is None:
+            if payload["format"] != TRAINING_FORMAT:
+                raise CheckpointError(f"{path}: a {payload['format']!r} file holds no backbone to load")
+            state = teacher_backbone_state(payload["model"], config, vocabulary)
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        raise CheckpointError(f"checkpoint {str(path)!r} does not match its own config: {exc}") from exc
+    return model, config, vocabulary, preprocess_of(payload, config, str(path))
+
+
 def load_encoder(path: str | Path, device: str | torch.device | None = None, payload: dict | None = None) -> Encoder:
     """Load an :class:`Encoder` from a training checkpoint or a teacher export.
 
@@ -623,22 +658,8 @@ def load_encoder(path: str | Path, device: str | torch.device | None = None, pay
     """
     device = resolve_device(device)
     payload = payload if payload is not None else load_checkpoint(path)
-    if "config" not in payload:
-        raise CheckpointError(f"{path}: the checkpoint holds no run config; it was not written by cellvit_ssl")
-    config = config_from_dict(payload["config"])
-    vocabulary = vocabulary_of(payload, config)
-    model = build_model(config.model, list(config.data.channels), vocabulary=vocabulary, load_pretrained=False)
-    try:
-        if payload["format"] == ENCODER_FORMAT:
-            state = payload["backbone"]
-        else:
-            assert payload["format"] == TRAINING_FORMAT
-            state = teacher_backbone_state(payload["model"], config, vocabulary)
-        model.load_state_dict(state)
-    except RuntimeError as exc:
-        raise CheckpointError(f"checkpoint {str(path)!r} does not match its own config: {exc}") from exc
-    return Encoder(model, config, device, source=str(path), preprocess=preprocess_of(payload, config, str(path)),
-                   vocabulary=vocabulary)
+    model, config, vocabulary, preprocess = pretrained_backbone(payload, path)
+    return Encoder(model, config, device, source=str(path), preprocess=preprocess, vocabulary=vocabulary)
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:

@@ -256,7 +256,10 @@ def _baseline_inputs(adata, root: str | None, seed: int, device: str | None):
     encoder = Encoder(model, config, resolve_device(device), preprocess=preprocess)
     settings = {k: embed[k] for k in READ_SETTINGS if k in embed}
     data = dataclasses.replace(config.data, **{k: type(getattr(config.data, k))(v) for k, v in settings.items()})
-    reader = sample_reader(adata.obs.reset_index(drop=True), Path(root or embed["root"]), data, encoder,
+    # embed records data.root as "root" (empty when the rows' root column or the index's folder served)
+    explicit = root or embed.get("root") or None
+    reader = sample_reader(adata.obs.reset_index(drop=True), Path(explicit) if explicit else None, data, encoder,
+                           default_root=Path(embed.get("default_root") or "."),
                            allow_missing=bool(embed.get("allow_missing", False)),
                            mask_background=bool(embed.get("mask_background", False)), source="embeddings obs")
     return reader, encoder, str(embed.get("pooling", "default"))

@@ -11,6 +11,7 @@ and has no layer-wise learning-rate decay.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -41,16 +42,37 @@ def param_groups(meta, weight_decay: float, layer_decay: float = 1.0) -> list[di
         weight_decay: Initial weight decay of the decayed groups.
         layer_decay: Layer-wise learning-rate decay factor (1 = off).
     """
-    layers = meta.student.backbone.transformer_layers()
+    return layer_decay_groups(meta.named_parameters(), meta.student.backbone.transformer_layers(), weight_decay,
+                              layer_decay)
+
+
+def layer_decay_groups(named_parameters: Iterable[tuple[str, torch.Tensor]],
+                       layers: Sequence[Sequence[torch.nn.Module]], weight_decay: float, layer_decay: float = 1.0,
+                       lr_scale: float = 1.0) -> list[dict]:
+    """AdamW parameter groups with layer-wise learning-rate decay over ``layers``.
+
+    The rule of :func:`param_groups` for any set of parameters: a parameter of a block in
+    ``layers[i - 1]`` gets ``layer_decay ** (depth + 1 - i)``, an embedding (patch, tokens,
+    position, channel) ``layer_decay ** (depth + 1)``, anything else (final norm, heads) 1; every
+    scale is multiplied by ``lr_scale``. Parameters that do not require gradients are left out.
+
+    Args:
+        named_parameters: ``(name, parameter)`` pairs, e.g. ``module.named_parameters()``.
+        layers: The transformer blocks by depth (``transformer_layers()`` of a backbone).
+        weight_decay: Initial weight decay of the decayed groups.
+        layer_decay: Layer-wise learning-rate decay factor (1 = off).
+        lr_scale: Factor on every group's learning rate (e.g. 0.1 for a pre-trained backbone
+            fine-tuned beside a new head).
+    """
     depth = len(layers)
     layer_of = {id(p): i + 1 for i, layer in enumerate(layers) for block in layer for p in block.parameters()}
     groups: dict[tuple[bool, float], dict] = {}
-    for name, p in meta.named_parameters():
+    for name, p in named_parameters:
         if not p.requires_grad:
             continue
         apply_wd = not _no_weight_decay(name, p)
         layer = layer_of.get(id(p), 0 if any(part in name for part in _EMBEDDINGS) else depth + 1)
-        scale = layer_decay ** (depth + 1 - layer) if layer_decay != 1.0 else 1.0
+        scale = lr_scale * (layer_decay ** (depth + 1 - layer) if layer_decay != 1.0 else 1.0)
         group = groups.setdefault((apply_wd, scale), {
             "params": [], "weight_decay": weight_decay if apply_wd else 0.0,
             "lr_scale": scale, "apply_wd": apply_wd,

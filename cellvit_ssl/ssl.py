@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 from collections.abc import Mapping
 
 import torch
@@ -66,13 +67,19 @@ from cellvit_ssl.models.sampling import sample_channel_subsets
 
 
 def _head(input_dim: int, output_dim: int, cfg) -> DINOProjectionHead:
-    return DINOProjectionHead(
-        input_dim=input_dim,
-        hidden_dim=cfg.head_hidden_dim,
-        bottleneck_dim=cfg.head_bottleneck_dim,
-        output_dim=output_dim,
-        freeze_last_layer=cfg.freeze_last_layer_epochs,
-    )
+    # lightly builds the last layer with torch.nn.utils.weight_norm, which torch deprecates with a
+    # FutureWarning on every run. Its state-dict keys (weight_g / weight_v) are the checkpoint
+    # layout, so the head is kept as it is and only that warning is silenced here.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"`torch\.nn\.utils\.weight_norm` is deprecated",
+                                category=FutureWarning)
+        return DINOProjectionHead(
+            input_dim=input_dim,
+            hidden_dim=cfg.head_hidden_dim,
+            bottleneck_dim=cfg.head_bottleneck_dim,
+            output_dim=output_dim,
+            freeze_last_layer=cfg.freeze_last_layer_epochs,
+        )
 
 
 def _head_pair(input_dim: int, output_dim: int, cfg) -> tuple[DINOProjectionHead, DINOProjectionHead]:

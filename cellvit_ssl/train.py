@@ -22,6 +22,11 @@ into the model (:mod:`cellvit_ssl.distill`); everything else is unchanged.
 SIGTERM or SIGUSR1 (cluster preemption) let the step in progress finish, write its checkpoint
 and exit cleanly (see :class:`StopRequest` for exactly which step); a NaN / Inf loss stops the
 run and keeps the last good checkpoint.
+
+Nothing is written before the data and a resumed checkpoint have been checked: a resumed run
+whose settings differ from its checkpoint's is refused, naming the keys
+(:func:`check_resume_config`; ``train.allow_config_change`` allows named ones), and a finished
+run says so and writes nothing.
 """
 
 from __future__ import annotations
@@ -59,7 +64,7 @@ from cellvit_ssl.checkpoint import (
     set_rng_state,
 )
 from cellvit_ssl.cli import CommandLine
-from cellvit_ssl.config import Config, Precision, config_to_dict, save_config, validate_config
+from cellvit_ssl.config import Config, Precision, config_changes, config_to_dict, save_config, validate_config
 from cellvit_ssl.data.collate import collate_channels
 from cellvit_ssl.data.dataset import build_dataset as build_index_dataset
 from cellvit_ssl.data.normalize import ChannelStats
@@ -71,7 +76,7 @@ from cellvit_ssl.distill import (
     init_student_heads,
     resolve_distill_config,
 )
-from cellvit_ssl.errors import CellVitSSLError, CheckpointError, DataError
+from cellvit_ssl.errors import CellVitSSLError, CheckpointError, ConfigError, DataError
 from cellvit_ssl.models.channels import build_model
 from cellvit_ssl.optim import Schedules, apply_schedules, param_groups
 from cellvit_ssl.phases import Phase, phase_schedules, plan_phases
@@ -104,6 +109,57 @@ def resolve_index(cfg: Config) -> tuple[Path, Path | None]:
         raise DataError(f"data.index {str(index)!r} does not exist; download or build the data first. {hint}")
     root = Path(cfg.data.root).expanduser() if cfg.data.root else None
     return index, root
+
+
+#: Keys a resumed run may change freely: where and how it runs, not what it learns.
+RESUME_FREE_KEYS = (
+    "train.output_dir", "train.resume", "train.allow_config_change", "train.device", "train.dist_backend",
+    "train.strategy", "train.compile", "train.activation_checkpointing", "train.deterministic", "train.log_every",
+    "train.tensorboard", "train.progress", "train.checkpoint_every", "train.keep_last",
+    "data.root", "data.num_workers", "data.stats_cache", "data.skip_bad", "data.metadata_columns",
+    "data.demo.cache_dir", "model.attn_backend", "model.pretrained", "model.pretrained_strict",
+)
+
+
+def _same_path(a, b) -> bool:
+    if not (isinstance(a, str) and isinstance(b, str)):
+        return False
+    return Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
+
+
+def check_resume_config(stored: dict | None, cfg: Config, source: Path) -> dict[str, tuple]:
+    """Refuse to resume a run whose settings changed, unless the user allowed those keys.
+
+    A checkpoint's weights, optimiser state and schedules belong to the config it was trained
+    with; continuing under other settings would leave a run whose ``config.yaml`` and
+    ``teacher.pt`` describe something that never happened. Keys in :data:`RESUME_FREE_KEYS`
+    may change; any other key only when named (or its section is named) in
+    ``train.allow_config_change``.
+
+    Returns:
+        The allowed changes, ``{key: (old, new)}``.
+
+    Raises:
+        ConfigError: Naming every changed key with its old and new value, and the ways on.
+    """
+    if not stored:
+        return {}
+    changes = config_changes(stored, config_to_dict(cfg))
+    changes = {k: v for k, v in changes.items() if k not in RESUME_FREE_KEYS
+               and not (k == "data.index" and _same_path(*v))}
+    allowed = list(cfg.train.allow_config_change)
+    refused = {k: v for k, v in changes.items() if not any(k == a or k.startswith(a + ".") for a in allowed)}
+    if refused:
+        listed = ", ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in refused.items())
+        keys = ",".join(refused)
+        raise ConfigError(
+            f"{source} was trained with other settings ({listed}); resuming would continue its weights under "
+            f"settings they were not trained with. Either give the run's own settings again, train a new run "
+            f"in another folder (train.output_dir=...), start over here (train.resume=none), or continue with "
+            f"the changes allowed: train.allow_config_change=[{keys}] (schedules are recomputed for the new "
+            "settings)"
+        )
+    return changes
 
 
 def seed_everything(seed: int) -> None:
@@ -162,6 +218,8 @@ def build_dataset(cfg: Config, view_maker: WorkerViews | DeviceViews | None = No
     seed = cfg.train.seed if seed is None else seed
     view_maker = view_maker or build_view_maker(cfg, torch.device("cpu"), seed=seed)
     dataset = build_index_dataset(cfg.data, view_maker.sample_transform, index=index, root=root, stats=stats)
+    if not cfg.data.skip_bad:
+        dataset.reader.check_files()  # a wrong data.root fails now, not at the first step
     return SeededViews(dataset, seed)
 
 
@@ -416,11 +474,15 @@ class Trainer:
         self.view_maker = build_view_maker(cfg, info.device, info.rank)
         # Rank 0 generates demo data / opens the index first; the others then reuse it.
         dataset = build_dataset(cfg, self.view_maker) if info.is_main else None
-        if info.is_main:  # only once the data is there: a data error leaves no empty run folder
-            self.out.mkdir(parents=True, exist_ok=True)
-            remove_stale_temporaries(self.out)
-            save_config(cfg, self.out / "config.yaml")
         D.barrier()
+        # Nothing is written before the data and a resumed checkpoint's settings are checked (see fit):
+        # a failed or refused command leaves nothing that blocks the corrected one.
+        self.resume_from = find_resume_checkpoint(t.resume, self.out)
+        self._resume_payload = None
+        self.config_changes: dict[str, tuple] = {}
+        if self.resume_from is not None:
+            self._resume_payload = load_checkpoint(self.resume_from, expect=(TRAINING_FORMAT,))
+            self.config_changes = check_resume_config(self._resume_payload.get("config"), cfg, self.resume_from)
         self.loader = build_loader(cfg, info, dataset if dataset is not None else build_dataset(cfg, self.view_maker))
         self.sampler: D.ShardedSampler = self.loader.sampler
         inner = self.loader.dataset.dataset
@@ -556,16 +618,20 @@ class Trainer:
         D.barrier()
         return path
 
-    def resume(self, path: Path) -> None:
+    def resume(self, path: Path, payload: dict | None = None) -> None:
         """Restore model, optimizer, step and random state from a training checkpoint.
 
         Checkpoints of an older key layout are read through
         :func:`~cellvit_ssl.checkpoint.upgrade_state_layout` (in :func:`load_checkpoint`).
 
+        Args:
+            path: The checkpoint.
+            payload: Its content, when already loaded.
+
         Raises:
             CheckpointError: If the file is unreadable or does not fit this run's model.
         """
-        payload = load_checkpoint(path, expect=(TRAINING_FORMAT,))
+        payload = payload if payload is not None else load_checkpoint(path, expect=(TRAINING_FORMAT,))
         missing = [k for k in ("model", "optimizer", "step", "rng") if k not in payload]
         if missing:
             raise CheckpointError(f"checkpoint {str(path)!r} has no {missing}; it cannot be resumed from")
@@ -681,16 +747,26 @@ class Trainer:
     def fit(self) -> Path:
         """Train to the end (or to a stop signal); returns ``teacher.pt`` (or the checkpoint)."""
         t, info = self.cfg.train, self.info
-        source = find_resume_checkpoint(t.resume, self.out)
+        source = self.resume_from
         if source is not None:
-            self.resume(source)
+            self.resume(source, self._resume_payload)
+            self._resume_payload = None
+            if self.step >= self.total_steps:
+                return self._finished(source)
         if info.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            remove_stale_temporaries(self.out)
+            save_config(self.cfg, self.out / "config.yaml")
             resumed = f", resumed at step {self.step} from {source}" if source is not None else ""
+            if self.config_changes:
+                resumed += " with " + ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in
+                                                self.config_changes.items())
+            strategy = f", {t.strategy}" if info.world_size > 1 else ""
             print(f"cellvit_ssl: {len(self.loader.dataset)} samples, {info.world_size} process(es) on "
                   f"{info.device.type}, global batch {self.global_batch}, {self.steps_per_epoch} steps/epoch, "
                   f"{self.total_steps} steps, model {self.cfg.model.variant}/{self.cfg.model.arch}, views "
                   f"{'batched on ' + info.device.type if self.view_maker.on_device else 'in loader workers'}, "
-                  f"{'bf16' if self.bf16 else 'fp32'}, {t.strategy}, output {self.out}{resumed}", flush=True)
+                  f"{'bf16' if self.bf16 else 'fp32'}{strategy}, output {self.out}{resumed}", flush=True)
             if len(self.phases) > 1:
                 print("cellvit_ssl: " + "; ".join(run.phase.describe() for run in self.phases), flush=True)
             if self.meta.frozen_teacher is not None:
@@ -700,11 +776,27 @@ class Trainer:
         bar = tqdm(total=self.total_steps, initial=self.step, disable=not (info.is_main and t.progress),
                    desc="train", dynamic_ncols=True)
         try:
-            return self._loop(log, stop, bar)
+            path, message = self._loop(log, stop, bar)
         finally:
-            bar.close()
+            bar.close()  # before the final line, which then stands on a line of its own
             stop.restore()
             log.close()
+        if info.is_main:
+            print(message, flush=True)
+        return path
+
+    def _finished(self, source: Path) -> Path:
+        """A resumed run that has nothing left to train: say so and write nothing (but a missing ``teacher.pt``)."""
+        teacher = self.out / "teacher.pt"
+        missing = not teacher.is_file()
+        if missing:  # killed between the last checkpoint and the export
+            teacher = self.export_teacher()
+        if self.info.is_main:
+            more = "" if self.step == self.total_steps else f" (this config asks for {self.total_steps})"
+            print(f"cellvit_ssl: {self.out} is finished: {source} is at step {self.step}{more}; nothing to train. "
+                  f"{'Wrote' if missing else 'Its encoder:'} {teacher}. To train longer, raise train.epochs with "
+                  "train.allow_config_change=[train.epochs]; to start over, train.resume=none", flush=True)
+        return teacher
 
     def _end_epoch(self, run: PhaseRun, epoch: int, losses: list[float], seconds: float) -> None:
         inner = getattr(self.loader.dataset, "dataset", self.loader.dataset)
@@ -717,7 +809,7 @@ class Trainer:
                 f"phase {run.phase.index} epoch {epoch + 1}"
             tqdm.write(f"{where}  loss {np.mean(losses):.4f}  ({rate:.1f} images/s{note})")
 
-    def _loop(self, log: MetricsLog, stop: StopRequest, bar: tqdm) -> Path:
+    def _loop(self, log: MetricsLog, stop: StopRequest, bar: tqdm) -> tuple[Path, str]:
         t = self.cfg.train
         self.model.train()
         tick, tick_step = time.perf_counter(), self.step
@@ -763,18 +855,15 @@ class Trainer:
                 due = self.step % t.checkpoint_every == 0 if t.checkpoint_every else end_of_epoch
                 if record["stop"]:
                     path = self.save()
-                    if self.info.is_main:
-                        print(f"cellvit_ssl: stop requested (SIGTERM/SIGUSR1): checkpoint at step {self.step} "
-                              f"written to {path}; run the same command again to resume", flush=True)
-                    return path
+                    return path, (f"cellvit_ssl: stop requested (SIGTERM/SIGUSR1): checkpoint at step {self.step} "
+                                  f"written to {path}; run the same command again to resume")
                 if due or end_of_phase:
                     self.save()
         if self.saved_step != self.step:
             self.save()
         export = self.export_teacher()
-        if self.info.is_main:
-            print(f"done: checkpoint {self.out / 'checkpoint.pt'}, encoder {export}", flush=True)
-        return export
+        return export, (f"done: wrote {self.out / 'checkpoint.pt'} (step {self.step}), {export} (the encoder) and "
+                        f"{self.out / 'config.yaml'}")
 
 
 def run(cfg: Config) -> Path:

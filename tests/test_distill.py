@@ -292,10 +292,14 @@ def test_a_distillation_run_resumes_exactly_and_refuses_another_teacher(tmp_path
     records = [json.loads(line) for line in (tmp_path / "student" / "metrics.jsonl").read_text().splitlines()]
     assert all("dino" in r and "ibot" in r for r in records)
 
+    # another teacher file is a changed setting; other weights at the same path, another teacher
     _, _, other, _ = _teacher_files(tmp_path / "other", seed=2)  # same layout, other weights
     shutil.copy(tmp_path / "student" / "checkpoint_00000004.pt", resumed / "checkpoint.pt")
+    with pytest.raises(ConfigError, match="distill.teacher"):
+        _fit(_student_cfg(tmp_path, other, [*run, f"train.output_dir={resumed}"]))
+    shutil.copy(other, training)
     with pytest.raises(CheckpointError, match="other content"):
-        _fit(_student_cfg(tmp_path, other, [*run, f"train.output_dir={resumed}", "train.epochs=4"]))
+        _fit(_student_cfg(tmp_path, training, [*run, f"train.output_dir={resumed}"]))
 
 
 def test_shipped_distillation_config_loads():

@@ -126,8 +126,9 @@ def test_a_run_written_without_gram_anchoring_resumes_with_it(tiny_overrides, tm
               "train.tensorboard=false"]
     Trainer(load_config(None, [*common, "train.epochs=1"]), DistInfo(0, 1, 0, torch.device("cpu"))).fit()
     plain = load_checkpoint(tmp_path / "run" / "checkpoint.pt")
-    trainer = Trainer(load_config(None, [*common, "train.epochs=2", "ssl.gram.enabled=true", "ssl.gram.start_step=3",
-                                         "ssl.gram.refresh_every=0"]), DistInfo(0, 1, 0, torch.device("cpu")))
+    later = ["train.epochs=2", "ssl.gram.enabled=true", "ssl.gram.start_step=3", "ssl.gram.refresh_every=0",
+             "train.allow_config_change=[train.epochs,ssl.gram]"]  # a resumed run changes settings only when told
+    trainer = Trainer(load_config(None, [*common, *later]), DistInfo(0, 1, 0, torch.device("cpu")))
     trainer.resume(tmp_path / "run" / "checkpoint.pt")
     for key, value in trainer.meta.gram_teacher.state_dict().items():
         torch.testing.assert_close(value, plain["model"][f"teacher.backbone.{key}"], msg=key)

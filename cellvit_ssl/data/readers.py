@@ -5,7 +5,8 @@ Supported sources, each returned as a :class:`ChannelStack` (``(C, Y, X)`` + cha
 - OME-TIFF and ImageJ hyperstacks (tifffile): the channel axis comes from the metadata; a Z
   axis is reduced by maximum projection or one chosen slice, a T axis by one chosen frame;
   pyramidal TIFFs expose their levels. A plain 3-D TIFF is read as ``(C, Y, X)``.
-- A list of single-channel TIFFs (one file per channel, e.g. a Cell Painting site) as one stack.
+- A list of single-channel files (one file per channel: TIFF, PNG or JPEG, e.g. a Cell Painting
+  site or an HPA ``ID_red.png`` / ``_green`` / ``_blue`` / ``_yellow`` set) as one stack.
 - Zarr v2 / v3 arrays with a channel axis (axes from ``axes``, ``_ARRAY_DIMENSIONS`` or the
   v3 ``dimension_names``; 3-D arrays without them are ``(C, Y, X)``).
 - OME-Zarr multiscale images (NGFF 0.4 on Zarr v2, 0.5 on Zarr v3, also inside a
@@ -36,6 +37,8 @@ Region = tuple[int, int, int, int]  # (y0, x0, height, width)
 #: File name endings read as single-plane tapes or images by Pillow.
 PNG_SUFFIXES = (".png",)
 TIFF_SUFFIXES = (".tif", ".tiff")
+#: File name endings of single-plane images that can hold one channel of a per-channel file list.
+PLANE_SUFFIXES = TIFF_SUFFIXES + PNG_SUFFIXES + (".jpg", ".jpeg")
 ZARR_MARKERS = ("zarr.json", ".zattrs", ".zarray", ".zgroup")
 
 
@@ -275,10 +278,59 @@ class _FileListSource:
         return np.asarray(self.arrays[c][rest])
 
 
-def _open_file_list(paths: Sequence[str | Path], given: Sequence[str] | None, z: str | int, t: int) -> ChannelStack:
-    import tifffile
-    import zarr
+#: Pillow modes of single-channel planes and their pixel types.
+_PIL_GRAY_MODES = {"L": np.uint8, "I;16": np.uint16, "I;16B": np.uint16, "I;16L": np.uint16, "I": np.int32,
+                   "F": np.float32, "1": np.bool_}
+#: Colour modes read as one channel: the maximum over the colour components (per-channel files
+#: exported tinted, e.g. HPA's blue nucleus JPEG, hold the whole signal in their brightest component).
+_PIL_COLOUR_MODES = {"RGB": np.uint8, "RGBA": np.uint8, "P": np.uint8}
 
+
+class _PlaneFile:
+    """One PNG / JPEG plane, decoded when read (these formats cannot be read in parts)."""
+
+    def __init__(self, path: str) -> None:
+        from PIL import Image
+
+        self.path = path
+        with Image.open(path) as img:
+            if img.mode in _PIL_GRAY_MODES:
+                dtype = _PIL_GRAY_MODES[img.mode]
+            elif img.mode in _PIL_COLOUR_MODES:
+                dtype = _PIL_COLOUR_MODES[img.mode]
+            else:
+                raise DataError(f"{path}: image mode {img.mode!r}; expected a single-channel (grayscale) plane")
+            self.mode = img.mode
+            self.shape = (img.height, img.width)
+        self.dtype = np.dtype(dtype)
+
+    def __getitem__(self, selection) -> np.ndarray:
+        from PIL import Image
+
+        with Image.open(self.path) as img:
+            if self.mode in _PIL_COLOUR_MODES:
+                plane = np.asarray(img.convert("RGB")).max(axis=-1)
+            else:
+                plane = np.asarray(img)
+        return plane[selection]
+
+
+def _open_plane(p: str):
+    """``(axes, lazy array)`` of one per-channel file."""
+    if p.lower().endswith(TIFF_SUFFIXES):
+        import tifffile
+        import zarr
+
+        with tifffile.TiffFile(p) as tif:
+            axes = tif.series[0].axes.upper()
+        array = zarr.open(tifffile.imread(p, aszarr=True), mode="r")
+        if hasattr(array, "keys") and not hasattr(array, "shape"):
+            array = array["0"]
+        return axes, array
+    return "YX", _PlaneFile(p)
+
+
+def _open_file_list(paths: Sequence[str | Path], given: Sequence[str] | None, z: str | int, t: int) -> ChannelStack:
     paths = [str(Path(p)) for p in paths]
     joined = ";".join(paths)
     if not paths:
@@ -287,16 +339,15 @@ def _open_file_list(paths: Sequence[str | Path], given: Sequence[str] | None, z:
     for p in paths:
         if not Path(p).is_file():
             raise DataError(f"{p}: no such file (one channel of {joined})")
-        if not p.lower().endswith(TIFF_SUFFIXES):
-            raise DataError(f"{p}: a per-channel file list must hold TIFF files (.tif/.tiff)")
+        if not p.lower().endswith(PLANE_SUFFIXES):
+            raise DataError(f"{p}: a per-channel file list must hold single-plane images "
+                            f"({', '.join(PLANE_SUFFIXES)})")
         try:
-            with tifffile.TiffFile(p) as tif:
-                axes = tif.series[0].axes.upper()
-            array = zarr.open(tifffile.imread(p, aszarr=True), mode="r")
+            axes, array = _open_plane(p)
+        except DataError:
+            raise
         except Exception as exc:
-            raise DataError(f"{p}: not a readable TIFF ({type(exc).__name__}: {exc})") from exc
-        if hasattr(array, "keys") and not hasattr(array, "shape"):
-            array = array["0"]
+            raise DataError(f"{p}: not a readable image ({type(exc).__name__}: {exc})") from exc
         if "C" in axes or "S" in axes:
             raise DataError(f"{p}: has a channel axis ({axes!r}); a per-channel file list expects one channel per file")
         if axes_seen is None:
@@ -307,7 +358,7 @@ def _open_file_list(paths: Sequence[str | Path], given: Sequence[str] | None, z:
                 f"channel {paths[0]} ({axes_seen!r}, {first[0]}, {first[1]}); channels must match"
             )
         arrays.append(array)
-    meta = {"format": "tiff-list", "files": paths}
+    meta = {"format": "file-list", "files": paths}
     return _as_stack(joined, _FileListSource(paths, arrays), "C" + axes_seen, None, given, meta, z, t)
 
 
@@ -518,8 +569,8 @@ def open_stack(
     """Open a multichannel image lazily.
 
     Args:
-        path: A file or Zarr folder; or a list of single-channel TIFF files (one per
-            channel, in channel order), also accepted as one ``;``-separated string.
+        path: A file or Zarr folder; or a list of single-channel files (TIFF, PNG or JPEG,
+            one per channel, in channel order), also accepted as one ``;``-separated string.
         channel_names: Names of the channels, in file order; required when the file does not
             store them, and checked against the count when it does (they take precedence).
         level: Pyramid level for OME-Zarr and pyramidal TIFF (0 = full resolution).

@@ -26,6 +26,13 @@ channels) in one place. How a row is sampled depends on ``data.mode`` and the ro
 ``auto``
     ``cells`` for rows with a centroid or box, ``image`` for CHAMMI tapes, ``tiles`` otherwise.
 
+Where a relative ``path`` is found: in ``data.root`` when it is given (the one way to point at
+images that moved); else in the row's ``root`` column, which the index builder writes (the
+folder it indexed, absolute), while that folder exists; else in the index file's own folder.
+So an index built by ``python -m cellvit_ssl.data.index`` works from any working folder, and an
+index moved together with its images (the root column then names a folder that is gone) still
+finds them beside it. Every "no such file" error names the folder it looked in and why.
+
 Intensities are not changed here: normalisation is the preprocessing contract's job
 (:mod:`cellvit_ssl.preprocess`).
 """
@@ -47,12 +54,15 @@ from cellvit_ssl.data.normalize import check_pixels, normalize_with_bounds
 from cellvit_ssl.data.readers import ChannelStack, open_labels, open_stack
 from cellvit_ssl.errors import ConfigError, DataError
 
-__all__ = ["BOX_COLUMNS", "CENTROID_COLUMNS", "Box", "RawSample", "SampleReader", "cells_from_mask", "read_region"]
+__all__ = ["BOX_COLUMNS", "CENTROID_COLUMNS", "ROOT_COLUMN", "Box", "RawSample", "SampleReader", "cells_from_mask",
+           "read_region"]
 
 #: Index columns of a region in pixels.
 BOX_COLUMNS = ("box_y0", "box_x0", "box_y1", "box_x1")
 #: Index columns of a cell centre in pixels.
 CENTROID_COLUMNS = ("centroid_y", "centroid_x")
+#: Index column of the folder a row's relative ``path`` starts from (written by the index builder).
+ROOT_COLUMN = "root"
 #: Open stacks kept per process (least recently used are dropped; CHAMMI has ~220k files).
 STACK_CACHE_SIZE = 256
 
@@ -188,7 +198,10 @@ class SampleReader:
 
     Args:
         table: The index (one row per image, box or cell; column ``path`` required).
-        root: Folder relative paths are resolved against.
+        root: Folder relative paths are resolved against, overriding the rows' ``root``
+            column (``data.root``: the images moved); None to use the column.
+        default_root: Folder for rows without a usable ``root`` column (the index file's
+            folder; default: the working folder).
         channels: Wanted channel names in output order; None keeps every row's own channels.
         vocabulary: Channel vocabulary (with the run's ``data.channel_map``).
         sample_size: Side of cell and tile samples in pixels.
@@ -216,7 +229,8 @@ class SampleReader:
     """
 
     def __init__(self, table: pd.DataFrame, *, root: str | Path | None = None,
-                 channels: Sequence[str] | None = None, vocabulary: ChannelVocabulary | None = None,
+                 default_root: str | Path | None = None, channels: Sequence[str] | None = None,
+                 vocabulary: ChannelVocabulary | None = None,
                  sample_size: int = 64, mode: SampleMode | str = SampleMode.auto,
                  missing_channels: MissingChannels | str = MissingChannels.error, level: int = 0,
                  z: str | int = "max", t: int = 0, missing_chunks: str = "error",
@@ -231,7 +245,10 @@ class SampleReader:
             raise DataError(f"{source}: background masking needs 'labels_path' and 'cell_label' columns "
                             f"(columns: {list(table.columns)})")
         self.table = table.reset_index(drop=True)
-        self.root = Path(root).expanduser() if root is not None else Path.cwd()
+        self.root = Path(root).expanduser() if root is not None and str(root) != "" else None
+        self.default_root = Path(default_root).expanduser() if default_root is not None else Path.cwd()
+        self._row_roots = ROOT_COLUMN in self.table.columns
+        self._root_exists: dict[str, bool] = {}
         self.vocabulary = vocabulary or BUILTIN
         self.channels = None if channels is None else self.vocabulary.canonical_names(channels, source="data.channels")
         self.sample_size = int(sample_size)
@@ -254,13 +271,79 @@ class SampleReader:
         return len(self.table)
 
     # ----------------------------------------------------------------------------- files
-    def resolve(self, path: str) -> str:
-        """A row's ``path`` (``;``-separated for one file per channel) made absolute against the root."""
+    def base(self, i: int | None = None) -> tuple[Path, str]:
+        """The folder row ``i``'s relative paths start from, and why (for messages).
+
+        ``data.root`` when given, else the row's ``root`` column while that folder exists, else
+        the index's folder (see the module docstring).
+        """
+        if self.root is not None:
+            return self.root, "data.root / --root"
+        recorded = self.table.iloc[i][ROOT_COLUMN] if self._row_roots and i is not None else None
+        if isinstance(recorded, str) and recorded.strip():
+            if recorded not in self._root_exists:
+                self._root_exists[recorded] = Path(recorded).expanduser().is_dir()
+            if self._root_exists[recorded]:
+                return Path(recorded).expanduser(), f"the index's {ROOT_COLUMN!r} column"
+            return self.default_root, (f"the index's folder, as its {ROOT_COLUMN!r} column names {recorded}, "
+                                       "which does not exist")
+        return self.default_root, "the index's folder"
+
+    def row_bases(self) -> pd.Series:
+        """The folder (absolute) every row's relative paths start from, by the rules of :meth:`base`."""
+        if self.root is not None:
+            return pd.Series(str(self.root.resolve()), index=self.table.index, dtype=object)
+        default = str(self.default_root.resolve())
+        if not self._row_roots:
+            return pd.Series(default, index=self.table.index, dtype=object)
+
+        def usable(recorded) -> str:
+            if not isinstance(recorded, str) or not recorded.strip():
+                return default
+            if recorded not in self._root_exists:
+                self._root_exists[recorded] = Path(recorded).expanduser().is_dir()
+            return str(Path(recorded).expanduser().resolve()) if self._root_exists[recorded] else default
+
+        return self.table[ROOT_COLUMN].map(usable).astype(object)
+
+    def resolve(self, path: str, i: int | None = None) -> str:
+        """A row's ``path`` (``;``-separated for one file per channel) made absolute (see :meth:`base`)."""
+        base = self.base(i)[0]
         parts = []
         for part in str(path).split(";"):
             p = Path(part.strip()).expanduser()
-            parts.append(str(p if p.is_absolute() else self.root / p))
+            parts.append(str(p if p.is_absolute() else base / p))
         return ";".join(parts)
+
+    def roots(self) -> dict:
+        """Where relative paths are looked up: the override, the recorded roots, the fallback (fingerprints)."""
+        recorded = sorted({str(r) for r in self.table[ROOT_COLUMN].dropna().unique()}) if self._row_roots else []
+        return {"root": str(self.root.resolve()) if self.root is not None else None, "recorded": recorded,
+                "default": str(self.default_root.resolve())}
+
+    def missing_file_hint(self, i: int) -> str:
+        """Where row ``i``'s relative paths were looked up, and how to point elsewhere."""
+        base, why = self.base(i)
+        fix = ("point data.root (--root) at the folder the index's paths start from" if self.root is None
+               else "check data.root (--root)")
+        return f"{self._where(i)}; relative paths are resolved against {base} ({why}): {fix}"
+
+    def check_files(self, rows: Sequence[int] | None = None) -> None:
+        """Check that the files of some rows exist (default: the first and the last), without opening them.
+
+        A cheap check before a long run, so that a wrong root fails at once, naming where it looked.
+
+        Raises:
+            DataError: On the first missing file.
+        """
+        n = len(self.table)
+        for i in sorted({r % n for r in (rows if rows is not None else (0, -1))}) if n else ():
+            raw = self.table.iloc[i]["path"]
+            if not isinstance(raw, str) or not raw.strip():
+                continue
+            for part in self.resolve(raw, i).split(";"):
+                if part and not Path(part).exists():
+                    raise DataError(f"{part}: no such file or folder ({self.missing_file_hint(i)})")
 
     def _where(self, i: int) -> str:
         return f"{self.source} row {i}"
@@ -277,7 +360,7 @@ class SampleReader:
         raw_path = row["path"]
         if not isinstance(raw_path, str) or not raw_path.strip():
             raise DataError(f"{self._where(i)}: empty 'path'; expected an image file or folder")
-        path = self.resolve(raw_path)
+        path = self.resolve(raw_path, i)
         width = row.get("channel_width")
         width = _as_int(width, "channel_width", self._where(i)) if width is not None and pd.notna(width) else None
         names = row.get("channels")
@@ -290,8 +373,7 @@ class SampleReader:
             stack = open_stack(path, channel_names=names, channel_width=width, **self.read_options)
         except DataError as exc:
             if "no such file" in str(exc):
-                raise DataError(f"{exc} ({self._where(i)}; relative paths are resolved against {self.root}: "
-                                "set data.root, or --root, to the folder the index's paths start from)") from exc
+                raise DataError(f"{exc} ({self.missing_file_hint(i)})") from exc
             raise
         found = self.vocabulary.canonical_names(stack.channel_names, source=stack.path)
         self._check_file_names(stack, found)
@@ -442,7 +524,7 @@ class SampleReader:
             raise
 
     def _label_image(self, i: int):
-        path = self.resolve(str(self.table.iloc[i]["labels_path"]))
+        path = self.resolve(str(self.table.iloc[i]["labels_path"]), i)
         if path not in self._labels:
             self._labels[path] = open_labels(path, level=self.read_options["level"])
             if len(self._labels) > 8:
