@@ -441,6 +441,9 @@ def load(argv: list[str]) -> tuple[EmbedCommand, dict | None]:
             raise CheckpointError(f"{first.embed.checkpoint}: the checkpoint holds no run config; it was not written "
                                   "by cellvit_ssl")
         stored = dict(payload["config"].get("data", {}))
+        if isinstance(payload.get("preprocess"), dict) and "sample_size" in payload["preprocess"]:
+            # the contract's sample size: a run that ended with a high-resolution phase cut larger samples
+            stored["sample_size"] = payload["preprocess"]["sample_size"]
         base = [("checkpoint config", {"data": {k: v for k, v in stored.items() if k != "demo"}})]
         given = {k for name, src in sources for k in (src.get("data") or {}).keys()}
         fixed = sorted(given & set(CONTRACT_KEYS))

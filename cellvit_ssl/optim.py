@@ -94,6 +94,9 @@ class Schedules:
         weight_decay_end: Weight decay at the last step.
         momentum_start: Teacher EMA momentum at step 0.
         momentum_end: Teacher EMA momentum at the last step.
+        first_step: The run's optimiser step at which these schedules begin (a later phase of a
+            run has its own segment: see :mod:`cellvit_ssl.phases`); ``step`` arguments are the
+            run's steps, ``total_steps`` and ``warmup_steps`` count from here.
     """
 
     total_steps: int
@@ -104,6 +107,7 @@ class Schedules:
     weight_decay_end: float
     momentum_start: float
     momentum_end: float
+    first_step: int = 0
 
     def lr(self, step: int) -> float:
         """Linear warm-up from 0 to ``peak_lr`` (reached at step ``warmup_steps - 1``), then cosine.
@@ -111,16 +115,16 @@ class Schedules:
         The cosine reaches ``min_lr`` at step ``total_steps``, one past the last optimiser
         step (lightly's schedule ends at ``max_steps - 1``, hence ``total_steps + 1``).
         """
-        return cosine_warmup_schedule(step, self.total_steps + 1, self.peak_lr, self.min_lr,
+        return cosine_warmup_schedule(step - self.first_step, self.total_steps + 1, self.peak_lr, self.min_lr,
                                       warmup_steps=self.warmup_steps, warmup_start_value=0.0)
 
     def wd(self, step: int) -> float:
         """Cosine from ``weight_decay`` (step 0) to ``weight_decay_end`` (the last step)."""
-        return cosine_schedule(step, self.total_steps, self.weight_decay, self.weight_decay_end)
+        return cosine_schedule(step - self.first_step, self.total_steps, self.weight_decay, self.weight_decay_end)
 
     def momentum(self, step: int) -> float:
         """Cosine from ``momentum_start`` (step 0) to ``momentum_end`` (the last step)."""
-        return cosine_schedule(step, self.total_steps, self.momentum_start, self.momentum_end)
+        return cosine_schedule(step - self.first_step, self.total_steps, self.momentum_start, self.momentum_end)
 
 
 def apply_schedules(optimizer: torch.optim.Optimizer, lr: float, weight_decay: float) -> None:
