@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import tempfile
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from cellvit_ssl import evaluate as ev
 from cellvit_ssl.checkpoint import load_checkpoint
 from cellvit_ssl.data.synthetic import DemoSpec, generate_demo
 from cellvit_ssl.errors import CellVitSSLError
+from cellvit_ssl.io import atomic_write_text
 
 
 def probe(checkpoint: str | Path, workdir: str | Path, n_images: int = 48, seed: int = 1, k: int = 10) -> dict:
@@ -40,12 +42,16 @@ def probe(checkpoint: str | Path, workdir: str | Path, n_images: int = 48, seed:
     spec = DemoSpec(n_images=n_images, image_size=config["image_size"], cells_per_image=config["cells_per_image"],
                     seed=seed)
     workdir = Path(workdir)
+    print(f"probe: generating {n_images} held-out demo fields (seed {seed}) ...", file=sys.stderr, flush=True)
     index = generate_demo(workdir / f"demo_seed{seed}", spec)
     out = workdir / "heldout.h5ad"
+    print(f"probe: embedding their cells with {checkpoint} ...", file=sys.stderr, flush=True)
     if embed_cli.main([str(checkpoint), "--index", str(index), "--out", str(out), "--overwrite",
                        "--no-progress"]) != 0:
         raise CellVitSSLError(f"embedding {index} with {checkpoint} failed (see above)")
     line = ev.COMMAND_LINE
+    print("probe: scoring leave-one-field-out (trained, random-init and raw-pixel features) ...", file=sys.stderr,
+          flush=True)
     report = ev.run(line.load(line.parse([str(out), "--label-key", "label", "--group-key", "image_id",
                                           "--k", str(k), "--device", "cpu"])))
     report["heldout"] = {"n_images": n_images, "seed": seed}
@@ -63,10 +69,14 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         report = probe(args.checkpoint, args.workdir or tmp, args.eval_images, args.eval_seed, args.k)
+    if not args.workdir:
+        print("probe: the held-out data, embeddings and report above were in a temporary folder, now deleted "
+              "(--workdir DIR keeps them)", file=sys.stderr)
     summary = {"checkpoint": str(args.checkpoint), "heldout": report["heldout"], "k": args.k,
                "classifier": report["summary"]["classifier"], "macro_f1": report["summary"]["scores"]}
     if args.json:
-        Path(args.json).write_text(json.dumps(summary, indent=1))
+        atomic_write_text(args.json, json.dumps(summary, indent=1))
+        print(f"wrote {args.json}", file=sys.stderr)
 
 
 if __name__ == "__main__":

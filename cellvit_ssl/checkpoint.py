@@ -15,7 +15,7 @@ import os
 import random
 import re
 import shutil
-import tempfile
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -23,10 +23,15 @@ import numpy as np
 import torch
 
 from cellvit_ssl.errors import CheckpointError
+from cellvit_ssl.io import atomic_write_with
 
 #: Value of the ``format`` key for a full training checkpoint and for an encoder export.
 TRAINING_FORMAT = "cellvit_ssl.training"
 ENCODER_FORMAT = "cellvit_ssl.encoder"
+#: ``format`` of a classifier file (:func:`cellvit_ssl.classifier.load_classifier`) and of a fine-tuning
+#: run's own checkpoints (``python -m cellvit_ssl.finetune``, resumed exactly like training).
+CLASSIFIER_FORMAT = "cellvit_ssl.classifier"
+FINETUNE_FORMAT = "cellvit_ssl.finetune"
 
 #: Key layout of the ``model`` and ``optimizer`` entries of a training checkpoint, stored under
 #: ``state_layout``. 1 (checkpoints without the key): the meta-architecture's flat attributes
@@ -105,20 +110,33 @@ def upgrade_state_layout(payload: dict[str, Any]) -> dict[str, Any]:
 
 
 def save_checkpoint(payload: dict[str, Any], path: str | Path) -> Path:
-    """Write ``payload`` to ``path`` atomically (temp file + fsync + rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
+    """Write ``payload`` to ``path`` atomically (temp file + fsync + rename, :mod:`cellvit_ssl.io`).
+
+    Raises:
+        CheckpointError: If the folder cannot be written (full disk, permissions, a file in the
+            way), naming the path; a previous file at ``path`` is unchanged.
+    """
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
             torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+
+    return atomic_write_with(path, write, fsync=True, error=CheckpointError)
+
+
+def _load_failure(exc: Exception) -> str:
+    """Why ``torch.load(weights_only=True)`` refused a file, in words (never torch's advice to turn it off)."""
+    text = str(exc)
+    found = re.search(r"GLOBAL ([\w.]+)", text)  # "Unsupported global: GLOBAL x.y" or "unsupported GLOBAL x.y"
+    if found:
+        return (f"it holds Python objects other than tensors and plain data (it references {found.group(1)}), which "
+                "could run code when loaded, so it was refused; cellvit_ssl checkpoints hold plain data only. Load "
+                "only files written by cellvit_ssl (teacher.pt, checkpoint.pt) or a source you trust, exported as "
+                "plain tensors")
+    if isinstance(exc, (EOFError, zipfile.BadZipFile)) or "zip archive" in text or "central directory" in text:
+        return "it is truncated, corrupt or incomplete (a damaged archive); copy it again or use another one"
+    detail = re.search(r"WeightsUnpickler error:\s*(.+)", text)
+    first = detail.group(1).strip() if detail else (text.splitlines()[0] if text else "")
+    return f"it is truncated, corrupt or not a torch checkpoint ({type(exc).__name__}: {first[:200]})"
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu",
@@ -143,10 +161,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu",
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:
-        raise CheckpointError(
-            f"checkpoint {str(path)!r} could not be loaded (truncated, corrupt or not plain "
-            f"data): {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-        ) from exc
+        raise CheckpointError(f"checkpoint {str(path)!r} could not be loaded: {_load_failure(exc)}") from None
     fmt = payload.get("format") if isinstance(payload, dict) else None
     if fmt not in expect:
         raise CheckpointError(
@@ -189,13 +204,15 @@ def save_training_checkpoint(payload: dict[str, Any], folder: str | Path, step: 
     """
     folder = Path(folder)
     path = save_checkpoint(payload, folder / f"checkpoint_{step:08d}.pt")
-    tmp = folder / f".{LATEST}.{os.getpid()}.link"
-    tmp.unlink(missing_ok=True)
-    try:
-        os.link(path, tmp)
-    except OSError:
-        shutil.copyfile(path, tmp)
-    os.replace(tmp, folder / LATEST)
+
+    def point_at_step(tmp: Path) -> None:
+        tmp.unlink()
+        try:
+            os.link(path, tmp)
+        except OSError:
+            shutil.copyfile(path, tmp)
+
+    atomic_write_with(folder / LATEST, point_at_step, error=CheckpointError)
     for old in step_checkpoints(folder)[:-keep_last] if keep_last > 0 else []:
         old.unlink(missing_ok=True)
     return path

@@ -7,7 +7,7 @@ way everywhere: ``key=[a,b,c]``, or after a flag as ``--channels a,b,c`` or ``--
 ``--help`` lists every key with its default and documentation; a mistyped key is an error
 naming the nearest valid one.
 
-``cellvit-ssl train|embed|evaluate|index|...`` runs ``python -m cellvit_ssl.<command>``.
+``cellvit-ssl train|embed|evaluate|finetune|predict|index|...`` runs ``python -m cellvit_ssl.<command>``.
 """
 
 from __future__ import annotations
@@ -30,6 +30,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("cellvit_ssl.train", "self-supervised training (one GPU, torchrun, SLURM)"),
     "embed": ("cellvit_ssl.embed", "embeddings of an index or of images into AnnData"),
     "evaluate": ("cellvit_ssl.evaluate", "k-NN / linear scores of embeddings against baselines"),
+    "finetune": ("cellvit_ssl.finetune", "a classifier from a checkpoint and a labelled index (linear, full, LoRA)"),
+    "predict": ("cellvit_ssl.predict", "class probabilities and labels of an index or of images into AnnData"),
     "index": ("cellvit_ssl.data.index", "build an index table from a folder or a CHAMMI download"),
     "curate": ("cellvit_ssl.curate", "curate an index: near-duplicates out, clusters balanced, rare rows retrieved"),
 }

@@ -264,6 +264,16 @@ class ModelConfig:
 
 
 @dataclass(frozen=True)
+class GramConfig:
+    """DINOv3's Gram anchoring: keep the student's patch-similarity structure near an earlier teacher's."""
+
+    enabled: bool = False  # add the Gram loss (off by default)
+    weight: float = 1.0  # weight of the Gram term in the loss
+    start_step: int = 0  # first optimiser step with the Gram term; the Gram teacher is taken from the EMA teacher then
+    refresh_every: int = 10000  # steps between Gram-teacher refreshes from the EMA teacher (0: never after the first)
+
+
+@dataclass(frozen=True)
 class SSLConfig:
     """Student/teacher objective: DINO + iBOT + KoLeo on lightly heads and losses."""
 
@@ -290,6 +300,28 @@ class SSLConfig:
     channel_sampling: ChannelSampling = ChannelSampling.none  # none | hierarchical (k ~ U{1..C}, then a k-subset)
     momentum_start: float = 0.996  # teacher EMA momentum at the start (cosine to momentum_end)
     momentum_end: float = 1.0  # teacher EMA momentum at the end
+    gram: GramConfig = field(default_factory=GramConfig)
+
+
+@dataclass(frozen=True)
+class PhaseConfig:
+    """A later phase of a run (e.g. DINOv2's high-resolution adaptation): its own views and schedules.
+
+    From ``start`` (a fraction of the run's optimiser steps) to the next phase's start or the
+    end of the run, views are cut at ``crop_scale`` times the crop sizes from samples
+    ``sample_scale`` times ``data.sample_size``, with a per-process batch of ``batch_size``, and
+    the learning rate and teacher momentum follow this phase's own warm-up + cosine segment.
+    """
+
+    start: float = 0.9  # fraction of the run's steps done when this phase begins (0 < start < 1)
+    crop_scale: float = 2.0  # global and local crop sizes times this (must stay multiples of model.patch_size)
+    sample_scale: float | None = None  # data.sample_size times this (null: crop_scale); see the README on modes
+    batch_size: int = 0  # per-process batch in this phase (0: data.batch_size / crop_scale**2, at least 1)
+    base_lr: float | None = None  # peak lr per lr_reference_batch images in this phase (null: train.base_lr)
+    min_lr: float | None = None  # lr at the end of this phase (null: train.min_lr)
+    warmup_fraction: float = 0.1  # fraction of this phase's steps with a linear lr warm-up from 0
+    momentum_start: float | None = None  # teacher EMA momentum at the phase start (null: ssl.momentum_start)
+    momentum_end: float | None = None  # teacher EMA momentum at the phase end (null: ssl.momentum_end)
 
 
 @dataclass(frozen=True)
@@ -322,6 +354,17 @@ class TrainConfig:
     keep_last: int = 3  # step checkpoints kept (checkpoint.pt always points at the newest)
     resume: str = "auto"  # auto (latest in output_dir) | none | path to a checkpoint
     max_steps: int = 0  # stop early after this many steps (0 = run all epochs)
+    phases: list[PhaseConfig] = field(default_factory=list)  # later phases: [{start: 0.9, crop_scale: 2}, ...]
+    allow_config_change: list[str] = field(default_factory=list)  # keys a resumed run may change, e.g. [train.epochs]
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    """Distillation: train the model against a frozen, larger teacher instead of its own EMA."""
+
+    teacher: str | None = None  # teacher.pt / checkpoint.pt of cellvit_ssl or a DINOv2-layout .pth (null: off)
+    masking: bool = False  # iBOT-mask the student's global views (iBOT on masked tokens only: less memory)
+    init_student_heads: bool = True  # student heads start as the teacher's but for the first layer (false: new)
 
 
 @dataclass(frozen=True)
@@ -333,6 +376,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     ssl: SSLConfig = field(default_factory=SSLConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
 
 
 # ----------------------------------------------------------------------------- field documentation
@@ -365,6 +409,11 @@ def describe(schema: type, prefix: str = "") -> list[tuple[str, str, str]]:
         value = getattr(default, f.name)
         if dataclasses.is_dataclass(hints[f.name]):
             rows += describe(hints[f.name], f"{prefix}{f.name}.")
+            continue
+        item = typing.get_args(hints[f.name])[0] if typing.get_origin(hints[f.name]) is list else None
+        if item is not None and dataclasses.is_dataclass(item):  # a list of sections: the list, then its fields
+            rows.append((f"{prefix}{f.name}", _yaml_value(value), docs.get(f.name, "")))
+            rows += describe(item, f"{prefix}{f.name}[].")
             continue
         shown = value.value if isinstance(value, enum.Enum) else value
         if isinstance(hints[f.name], type) and issubclass(hints[f.name], enum.Enum):
@@ -454,12 +503,13 @@ def _enum_values_to_names(node: Any, schema: type) -> Any:
     return node
 
 
-def _writable(node: DictConfig) -> DictConfig:
+def _writable(node: DictConfig | ListConfig) -> DictConfig | ListConfig:
     OmegaConf.set_readonly(node, None)
-    for key in node.keys():
-        child = node._get_node(key)
-        if isinstance(child, DictConfig):
-            _writable(child)
+    if isinstance(node, DictConfig):
+        for key in node.keys():
+            child = node._get_node(key)
+            if isinstance(child, (DictConfig, ListConfig)):
+                _writable(child)
     return node
 
 
@@ -545,6 +595,7 @@ def validate_config(cfg: Config) -> None:
     _validate_train(cfg.train)
     _validate_views(cfg)
     _validate_ssl(cfg)
+    _validate_phases(cfg)
 
 
 def _validate_data(data: DataConfig) -> None:
@@ -585,7 +636,22 @@ def _validate_train(train: TrainConfig) -> None:
             raise ConfigError(f"train.{key}={getattr(train, key)}; expected >= 0")
     if not 0 < train.layer_decay <= 1:
         raise ConfigError(f"train.layer_decay={train.layer_decay}; expected 0 < layer_decay <= 1")
+    check_allowed_changes(train.allow_config_change, Config)
     check_device(train.device, "train.device")
+
+
+def check_allowed_changes(keys: Sequence[str], schema: type) -> None:
+    """Refuse a ``train.allow_config_change`` entry that names no key or section of ``schema``.
+
+    Raises:
+        ConfigError: Naming the entry and the nearest valid key.
+    """
+    known = set(_all_keys(OmegaConf.structured(schema)))
+    for key in keys:
+        if key not in known:
+            near = nearest_key(key, schema)
+            raise ConfigError(f"train.allow_config_change names {key!r}, which is no config key or section"
+                              + (f"; did you mean {near!r}?" if near else ""))
 
 
 def check_device(device: str, key: str) -> None:
@@ -631,6 +697,48 @@ def _validate_ssl(cfg: Config) -> None:
     if ssl.channel_sampling == ChannelSampling.hierarchical and cfg.model.variant == Variant.fixed:
         raise ConfigError("ssl.channel_sampling='hierarchical' needs a channel-adaptive model; "
                           "model.variant='fixed' takes a fixed channel set")
+    gram = ssl.gram
+    if gram.weight < 0 or gram.start_step < 0 or gram.refresh_every < 0:
+        raise ConfigError(f"ssl.gram weight={gram.weight}, start_step={gram.start_step}, "
+                          f"refresh_every={gram.refresh_every}; expected values >= 0")
+
+
+def scaled_size(size: int, scale: float) -> int:
+    """``size * scale`` rounded to the nearest pixel (the crop and sample sizes of a phase)."""
+    return max(1, round(size * scale))
+
+
+def _validate_phases(cfg: Config) -> None:
+    previous = 0.0
+    for i, phase in enumerate(cfg.train.phases):
+        key = f"train.phases[{i}]"
+        if not previous < phase.start < 1:
+            raise ConfigError(f"{key}.start={phase.start}; expected a fraction of the run's steps in "
+                              f"({previous}, 1), phases in increasing order")
+        previous = phase.start
+        for name in ("crop_scale", "sample_scale"):
+            value = getattr(phase, name)
+            if value is not None and not value > 0:
+                raise ConfigError(f"{key}.{name}={value}; expected a factor > 0")
+        for name in ("global_crop_size", "local_crop_size"):
+            size = scaled_size(getattr(cfg.views, name), phase.crop_scale)
+            if size % cfg.model.patch_size:
+                raise ConfigError(
+                    f"{key}.crop_scale={phase.crop_scale} makes views.{name} {size} px, not a multiple of "
+                    f"model.patch_size={cfg.model.patch_size}"
+                )
+        if phase.batch_size < 0:
+            raise ConfigError(f"{key}.batch_size={phase.batch_size}; expected >= 1 (0: scaled from data.batch_size)")
+        if not 0 <= phase.warmup_fraction <= 1:
+            raise ConfigError(f"{key}.warmup_fraction={phase.warmup_fraction}; expected 0 <= fraction <= 1")
+        for name in ("base_lr", "min_lr"):
+            value = getattr(phase, name)
+            if value is not None and value < 0:
+                raise ConfigError(f"{key}.{name}={value}; expected >= 0")
+        for name in ("momentum_start", "momentum_end"):
+            value = getattr(phase, name)
+            if value is not None and not 0 <= value <= 1:
+                raise ConfigError(f"{key}.{name}={value}; expected a momentum in [0, 1]")
 
 
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
@@ -678,6 +786,35 @@ def config_from_dict(data: Mapping, schema: type = Config) -> Any:
         ConfigError: If the stored config does not fit the schema.
     """
     return merge_config(schema, [("checkpoint config", OmegaConf.create(dict(data)))])
+
+
+def flat_config(data: Mapping, prefix: str = "") -> dict[str, Any]:
+    """``{"train": {"epochs": 5}}`` → ``{"train.epochs": 5}`` (lists and leaf values kept as they are)."""
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, Mapping) and key != "channel_map":  # a mapping-valued key is one value
+            flat.update(flat_config(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = dict(value) if isinstance(value, Mapping) else value
+    return flat
+
+
+def config_changes(old: Mapping, new: Mapping, schema: type = Config) -> dict[str, tuple[Any, Any]]:
+    """The keys whose values differ between two configs written by :func:`config_to_dict`.
+
+    ``old`` (e.g. a checkpoint's config) is read onto ``schema`` first, so keys a newer version
+    added compare at their defaults; when it no longer fits the schema, it is compared as stored.
+
+    Returns:
+        ``{"train.epochs": (25, 5), ...}`` in key order.
+    """
+    try:
+        old = config_to_dict(config_from_dict(old, schema))
+    except ConfigError:
+        old = dict(old)
+    before, after = flat_config(old), flat_config(new)
+    return {k: (before.get(k), after.get(k)) for k in sorted(before.keys() | after.keys())
+            if before.get(k) != after.get(k)}
 
 
 def save_config(cfg: Any, path: str | Path) -> Path:

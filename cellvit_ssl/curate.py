@@ -76,7 +76,7 @@ from cellvit_ssl.curate_select import (
     retrieve,
 )
 from cellvit_ssl.errors import CellVitSSLError, ConfigError, DataError
-from cellvit_ssl.io import atomic_write_bytes, atomic_write_text, atomic_write_with
+from cellvit_ssl.io import atomic_write_bytes, atomic_write_text, atomic_write_with, check_writable, exclusive_lock
 
 
 # ----------------------------------------------------------------------------- configuration
@@ -362,16 +362,32 @@ class _Features:
     sidecar: Path | None = None
 
 
-def _features(cmd: CurateCommand, table: pd.DataFrame, root: Path, index_sha: str, cache: StageCache,
+@dataclass(frozen=True)
+class RootRule:
+    """Where the index's relative paths start: ``data.root`` over the rows' ``root`` column over the index's folder.
+
+    The rule of :class:`~cellvit_ssl.data.samples.SampleReader`, which applies it; kept here
+    to pass it on (to the pixel reader, to embed) and to fingerprint it.
+    """
+
+    override: Path | None
+    index_folder: Path
+
+    def fingerprint(self) -> dict:
+        return {"root": str(self.override.resolve()) if self.override is not None else None,
+                "default": str(self.index_folder.resolve())}
+
+
+def _features(cmd: CurateCommand, table: pd.DataFrame, root: RootRule, index_sha: str, cache: StageCache,
               outputs: dict[str, Path]) -> _Features:
     cfg, data = cmd.curate, cmd.data
     kind = feature_kind(cfg.features)
     block = cfg.block_rows
     if kind is FeatureKind.pixels:
         crop = data.sample_size or 64
-        px = PixelFeatures(table, root, crop, cfg.pixels.channels, cfg.pixels.size, cfg.pixels.blur,
-                           cfg.pixels.percentiles, data.num_workers)
-        base = {"index_sha256": index_sha, "root": str(root.resolve()), "kind": "pixels", "crop_size": crop,
+        px = PixelFeatures(table, root.override, crop, cfg.pixels.channels, cfg.pixels.size, cfg.pixels.blur,
+                           cfg.pixels.percentiles, data.num_workers, default_root=root.index_folder)
+        base = {"index_sha256": index_sha, "root": root.fingerprint(), "kind": "pixels", "crop_size": crop,
                 "pixels": {k: v for k, v in vars(cfg.pixels).items() if k != "chunk_rows"}}
         fp = _fingerprint(base)
         thumbs = _fill(cache, "pixels", fp, len(table), px.dim, px.read, cfg.pixels.chunk_rows, cfg.progress,
@@ -399,11 +415,11 @@ def _features(cmd: CurateCommand, table: pd.DataFrame, root: Path, index_sha: st
         if not path.is_file():
             raise DataError(f"curate.features={cfg.features!r}: checkpoint not found")
         sidecar = outputs["embeddings"]
-        embed_with_checkpoint(path, data.index, sidecar, root=root, crop_size=data.sample_size,
+        embed_with_checkpoint(path, data.index, sidecar, root=root.override, crop_size=data.sample_size,
                               batch_size=data.batch_size, workers=data.num_workers, device=cfg.embed.device,
                               allow_missing=cfg.embed.allow_missing, overwrite=cfg.overwrite, progress=cfg.progress)
         base = {"index_sha256": index_sha, "kind": "checkpoint", "checkpoint_sha256": file_sha256(path),
-                "crop_size": data.sample_size, "allow_missing": cfg.embed.allow_missing, "root": str(root.resolve())}
+                "crop_size": data.sample_size, "allow_missing": cfg.embed.allow_missing, "root": root.fingerprint()}
         path = sidecar
     with EmbeddingsFile(path) as emb:
         matched_by = check_alignment(table, data.index, emb, index_sha)
@@ -495,9 +511,22 @@ def output_paths(out: str | Path) -> dict[str, Path]:
             "partial": out.with_name(out.name + ".partial")}
 
 
-def _rebase_paths(table: pd.DataFrame, root: Path, out_dir: Path) -> bool:
-    """Rewrite relative ``path`` / ``labels_path`` values so they are relative to ``out_dir``."""
-    if root.resolve() == out_dir.resolve():
+def _rebase_paths(table: pd.DataFrame, root: RootRule, out_dir: Path) -> bool:
+    """Keep the output index's relative paths pointing at the files they were read from.
+
+    An index with a ``root`` column keeps its paths and gets, in that column, the folder each
+    row was read from (so the output works from any folder, as the input did). Without one,
+    relative ``path`` / ``labels_path`` values are rewritten relative to ``out_dir``.
+    """
+    from cellvit_ssl.data.samples import ROOT_COLUMN, SampleReader
+
+    if ROOT_COLUMN in table.columns:
+        bases = SampleReader(table, root=root.override, default_root=root.index_folder).row_bases().to_numpy()
+        changed = bool((table[ROOT_COLUMN].astype(str).to_numpy() != bases).any())
+        table[ROOT_COLUMN] = bases
+        return changed
+    base = root.override if root.override is not None else root.index_folder
+    if base.resolve() == out_dir.resolve():
         return False
     changed = False
     for column in ("path", "labels_path"):
@@ -507,7 +536,7 @@ def _rebase_paths(table: pd.DataFrame, root: Path, out_dir: Path) -> bool:
         def rebase(v):
             if not isinstance(v, str) or not v or Path(v).expanduser().is_absolute():
                 return v
-            return os.path.relpath((root / v).resolve(), out_dir.resolve())
+            return os.path.relpath((base / v).resolve(), out_dir.resolve())
 
         table[column] = table[column].map(rebase)
         changed = True
@@ -573,18 +602,44 @@ def run(cmd: CurateCommand) -> CurateResult:
     Raises:
         ConfigError: On invalid settings.
         DataError: On unreadable inputs, features not aligned with the index
-            (:class:`~cellvit_ssl.curate_features.FeaturesMismatchError`), bad seeds, or an
-            existing output made from other inputs (without ``overwrite``).
+            (:class:`~cellvit_ssl.curate_features.FeaturesMismatchError`), bad seeds, an
+            existing output made from other inputs (without ``overwrite``), an output that would
+            replace an input, an output folder that cannot be written, or another run writing
+            the same output (naming its process).
     """
+    validate(cmd)
+    started = time.perf_counter()
+    paths = output_paths(cmd.curate.out)
+    _refuse_outputs_over_inputs(cmd, paths)
+    check_writable(paths["index"], what="curate.out")
+    # one run per output: a second one would mix its stages into OUT.partial and its rows into OUT
+    with exclusive_lock(paths["index"]):
+        return _curate(cmd, paths, started)
+
+
+def _refuse_outputs_over_inputs(cmd: CurateCommand, paths: dict[str, Path]) -> None:
+    inputs = [Path(cmd.data.index)]
+    if feature_kind(cmd.curate.features) is not FeatureKind.pixels:
+        inputs.append(Path(cmd.curate.features))
+    for key, out in paths.items():
+        if key == "embeddings":
+            continue  # written only from a checkpoint's features; an embeddings file of that name is reused
+        resolved = out.expanduser().resolve()
+        for path in inputs:
+            p = path.expanduser().resolve()
+            if resolved == p or p in resolved.parents or resolved in p.parents:
+                raise DataError(f"curate.out={cmd.curate.out!r} would write {out} over the input {str(path)!r}; "
+                                "choose another curate.out")
+
+
+def _curate(cmd: CurateCommand, paths: dict[str, Path], started: float) -> CurateResult:
+    """:func:`run`'s work, under the output's lock."""
     from cellvit_ssl.data.dataset import read_index
     from cellvit_ssl.embed_io import table_sha256
 
-    validate(cmd)
     cfg, data = cmd.curate, cmd.data
-    started = time.perf_counter()
-    paths = output_paths(cfg.out)
     table = read_index(data.index)
-    root = Path(data.root).expanduser() if data.root else Path(data.index).expanduser().parent
+    root = RootRule(Path(data.root).expanduser() if data.root else None, Path(data.index).expanduser().parent)
     index_sha = table_sha256(table)
     settings = {"dedup": vars(cfg.dedup), "clusters": list(cfg.clusters), "kmeans_iters": cfg.kmeans_iters,
                 "kmeans_sample": cfg.kmeans_sample, "seed": cfg.seed, "target_size": cfg.target_size,

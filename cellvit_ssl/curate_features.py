@@ -231,7 +231,8 @@ class PixelFeatures:
 
     Args:
         table: The index (one row per image or cell).
-        root: Base folder of relative paths.
+        root: Folder of relative paths overriding the index's ``root`` column (``data.root``);
+            None to use the column (see :class:`~cellvit_ssl.data.samples.SampleReader`).
         crop_size: Side of centroid crops in pixels.
         channels: Channel names to use, in this order (absent ones are zeros); empty: every
             channel in file order (all rows must then have the same number of channels).
@@ -239,12 +240,15 @@ class PixelFeatures:
         blur: Gaussian sigma in crop pixels before resizing (makes 1-px shifts matter less).
         percentiles: Per-channel normalisation percentiles ``(low, high)``.
         workers: Processes reading crops (0: this process).
+        default_root: Folder of rows without a usable ``root`` column (the index's folder).
     """
 
-    def __init__(self, table: pd.DataFrame, root: str | Path, crop_size: int, channels: Sequence[str] = (),
+    def __init__(self, table: pd.DataFrame, root: str | Path | None, crop_size: int, channels: Sequence[str] = (),
                  size: int = 16, blur: float = 2.0, percentiles: Sequence[float] = (1.0, 99.8),
-                 workers: int = 0) -> None:
-        self.table, self.root, self.crop_size = table, Path(root), int(crop_size)
+                 workers: int = 0, default_root: str | Path | None = None) -> None:
+        self.table, self.crop_size = table, int(crop_size)
+        self.root = Path(root) if root is not None else None
+        self.default_root = Path(default_root) if default_root is not None else None
         self.channels = list(channels)
         self.size, self.blur = int(size), float(blur)
         self.percentiles = (float(percentiles[0]), float(percentiles[1]))
@@ -308,8 +312,9 @@ class PixelFeatures:
         if self._reader is None:
             from cellvit_ssl.data.samples import SampleReader
 
-            self._reader = SampleReader(self.table, root=self.root, channels=self.channels or None,
-                                        sample_size=self.crop_size, percentiles=self.percentiles,
+            self._reader = SampleReader(self.table, root=self.root, default_root=self.default_root,
+                                        channels=self.channels or None, sample_size=self.crop_size,
+                                        percentiles=self.percentiles,
                                         missing_channels="pad" if self.channels else "error", source="curate index")
         return self._reader
 

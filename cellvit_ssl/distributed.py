@@ -270,13 +270,24 @@ def full_model_state_dict(model: nn.Module) -> dict:
 
 def load_full_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer | None,
                          model_state: dict, optim_state: dict | None) -> None:
-    """Load what :func:`full_state_dict` returned (into a plain, DDP or FSDP2 model)."""
+    """Load what :func:`full_state_dict` returned (into a plain, DDP or FSDP2 model).
+
+    Raises:
+        ValueError: If the model has parameters or buffers the state lacks, or the state has
+            entries the model lacks (``set_model_state_dict`` with full state dicts lets
+            missing ones through even when strict, leaving them at their initial values).
+    """
     from torch.distributed.checkpoint.state_dict import (
         StateDictOptions,
         set_model_state_dict,
         set_optimizer_state_dict,
     )
 
+    expected = set(unwrap(model).state_dict())
+    missing, unexpected = sorted(expected - set(model_state)), sorted(set(model_state) - expected)
+    if missing or unexpected:
+        raise ValueError(f"the saved model state lacks {len(missing)} entries of this model {missing[:3]} and has "
+                       f"{len(unexpected)} it does not know {unexpected[:3]}")
     set_model_state_dict(unwrap(model), model_state, options=StateDictOptions(full_state_dict=True, strict=True))
     if optimizer is not None and optim_state is not None:
         # Not strict: a parameter that never had a gradient yet (mask token without iBOT, the

@@ -40,9 +40,9 @@ from cellvit_ssl.data.dataset import read_index
 from cellvit_ssl.data.readers import open_labels
 from cellvit_ssl.data.samples import RawSample, SampleReader, cells_from_mask
 from cellvit_ssl.embed_io import ResumableWriter, file_sha256, table_sha256
-from cellvit_ssl.encoder import Encoder, load_encoder
-from cellvit_ssl.errors import CellVitSSLError, ConfigError, DataError
-from cellvit_ssl.io import exclusive_lock
+from cellvit_ssl.encoder import Encoder, load_encoder, resolve_device
+from cellvit_ssl.errors import CellVitSSLError, CheckpointError, ConfigError, DataError
+from cellvit_ssl.io import check_writable, exclusive_lock
 
 
 @dataclass(frozen=True)
@@ -74,6 +74,14 @@ class EmbedCommand:
 #: Keys of ``data`` that say how rows are read; recorded in ``uns["embed"]`` so that evaluate's baselines
 #: read the same samples.
 READ_SETTINGS = ("sample_size", "mode", "level", "z_projection", "z_slice", "t_frame", "missing_chunks")
+
+#: What to do about a file lacking one of the model's channels / naming an unknown one, in embed's keys and flags.
+EMBED_REMEDIES = {
+    "missing": "Embed it anyway with --allow-missing (embed.allow_missing=true): absent channels stay empty; or fix "
+               "the channel names (the index's 'channels' column, or --channels)",
+    "unknown": "data.channel_map belongs to the checkpoint here: rename the channel in the index's 'channels' column "
+               "(or --channels) to a name the model knows",
+}
 
 #: Keys of ``data`` that belong to the model's preprocessing contract: taken from the checkpoint.
 CONTRACT_KEYS = ("channels", "channel_map", "extra_channels", "normalize", "normalize_percentiles",
@@ -158,16 +166,21 @@ def _package_version() -> str:
         return __version__
 
 
-def sample_reader(table: pd.DataFrame, root: Path, data: DataConfig, encoder: Encoder, *, allow_missing: bool,
-                  mask_background: bool, source: str) -> SampleReader:
-    """The reader ``embed`` (and evaluate's baselines) read rows with: the training reader, the model's channels."""
+def sample_reader(table: pd.DataFrame, root: Path | None, data: DataConfig, encoder: Encoder, *, allow_missing: bool,
+                  mask_background: bool, source: str, default_root: Path | None = None) -> SampleReader:
+    """The reader ``embed`` (and evaluate's baselines) read rows with: the training reader, the model's channels.
+
+    ``root`` overrides the index's ``root`` column (``data.root``); ``default_root`` serves rows
+    without one (the index's folder).
+    """
     return SampleReader(
-        table, root=root, channels=encoder.channels, vocabulary=encoder.vocabulary, sample_size=data.sample_size,
+        table, root=root, default_root=default_root, channels=encoder.channels, vocabulary=encoder.vocabulary,
+        sample_size=data.sample_size,
         mode=data.mode, missing_channels=MissingChannels.pad if allow_missing else MissingChannels.error,
         level=data.level, z=data.z_slice if data.z_projection == ZProjection.slice else "max", t=data.t_frame,
         missing_chunks=data.missing_chunks, percentiles=data.normalize_percentiles,
         foreground_threshold=data.foreground_threshold, bounds=encoder.preprocess.bounds,
-        mask_background=mask_background, source=source,
+        mask_background=mask_background, source=source, remedies=EMBED_REMEDIES,
     )
 
 
@@ -183,7 +196,9 @@ def read_row(reader: SampleReader, i: int) -> list[RawSample]:
             if "is blank" not in str(exc):
                 raise
     if not samples:
-        raise DataError(f"{reader.source} row {i}: every {reader.sample_size}px tile of the image is blank")
+        path = reader.resolve(str(reader.table.iloc[i]["path"]))
+        raise DataError(f"{path} ({reader.source} row {i}): every {reader.sample_size}px tile of the image is blank "
+                        "(every channel constant); expected image content")
     return samples
 
 
@@ -273,13 +288,116 @@ def _plain(value):
     return value.value if hasattr(value, "value") else value
 
 
-def _refuse_output_over_inputs(out: Path, inputs: list[Path]) -> None:
+def _refuse_output_over_inputs(out: Path, inputs: list[Path], section: str = "embed") -> None:
     resolved = out.expanduser().resolve()
     for path in inputs:
         p = path.expanduser().resolve()
         if resolved == p or p in resolved.parents or resolved in p.parents:
-            raise DataError(f"embed.out={str(out)!r} would be written over the input {str(path)!r}; choose "
+            raise DataError(f"{section}.out={str(out)!r} would be written over the input {str(path)!r}; choose "
                             "another output path")
+
+
+def check_run_inputs(data: DataConfig, e, section: str, model: str | None, model_hint: str) -> None:
+    """The checks ``embed`` and ``predict`` share, before anything is read.
+
+    Args:
+        data: The command's ``data`` section.
+        e: Its own section (``out``, ``images``, ``labels``, ``chunk_rows``, ``device``).
+        section: ``embed`` or ``predict`` (names the keys in messages).
+        model: The model file given.
+        model_hint: What to give when ``model`` is missing.
+
+    Raises:
+        ConfigError: On a missing model, output or input, contradictory inputs, a count out of
+            range or a device that does not exist.
+        DataError: If the output would overwrite an input.
+    """
+    if not model:
+        raise ConfigError(f"give {model_hint} as the first argument")
+    if not e.out:
+        raise ConfigError(f"give the output file: {section}.out=OUT.h5ad (or --out OUT.zarr)")
+    if data.index and e.images:
+        raise ConfigError(f"give either data.index (--index) or {section}.images (--images), not both")
+    if not data.index and not e.images:
+        raise ConfigError(f"give what to {section}: data.index=INDEX.csv (--index) or {section}.images=[...] "
+                          "(--images)")
+    if e.labels and not e.images:
+        raise ConfigError(f"{section}.labels goes with {section}.images (an index names its masks in a "
+                          "'labels_path' column)")
+    for key, flag, value, least in ((f"{section}.chunk_rows", "--chunk-rows", e.chunk_rows, 1),
+                                    ("data.batch_size", "--batch-size", data.batch_size, 1),
+                                    ("data.num_workers", "--workers", data.num_workers, 0)):
+        if value < least:
+            raise ConfigError(f"{key}={value} ({flag}); expected >= {least}")
+    resolve_device(e.device, f"{section}.device (--device)")
+    inputs = [Path(model), *(Path(p) for p in e.images), *(Path(p) for p in e.labels)]
+    if data.index:
+        inputs.append(Path(data.index))
+    _refuse_output_over_inputs(Path(e.out), inputs, section)
+
+
+def write_rows(section: str, data: DataConfig, e, encoder: Encoder, model: str, make_featurize, settings: dict,
+               make_uns, columns=None, var_names=None) -> Path | None:
+    """Read every row, featurize it chunk by chunk (resumable, locked) and write the AnnData output.
+
+    The shared body of ``embed`` and ``predict``.
+
+    Args:
+        section: ``embed`` or ``predict``: the command's section (messages, ``uns`` key).
+        data: The ``data`` section.
+        e: The command's section (``out``, ``images``, ``labels``, ``channels``, ``mask_background``,
+            ``allow_missing``, ``chunk_rows``, ``overwrite``, ``progress``).
+        encoder: The model reading the rows (its channels, vocabulary and contract).
+        model: The model file (its SHA-256 is part of the run's fingerprint).
+        make_featurize: ``reader source name -> (list[RawSample] -> (n, D))``.
+        settings: The run's settings, recorded in ``uns[section]`` and the fingerprint.
+        make_uns: ``sha256 of model -> dict`` of provenance entries of ``uns``.
+        columns: ``X -> DataFrame`` of obs columns derived from the output (see
+            :meth:`~cellvit_ssl.embed_io.ResumableWriter.finish`).
+        var_names: Names of ``X``'s columns.
+
+    Returns:
+        The output path, or None when it was already complete.
+    """
+    out = check_writable(e.out, what=f"{section}.out")  # before any row is read
+    if data.index:
+        table = read_index(data.index)
+        root = Path(data.root).expanduser() if data.root else None
+        default_root = Path(data.index).expanduser().parent
+    else:  # --images rows hold absolute paths
+        table, root, default_root = images_table(list(e.images), list(e.labels), list(e.channels)), None, Path(".")
+    index_sha = table_sha256(table)  # of the index as stored, so that evaluate can tell if it changed
+    if e.channels and data.index and "channels" not in table.columns:
+        table["channels"] = ";".join(e.channels)
+    sha = file_sha256(model)
+    reader = sample_reader(table, root, data, encoder, allow_missing=e.allow_missing,
+                           mask_background=e.mask_background, source=str(data.index or f"{section}.images"),
+                           default_root=default_root)
+    reader.check_files()  # a wrong root fails here, before anything is written
+    # --images rows hold absolute paths: the working folder does not change what is read
+    fingerprint = {"checkpoint_sha256": sha, "index_sha256": index_sha, "channels": list(e.channels),
+                   "root": reader.roots() if data.index else "", **settings}
+    featurize = make_featurize(reader.source)
+    writer = ResumableWriter(out, fingerprint, overwrite=e.overwrite, section=section)
+    with exclusive_lock(out):
+        if writer.up_to_date():
+            print(f"{out} is complete ({len(table)} rows); nothing to do", file=sys.stderr)
+            return None
+        for note in writer.begin():
+            print(f"note: {note}", file=sys.stderr)
+        starts = list(range(0, len(table), e.chunk_rows))
+        with tqdm(total=len(table), desc=section, unit="row", disable=not e.progress) as bar:
+            for start in starts:
+                stop = min(start + e.chunk_rows, len(table))
+                if not writer.done(start):
+                    x, boxes, kinds = featurize_rows(reader, list(range(start, stop)), featurize, data.num_workers)
+                    writer.save(start, x, boxes, kinds)
+                bar.update(stop - start)
+        uns = make_uns(sha)
+        roots = reader.roots()
+        uns[section] = {"index": str(Path(data.index).resolve()) if data.index else "", "root": roots["root"] or "",
+                        "default_root": roots["default"], **settings, "cellvit_ssl_version": _package_version()}
+        return writer.finish(table, starts, uns, columns=columns, var_names=var_names)
 
 
 def run(cfg: EmbedCommand, payload: dict | None = None) -> Path | None:
@@ -293,65 +411,21 @@ def run(cfg: EmbedCommand, payload: dict | None = None) -> Path | None:
         DataError / ConfigError / CheckpointError: On any bad input, named.
     """
     e, data = cfg.embed, cfg.data
-    if not e.checkpoint:
-        raise ConfigError("give the checkpoint to embed with (teacher.pt or checkpoint.pt) as the first argument")
-    if not e.out:
-        raise ConfigError("give the output file: embed.out=OUT.h5ad (or --out OUT.zarr)")
-    if data.index and e.images:
-        raise ConfigError("give either data.index (--index) or embed.images (--images), not both")
-    if not data.index and not e.images:
-        raise ConfigError("give what to embed: data.index=INDEX.csv (--index) or embed.images=[...] (--images)")
-    if e.labels and not e.images:
-        raise ConfigError("embed.labels goes with embed.images (an index names its masks in a 'labels_path' column)")
-    if e.chunk_rows < 1 or data.batch_size < 1 or data.num_workers < 0:
-        raise ConfigError(f"embed.chunk_rows={e.chunk_rows}, data.batch_size={data.batch_size} must be >= 1 and "
-                          f"data.num_workers={data.num_workers} >= 0")
-    out = Path(e.out)
-    inputs = [Path(e.checkpoint), *(Path(p) for p in e.images), *(Path(p) for p in e.labels)]
-    if data.index:
-        inputs.append(Path(data.index))
-    _refuse_output_over_inputs(out, inputs)
+    check_run_inputs(data, e, "embed", e.checkpoint,
+                     "the checkpoint to embed with (teacher.pt or checkpoint.pt)")
+    if data.sample_size < 0 or (data.sample_size == 0 and data.mode != SampleMode.image):
+        raise ConfigError(f"data.sample_size={data.sample_size} (--crop-size); expected a side in pixels >= 1 (0, the "
+                          "native size, only with data.mode=image)")
     encoder = load_encoder(e.checkpoint, device=e.device, payload=payload)
     encoder.pooled_dim(e.pooling)  # refuse a bad pooling before reading anything
     if data.sample_size != encoder.crop_size:
         print(f"note: cutting {data.sample_size}px samples for a model trained on {encoder.crop_size}px ones "
               "(data.sample_size); the model sees cells at another scale than in training", file=sys.stderr)
-    if data.index:
-        table = read_index(data.index)
-        root = Path(data.root).expanduser() if data.root else Path(data.index).expanduser().parent
-    else:
-        table, root = images_table(list(e.images), list(e.labels), list(e.channels)), Path(".")
-    index_sha = table_sha256(table)  # of the index as stored, so that evaluate can tell if it changed
-    if e.channels and data.index and "channels" not in table.columns:
-        table["channels"] = ";".join(e.channels)
-    sha = file_sha256(e.checkpoint)
     settings = {**{k: _plain(getattr(data, k)) for k in READ_SETTINGS}, "mask_background": e.mask_background,
                 "allow_missing": e.allow_missing, "pooling": e.pooling, "chunk_rows": e.chunk_rows}
-    # --images rows hold absolute paths: the working folder does not change what is read
-    fingerprint = {"checkpoint_sha256": sha, "index_sha256": index_sha, "channels": list(e.channels),
-                   "root": str(root.resolve()) if data.index else "", **settings}
-    reader = sample_reader(table, root, data, encoder, allow_missing=e.allow_missing,
-                           mask_background=e.mask_background, source=str(data.index or "embed.images"))
-    featurize = encoder_featurizer(encoder, e.pooling, data.batch_size, reader.source)
-    writer = ResumableWriter(out, fingerprint, overwrite=e.overwrite)
-    with exclusive_lock(out):
-        if writer.up_to_date():
-            print(f"{out} is complete ({len(table)} rows); nothing to do", file=sys.stderr)
-            return None
-        for note in writer.begin():
-            print(f"note: {note}", file=sys.stderr)
-        starts = list(range(0, len(table), e.chunk_rows))
-        with tqdm(total=len(table), desc="embed", unit="row", disable=not e.progress) as bar:
-            for start in starts:
-                stop = min(start + e.chunk_rows, len(table))
-                if not writer.done(start):
-                    x, boxes, kinds = featurize_rows(reader, list(range(start, stop)), featurize, data.num_workers)
-                    writer.save(start, x, boxes, kinds)
-                bar.update(stop - start)
-        uns = provenance(encoder, e.checkpoint, sha)
-        uns["embed"] = {"index": str(Path(data.index).resolve()) if data.index else "", "root": str(root.resolve()),
-                        **settings, "cellvit_ssl_version": _package_version()}
-        return writer.finish(table, starts, uns)
+    return write_rows("embed", data, e, encoder, e.checkpoint,
+                      lambda source: encoder_featurizer(encoder, e.pooling, data.batch_size, source), settings,
+                      lambda sha: provenance(encoder, e.checkpoint, sha))
 
 
 def load(argv: list[str]) -> tuple[EmbedCommand, dict | None]:
@@ -364,8 +438,12 @@ def load(argv: list[str]) -> tuple[EmbedCommand, dict | None]:
 
         payload = load_checkpoint(first.embed.checkpoint)
         if "config" not in payload:
-            raise DataError(f"{first.embed.checkpoint}: the checkpoint holds no run config")
+            raise CheckpointError(f"{first.embed.checkpoint}: the checkpoint holds no run config; it was not written "
+                                  "by cellvit_ssl")
         stored = dict(payload["config"].get("data", {}))
+        if isinstance(payload.get("preprocess"), dict) and "sample_size" in payload["preprocess"]:
+            # the contract's sample size: a run that ended with a high-resolution phase cut larger samples
+            stored["sample_size"] = payload["preprocess"]["sample_size"]
         base = [("checkpoint config", {"data": {k: v for k, v in stored.items() if k != "demo"}})]
         given = {k for name, src in sources for k in (src.get("data") or {}).keys()}
         fixed = sorted(given & set(CONTRACT_KEYS))

@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from cellvit_ssl.channels import ChannelVocabulary
 from cellvit_ssl.checkpoint import ENCODER_FORMAT, TRAINING_FORMAT, load_checkpoint
-from cellvit_ssl.config import Normalization, config_from_dict
+from cellvit_ssl.config import Config, Normalization, config_from_dict
 from cellvit_ssl.data.normalize import ChannelStats
 from cellvit_ssl.data.samples import Box, cells_from_mask, read_region
 from cellvit_ssl.errors import CheckpointError, ConfigError, DataError
@@ -465,7 +465,7 @@ class Encoder:
         labels = np.asarray(labels)
         if labels.shape != tuple(image.shape[-2:]):
             raise DataError(f"the label mask has shape {labels.shape} but the image is {tuple(image.shape[-2:])}")
-        size = _positive(crop_size or self.crop_size, "crop_size")
+        size = _positive(self.crop_size if crop_size is None else crop_size, "crop_size")
         table = cells if cells is not None else cells_from_mask(labels, "labels")
         for label_id, cy, cx in zip(table["cell_label"], table["centroid_y"], table["centroid_x"]):
             box = Box.around((cy, cx), size)
@@ -555,7 +555,7 @@ class Encoder:
         if len(image.shape) != 3:
             raise DataError(f"embed_tiles expects one (C, H, W) image, got shape {tuple(image.shape)}")
         ids = self.resolve_channels(channels, int(image.shape[0]), allow_missing)
-        size = _positive(tile_size or self.crop_size, "tile_size")
+        size = _positive(self.crop_size if tile_size is None else tile_size, "tile_size")
         batch_size = _positive(batch_size, "batch_size")
         height, width = (int(n) for n in image.shape[-2:])
         boxes = np.array([(y, x, size, size) for y in range(0, height, size) for x in range(0, width, size)],
@@ -609,6 +609,41 @@ def vocabulary_of(payload: dict, config) -> ChannelVocabulary:
     return ChannelVocabulary.from_config(config.data)
 
 
+def pretrained_backbone(payload: dict, path: str | Path, state: dict | None = None
+                        ) -> tuple[ChannelAdaptiveViT, Config, ChannelVocabulary, Preprocess]:
+    """The backbone a checkpoint holds, with its run config, channel vocabulary and preprocessing contract.
+
+    Args:
+        payload: The checkpoint's content (:func:`~cellvit_ssl.checkpoint.load_checkpoint`): a
+            teacher export (its ``backbone``), a training checkpoint (the teacher's weights), or
+            any payload with a ``config`` when ``state`` is given.
+        path: The file, for messages.
+        state: Backbone weights to load instead of the payload's own.
+
+    Returns:
+        ``(model on the CPU, config, vocabulary, preprocess)``.
+
+    Raises:
+        CheckpointError: If the payload holds no config or its weights do not fit its config.
+    """
+    if "config" not in payload:
+        raise CheckpointError(f"{path}: the checkpoint holds no run config; it was not written by cellvit_ssl")
+    config = config_from_dict(payload["config"])
+    vocabulary = vocabulary_of(payload, config)
+    model = build_model(config.model, list(config.data.channels), vocabulary=vocabulary, load_pretrained=False)
+    try:
+        if state is None and payload["format"] == ENCODER_FORMAT:
+            state = payload["backbone"]
+        elif state is None:
+            if payload["format"] != TRAINING_FORMAT:
+                raise CheckpointError(f"{path}: a {payload['format']!r} file holds no backbone to load")
+            state = teacher_backbone_state(payload["model"], config, vocabulary)
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        raise CheckpointError(f"checkpoint {str(path)!r} does not match its own config: {exc}") from exc
+    return model, config, vocabulary, preprocess_of(payload, config, str(path))
+
+
 def load_encoder(path: str | Path, device: str | torch.device | None = None, payload: dict | None = None) -> Encoder:
     """Load an :class:`Encoder` from a training checkpoint or a teacher export.
 
@@ -623,26 +658,16 @@ def load_encoder(path: str | Path, device: str | torch.device | None = None, pay
     """
     device = resolve_device(device)
     payload = payload if payload is not None else load_checkpoint(path)
-    if "config" not in payload:
-        raise CheckpointError(f"{path}: the checkpoint holds no run config; it was not written by cellvit_ssl")
-    config = config_from_dict(payload["config"])
-    vocabulary = vocabulary_of(payload, config)
-    model = build_model(config.model, list(config.data.channels), vocabulary=vocabulary, load_pretrained=False)
-    try:
-        if payload["format"] == ENCODER_FORMAT:
-            state = payload["backbone"]
-        else:
-            assert payload["format"] == TRAINING_FORMAT
-            state = teacher_backbone_state(payload["model"], config, vocabulary)
-        model.load_state_dict(state)
-    except RuntimeError as exc:
-        raise CheckpointError(f"checkpoint {str(path)!r} does not match its own config: {exc}") from exc
-    return Encoder(model, config, device, source=str(path), preprocess=preprocess_of(payload, config, str(path)),
-                   vocabulary=vocabulary)
+    model, config, vocabulary, preprocess = pretrained_backbone(payload, path)
+    return Encoder(model, config, device, source=str(path), preprocess=preprocess, vocabulary=vocabulary)
 
 
-def resolve_device(device: str | torch.device | None) -> torch.device:
+def resolve_device(device: str | torch.device | None, key: str = "device") -> torch.device:
     """``None`` / ``"auto"`` → CUDA when available, else CPU; anything else is checked.
+
+    Args:
+        device: ``auto``, ``cpu``, ``cuda``, ``cuda:N`` or a :class:`torch.device`.
+        key: How the caller names the setting in messages (e.g. ``embed.device``).
 
     Raises:
         ConfigError: On an unknown device string or a CUDA device this machine does not have.
@@ -651,12 +676,12 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
 
     if device is None or str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    check_device(str(device), "device")
+    check_device(str(device), key)
     dev = torch.device(device)
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            raise ConfigError(f"device={str(device)!r} but no CUDA GPU is available here; use device=cpu")
+            raise ConfigError(f"{key}={str(device)!r} but no CUDA GPU is available here; use cpu (or auto)")
         if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise ConfigError(f"device={str(device)!r} but this machine has {torch.cuda.device_count()} GPU(s)")
+            raise ConfigError(f"{key}={str(device)!r} but this machine has {torch.cuda.device_count()} GPU(s)")
     return dev
 

@@ -51,7 +51,7 @@ import pandas as pd
 from cellvit_ssl import chammi
 from cellvit_ssl.cli import CommandLine, Flag
 from cellvit_ssl.errors import CellVitSSLError, ConfigError, DataError
-from cellvit_ssl.io import atomic_write_text
+from cellvit_ssl.io import atomic_write_text, check_writable
 from cellvit_ssl.protocols import Task, build_tasks
 
 __all__ = ["Task", "build_tasks", "classifiers", "describe_classifier", "evaluate_features", "main", "run"]
@@ -256,7 +256,10 @@ def _baseline_inputs(adata, root: str | None, seed: int, device: str | None):
     encoder = Encoder(model, config, resolve_device(device), preprocess=preprocess)
     settings = {k: embed[k] for k in READ_SETTINGS if k in embed}
     data = dataclasses.replace(config.data, **{k: type(getattr(config.data, k))(v) for k, v in settings.items()})
-    reader = sample_reader(adata.obs.reset_index(drop=True), Path(root or embed["root"]), data, encoder,
+    # embed records data.root as "root" (empty when the rows' root column or the index's folder served)
+    explicit = root or embed.get("root") or None
+    reader = sample_reader(adata.obs.reset_index(drop=True), Path(explicit) if explicit else None, data, encoder,
+                           default_root=Path(embed.get("default_root") or "."),
                            allow_missing=bool(embed.get("allow_missing", False)),
                            mask_background=bool(embed.get("mask_background", False)), source="embeddings obs")
     return reader, encoder, str(embed.get("pooling", "default"))
@@ -537,9 +540,21 @@ def _check(cfg: EvaluateCommand) -> None:
     for key in ("k", "pixel_size", "pca"):
         if getattr(e, key) < 1:
             raise ConfigError(f"evaluate.{key}={getattr(e, key)}; expected >= 1")
+    from cellvit_ssl.config import check_device
+
+    check_device(e.device, "evaluate.device (--device)")
     if cfg.data.num_workers < 0 or cfg.data.batch_size < 1:
         raise ConfigError(f"data.num_workers={cfg.data.num_workers} must be >= 0 and data.batch_size="
                           f"{cfg.data.batch_size} >= 1")
+
+
+def _k_note(k: int, tasks: Sequence[Task]) -> str | None:
+    """A note when ``k`` exceeds the largest training fold: its k-NN rows then vote over every training row."""
+    most = max((len(train) for task in tasks for train, _ in task.folds), default=k)
+    if k > 1 and most < k:
+        return (f"evaluate.k={k} (--k) is more than the {most} training rows of the largest fold: the {k}nn_* rows "
+                f"are majority votes over all training rows (at most {most} neighbours)")
+    return None
 
 
 def run(cfg: EvaluateCommand) -> dict:
@@ -548,15 +563,24 @@ def run(cfg: EvaluateCommand) -> dict:
 
     _check(cfg)
     args, data = cfg.evaluate, cfg.data
+    out = Path(args.json) if args.json else Path(args.embeddings).with_suffix(".eval.json")
+    check_writable(out, what="evaluate.json (--json)")  # before any scoring, not after it
+    if args.baselines:
+        from cellvit_ssl.encoder import resolve_device
+
+        resolve_device(args.device, "evaluate.device (--device)")
     adata = read_embeddings(args.embeddings)
+    trained = np.asarray(adata.X, dtype=np.float32)
+    bad_rows = np.flatnonzero(~np.isfinite(trained).all(axis=1)) if trained.size else np.zeros(0, int)
+    if len(bad_rows):
+        raise DataError(f"{args.embeddings}: {len(bad_rows)} of {len(trained)} embeddings hold NaN / Inf (rows "
+                        f"{bad_rows[:10].tolist()}); embed again (python -m cellvit_ssl.embed ... --overwrite)")
     obs = adata.obs.reset_index(drop=True)
     if args.label_key not in obs.columns:
         raise DataError(f"--label-key {args.label_key!r} is not in obs (columns: {list(obs.columns)})")
     labels = obs[args.label_key].astype(str).to_numpy()
     leave_out = dict(args.leave_out)
     protocol, split_key = select_protocol(args.protocol, obs, args.split_key, args.group_key, args.train_value)
-    headline = args.headline or default_headline(protocol, args.k)
-    check_headline(protocol, headline, args.headline_metric, args.k)
     if protocol == "chammi":
         dataset_key = args.dataset_key or chammi.DATASET_KEY
         tasks = chammi.build_chammi_tasks(obs, split_key, dataset_key, leave_out)
@@ -568,19 +592,25 @@ def run(cfg: EvaluateCommand) -> dict:
         tasks = build_tasks(obs, labels, split_key, args.train_value, args.group_key, leave_out, dataset_key,
                             seed=args.seed)
         detected = None
-    feature_sets = {"trained": np.asarray(adata.X, dtype=np.float32)}
+    k, k_note = args.k, _k_note(args.k, tasks)
+    if k_note:
+        print(f"note: {k_note}", file=sys.stderr)
+    headline = args.headline or default_headline(protocol, k)
+    check_headline(protocol, headline, args.headline_metric, k)
+    feature_sets = {"trained": trained}
     if args.channel_blocks:
         feature_sets.update(channel_blocks(adata))
     if args.baselines:
         _check_index_unchanged(adata)
         print("computing baselines: random-init encoder, raw pixels ...", file=sys.stderr)
         feature_sets["random-init"] = random_init_features(adata, data.root, args.seed, data.batch_size,
-                                                           device=args.device, workers=data.num_workers)
+                                                           device=args.device,
+                                                           workers=data.num_workers)
         feature_sets["raw-pixels"] = raw_pixel_features(adata, data.root, args.pixel_size, args.pca, args.seed,
                                                         data.num_workers)
     results = []
     for name, x in feature_sets.items():
-        results += evaluate_features(name, x, labels, tasks, args.k, args.seed)
+        results += evaluate_features(name, x, labels, tasks, k, args.seed)
     summary = summarize(results, headline, args.headline_metric)
     if protocol == "chammi":
         text, summary["chammi"] = chammi_summary(results, headline)
@@ -589,18 +619,17 @@ def run(cfg: EvaluateCommand) -> dict:
         print("\n".join(summary["lines"]) + "\n")
     print("all scores (macro-F1 and accuracy as fractions):")
     print(format_table(results))
-    names = list(classifiers(args.k))
+    names = list(classifiers(k))
     print("classifiers:\n" + "\n".join(f"  {c}: {describe_classifier(c)}" for c in names))
     model = {k: (v.tolist() if hasattr(v, "tolist") else v) for k, v in dict(adata.uns.get("model", {})).items()}
     report = {"embeddings": str(Path(args.embeddings).resolve()), "label_key": args.label_key,
               "protocol": protocol, "detected": detected, "split_key": split_key, "group_key": args.group_key,
-              "dataset_key": dataset_key, "k": args.k, "model": model,
+              "dataset_key": dataset_key, "k": k, "k_note": k_note, "model": model,
               "classifiers": {c: describe_classifier(c) for c in names},
               "tasks": [{"dataset": t.dataset, "task": t.name, "protocol": t.kind, "folds": len(t.folds)}
                         for t in tasks],
               "summary": {k: v for k, v in summary.items() if k != "lines"},
               "results": [asdict(r) for r in results]}
-    out = Path(args.json) if args.json else Path(args.embeddings).with_suffix(".eval.json")
     atomic_write_text(out, json.dumps(report, indent=2))
     print(f"wrote {out}", file=sys.stderr)
     return report

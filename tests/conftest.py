@@ -2,8 +2,36 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import pytest
 import torch
+
+#: Fixtures that create a QApplication / window: their tests need a display (Xvfb via pytest-xvfb, or a desktop).
+DISPLAY_FIXTURES = frozenset({"qtbot", "qapp", "make_napari_viewer", "make_napari_viewer_proxy"})
+
+
+def display_unavailable() -> str | None:
+    """Why Qt cannot open a window in this session (None when it can).
+
+    Checked at collection, after pytest-xvfb has started Xvfb (and set ``DISPLAY``) if it could:
+    without a display Qt aborts the whole pytest process ("Fatal Python error: Aborted"), so
+    those tests are skipped instead, with this as the reason.
+    """
+    if os.environ.get("QT_QPA_PLATFORM", "").split(":")[0] in ("offscreen", "minimal", "wayland"):
+        return None
+    if os.environ.get("WAYLAND_DISPLAY"):
+        return None
+    display = os.environ.get("DISPLAY", "")
+    if not display:
+        return ("no display: DISPLAY is unset and no Xvfb executable was found for pytest-xvfb "
+                "(apt-get install xvfb and the Qt xcb libraries, see .ci/run)")
+    if display.startswith(":"):  # a local X server listens on /tmp/.X11-unix/X<n>
+        number = display[1:].split(".")[0]
+        if number.isdigit() and not Path(f"/tmp/.X11-unix/X{number}").exists():
+            return f"no display: DISPLAY={display} but no X server listens there (install xvfb, see .ci/run)"
+    return None
 
 
 def pytest_addoption(parser):
@@ -13,11 +41,16 @@ def pytest_addoption(parser):
 def pytest_collection_modifyitems(config, items):
     skip_slow = pytest.mark.skip(reason="slow: run with --runslow")
     skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
+    no_display = display_unavailable()
     for item in items:
         if "slow" in item.keywords and not config.getoption("--runslow"):
             item.add_marker(skip_slow)
         if "gpu" in item.keywords and not torch.cuda.is_available():
             item.add_marker(skip_gpu)
+        if DISPLAY_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.display)
+            if no_display:
+                item.add_marker(pytest.mark.skip(reason=no_display))
 
 
 TINY_OVERRIDES = [

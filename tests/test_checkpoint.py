@@ -51,7 +51,7 @@ def test_a_failed_write_leaves_the_previous_file_and_no_temporary(tmp_path, monk
         raise OSError("disk full")
 
     monkeypatch.setattr(torch, "save", broken_save)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(CheckpointError, match="disk full.*the previous file is unchanged"):
         save_checkpoint({"format": TRAINING_FORMAT, "step": 2}, path)
     monkeypatch.undo()
     assert load_checkpoint(path)["step"] == 1

@@ -362,6 +362,28 @@ def test_pixel_features_catch_flipped_and_shifted_copies(tmp_path):
     assert result.summary["rows_matched_by"] == "computed from the index"
 
 
+def test_an_index_that_remembers_its_root_is_curated_from_anywhere(tmp_path, monkeypatch):
+    """The index builder's ``root`` column: curation reads the images there (not beside the index) and
+    the curated index still points at them."""
+    from cellvit_ssl.data.samples import SampleReader
+
+    images = tmp_path / "images"
+    images.mkdir()
+    table = pd.read_csv(_tiny_screen(images, copies=False))
+    table["root"] = str(images)
+    elsewhere = tmp_path / "indexes"
+    elsewhere.mkdir()
+    index = elsewhere / "index.csv"
+    table.to_csv(index, index=False)
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "out" / "cur.csv"
+    result = cur.run(cur.load_curate_config(None, _args(index, "pixels", out, "data.sample_size=32",
+                                                        "curate.clusters=[4,2]", "curate.dedup.enabled=false")))
+    curated = pd.read_csv(result.files["index"])
+    assert set(curated["root"]) == {str(images.resolve())} and set(curated["path"]) <= set(table["path"])
+    SampleReader(curated, default_root=out.parent).check_files(range(len(curated)))
+
+
 def test_checkpoint_features_go_through_the_embed_command(tmp_path, tiny_cfg):
     from cellvit_ssl.checkpoint import ENCODER_FORMAT, save_checkpoint
     from cellvit_ssl.config import config_to_dict

@@ -185,3 +185,58 @@ def test_two_gloo_processes_match_one_process_on_the_same_global_batch(tmp_path)
     mid = load_checkpoint(tmp_path / "single" / "checkpoint_00000003.pt")["model"]
     key = "student.backbone.backbone.blocks.0.attn.qkv.weight"
     assert (mid[key] - reference["model"][key]).abs().max() > 1e-4
+
+
+def _distill_teacher_file(tmp_path):
+    """A training checkpoint of a wider tiny teacher (random weights; its heads give the targets)."""
+    from cellvit_ssl.checkpoint import STATE_LAYOUT, TRAINING_FORMAT, save_checkpoint
+    from cellvit_ssl.config import config_to_dict
+    from cellvit_ssl.models.channels import build_model
+    from cellvit_ssl.ssl import DINOMetaArch
+
+    cfg = load_config(None, [*TINY_OVERRIDES, "model.embed_dim=48", "model.num_heads=3"])
+    torch.manual_seed(3)
+    meta = DINOMetaArch(build_model(cfg.model, list(cfg.data.channels)), cfg.ssl)
+    return save_checkpoint({"format": TRAINING_FORMAT, "state_layout": STATE_LAYOUT, "config": config_to_dict(cfg),
+                            "model": meta.state_dict()}, tmp_path / "teacher" / "checkpoint.pt")
+
+
+def test_distillation_on_two_gloo_processes_equals_one_process(tmp_path):
+    """A student distilled (with Gram anchoring) under DDP and FSDP2 (2 x batch 2) ends where one
+    process with batch 4 ends.
+
+    Unmasked distillation (the default) has no per-process masks, so iBOT is batch-split invariant
+    too: its Sinkhorn-Knopp targets are normalised over both processes.
+    """
+    teacher = _distill_teacher_file(tmp_path)
+    # Gram anchoring too (its snapshot is copied shard by shard under FSDP): refreshed at steps 2 and 4
+    distill = [f"distill.teacher={teacher}", "ssl.ibot=true", "ssl.gram.enabled=true", "ssl.gram.start_step=2",
+               "ssl.gram.refresh_every=2"]
+    resolve_index(load_config(None, _overrides(tmp_path, "x", 4)))
+    runs = [_overrides(tmp_path, "ddp", 2, ["train.strategy=ddp", *distill]),
+            _overrides(tmp_path, "fsdp", 2, ["train.strategy=fsdp", *distill])]
+    spec = tmp_path / "runs.json"
+    spec.write_text(json.dumps(runs))
+    worker = tmp_path / "worker.py"
+    worker.write_text(WORKER)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         str(worker), str(spec)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=900,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    _single_process(_overrides(tmp_path, "single", 4, distill))
+    reference = load_checkpoint(tmp_path / "single" / "checkpoint.pt")
+    assert reference["step"] == 6 and reference["distill_teacher"]["path"] == str(teacher)
+    for name in ("ddp", "fsdp"):
+        ckpt = load_checkpoint(tmp_path / name / "checkpoint.pt")
+        assert ckpt["world_size"] == 2 and ckpt["model"].keys() == reference["model"].keys()
+        for key, value in reference["model"].items():
+            torch.testing.assert_close(ckpt["model"][key], value, atol=1e-6, rtol=0, msg=f"{name}: {key}")
+    records = [json.loads(line) for line in (tmp_path / "single" / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["ibot"] > 0 for r in records) and "gram" in records[-1]
+    assert any(k.startswith("gram_teacher.") for k in reference["model"])
+    key = "student.backbone.backbone.blocks.0.attn.qkv.weight"
+    mid = load_checkpoint(tmp_path / "single" / "checkpoint_00000003.pt")["model"]
+    assert (mid[key] - reference["model"][key]).abs().max() > 1e-4

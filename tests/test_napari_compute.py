@@ -5,7 +5,7 @@ import pandas as pd
 import pytest
 
 from cellvit_ssl.errors import DataError
-from napari_plugin.analysis import build_features
+from napari_plugin.analysis import PREDICTION_COLUMN, build_features, ids_of_class, prediction_columns
 from napari_plugin.channel_map import LEAVE_OUT, UNMAPPED, resolve_mapping, source_channel, suggest_mapping
 from napari_plugin.compute import (
     cosine_similarity_to,
@@ -162,3 +162,45 @@ def test_triton_is_kept_out_only_when_llvm_is_already_loaded(tmp_path, monkeypat
     with pytest.raises(ImportError):
         import triton  # noqa: F401
     assert not keep_triton_out_if_llvm_loaded(gl)  # already decided
+
+
+class _Classifier:
+    """The two methods of :class:`cellvit_ssl.Classifier` the inspector calls, on fixed probabilities."""
+
+    def __init__(self, multi_label: bool) -> None:
+        from cellvit_ssl.classifier import Predictions
+
+        self.classes = ["nuclear", "punctate", "membrane"]
+        self.multi_label = multi_label
+        self._predictions = Predictions
+
+    def probabilities(self, embeddings):
+        return np.asarray(embeddings, np.float32)
+
+    def predictions(self, probabilities):
+        chosen = probabilities >= 0.5 if self.multi_label else np.eye(3, dtype=bool)[probabilities.argmax(1)]
+        return self._predictions(self.classes, probabilities, chosen, self.multi_label)
+
+
+@pytest.mark.parametrize("multi_label", [False, True])
+def test_classifier_predictions_become_feature_columns_and_select_a_class(multi_label):
+    probs = np.array([[0.7, 0.6, 0.1], [0.2, 0.3, 0.9], [0.1, 0.8, 0.2]], np.float32)
+    columns = prediction_columns(_Classifier(multi_label), probs)
+    ids = np.array([4, 7, 9])
+    coords = np.zeros((3, 2), np.float32)
+    table = build_features(ids, np.zeros((3, 2), np.float32), coords, "PCA", np.zeros(3, int), None, [],
+                           np.zeros((2, 2), int), predictions=columns)
+    assert isinstance(table[PREDICTION_COLUMN].dtype, pd.CategoricalDtype)
+    np.testing.assert_allclose(table[["prob_nuclear", "prob_punctate", "prob_membrane"]].to_numpy(), probs)
+    if multi_label:
+        assert table[PREDICTION_COLUMN].astype(str).tolist() == ["nuclear;punctate", "membrane", "punctate"]
+        assert ids_of_class(table, "punctate").tolist() == [4, 9]
+    else:
+        assert table[PREDICTION_COLUMN].astype(str).tolist() == ["nuclear", "membrane", "punctate"]
+        assert ids_of_class(table, "punctate").tolist() == [9]
+    with pytest.raises(DataError, match="no predictions of class 'golgi'"):
+        ids_of_class(table, "golgi")
+    # a second run replaces the predictions of the first instead of keeping them as "other" columns
+    again = build_features(ids, np.zeros((3, 2), np.float32), coords, "PCA", np.zeros(3, int), None, [],
+                           np.zeros((2, 2), int), existing=table.assign(mine=1))
+    assert PREDICTION_COLUMN not in again.columns and "prob_nuclear" not in again.columns and "mine" in again

@@ -19,7 +19,7 @@ from cellvit_ssl.config import load_config
 from cellvit_ssl.errors import DataError
 from cellvit_ssl.train import run
 from napari_plugin import sample
-from napari_plugin.analysis import analyse, embed_tiles_chunked, read_precomputed
+from napari_plugin.analysis import PREDICTION_COLUMN, analyse, embed_tiles_chunked, ids_of_class, read_precomputed
 from napari_plugin.compute import umap_available
 
 pytest.importorskip("napari")
@@ -295,6 +295,48 @@ def test_inspector_messages_leave_the_viewer_unchanged(make_napari_viewer, qtbot
     assert cells.features["index"].tolist() == ids.tolist()
     np.testing.assert_allclose(cells.features[widget.result.embedding_columns].to_numpy(), x[:-1])
     assert len(viewer.layers) == len(before)  # no overlay without a model
+
+
+def test_inspector_shows_a_classifiers_predictions_and_selects_a_class(make_napari_viewer, qtbot, checkpoint,
+                                                                      sample_dir, tmp_path):
+    from cellvit_ssl import load_classifier
+    from cellvit_ssl.finetune import main as finetune
+
+    viewer = make_napari_viewer()
+    viewer.open_sample("cellvit-ssl", "demo")
+    out = tmp_path / "ft"
+    assert finetune([str(checkpoint), "--index", str(sample_dir / "index_ome-zarr.csv"), "--out", str(out),
+                     "train.epochs=2", "data.batch_size=4", "data.num_workers=0", "train.device=cpu", "--no-progress",
+                     "finetune.val_fraction=0", "finetune.mode=lora", "finetune.lora.rank=2"]) == 0
+    _, widget = viewer.window.add_plugin_dock_widget("cellvit-ssl", "Embedding inspector")
+    assert widget.load_source(str(out / "classifier.pt")), widget.status.text()
+    assert "Classifier classifier.pt (lora)" in widget.status.text()
+    assert widget.mapping() == {c: c for c in CHANNELS}
+    assert widget.run()
+    _wait(qtbot, widget)
+    assert widget.result is not None, widget.status.text()
+
+    cells = viewer.layers["cells"]
+    image = np.stack([np.asarray(viewer.layers[c].data) for c in CHANNELS])
+    clf = load_classifier(out / "classifier.pt", device="cpu")
+    expected, ids = clf.predict_cells(image, cells.data, CHANNELS, allow_missing=True)
+    features = cells.features
+    assert features["index"].tolist() == ids.tolist()
+    assert isinstance(features[PREDICTION_COLUMN].dtype, pd.CategoricalDtype)
+    assert features[PREDICTION_COLUMN].astype(str).tolist() == expected.labels.tolist()
+    np.testing.assert_allclose(features[[f"prob_{c}" for c in clf.classes]].to_numpy(), expected.probabilities,
+                               atol=1e-5)
+    assert widget.plot.colour_by.currentText() == PREDICTION_COLUMN  # the map is coloured by class
+    assert not widget.class_row.isHidden()
+    assert [widget.class_box.itemText(i) for i in range(widget.class_box.count())] == clf.classes
+
+    name = str(expected.labels[0])
+    assert widget.select_class(name)
+    chosen = ids[expected.labels == name]
+    assert chosen.size and ids_of_class(features, name).tolist() == chosen.tolist()
+    assert set(np.unique(viewer.layers["selection"].data)) - {0} == set(chosen.tolist())
+    assert ids[widget.plot.selected].tolist() == sorted(chosen.tolist())
+    assert f"{chosen.size} predicted {name}" in widget.status.text()
 
 
 def test_map_plot_density_view_lasso_and_colour_columns(qtbot):

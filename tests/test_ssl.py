@@ -129,9 +129,9 @@ def test_sinkhorn_two_gloo_processes_equal_one_process_on_the_whole_batch(tmp_pa
 
     torch.manual_seed(2)
     logits = torch.randn(24, 40)
-    # fork: the ranks inherit the imported modules instead of importing them again
+    # spawn, not fork: a child forked after an earlier test started an OpenMP thread pool hangs in it
     mp.start_processes(_sinkhorn_rank, args=(2, str(tmp_path / "init"), logits, str(tmp_path)), nprocs=2,
-                       start_method="fork")
+                       start_method="spawn")
     q_ranks = torch.cat([torch.load(tmp_path / f"q{r}.pt") for r in range(2)])
     q_single = sinkhorn_knopp(logits, temperature=0.1, n_iterations=3)
     torch.testing.assert_close(q_ranks, q_single, atol=1e-7, rtol=1e-6)
@@ -216,7 +216,7 @@ def test_sinkhorn_centring_issues_one_all_reduce_per_normalisation_and_no_centre
     torch.manual_seed(4)
     logits = (torch.randn(12, 40), torch.randn(9, 24))
     mp.start_processes(_collectives_rank, args=(2, str(tmp_path / "init"), logits, str(tmp_path)), nprocs=2,
-                       start_method="fork")
+                       start_method="spawn")
     results = [torch.load(tmp_path / f"result{r}.pt") for r in range(2)]
     _, cfg = make_meta()
     n, k = cfg.ssl.sinkhorn_iterations, cfg.ssl.head_output_dim

@@ -2,6 +2,7 @@
 the uninterrupted run ends. The interrupted runs are real subprocesses of
 ``python -m cellvit_ssl.train``; a small harness only decides *when* the signal arrives."""
 
+import json
 import os
 import random
 import signal
@@ -54,6 +55,12 @@ def _overrides(demo: Path, out: Path, *extra: str) -> list[str]:
             "train.checkpoint_every=3", "train.log_every=1", "train.deterministic=true",
             "train.tensorboard=false", "train.progress=false", "ssl.warmup_teacher_temp_epochs=2",
             "model.drop_path_rate=0.2", *extra]  # stochastic depth: the resumed run needs the RNG state too
+
+
+# A high-resolution phase over the last half (views 64 / 32 px, batch 2: 5 steps per phase epoch)
+# and Gram anchoring from step 2, refreshed at step 5: checkpoints at 3, 4 (the phase boundary), 6, 8.
+LATER_PHASES = ["train.phases=[{start: 0.5, crop_scale: 2, batch_size: 2}]", "ssl.gram.enabled=true",
+                "ssl.gram.start_step=2", "ssl.gram.refresh_every=3"]
 
 
 def _in_process(overrides: list[str]) -> None:
@@ -135,6 +142,48 @@ def test_sigterm_after_the_update_writes_the_next_steps_checkpoint_and_exits_cle
 
     _in_process(_overrides(demo, out))
     _assert_same_run(expected, load_checkpoint(out / "checkpoint.pt"))
+
+
+@pytest.fixture(scope="module")
+def references_with_phases(tmp_path_factory):
+    """The uninterrupted runs with a high-resolution phase and Gram anchoring, by view maker (made on first use)."""
+    base = tmp_path_factory.mktemp("reference_phases")
+    demo = base / "demo"
+    resolve_index(load_config(None, _overrides(demo, base / "x")))
+    runs = {}
+
+    def reference(views_device: str) -> dict:
+        if views_device not in runs:
+            out = base / f"run_{views_device}"
+            _in_process([*_overrides(demo, out), *LATER_PHASES, f"views.device={views_device}"])
+            runs[views_device] = load_checkpoint(out / "checkpoint.pt")
+            assert runs[views_device]["step"] == TOTAL_STEPS and runs[views_device]["phase"] == 1
+        return runs[views_device]
+
+    return demo, reference
+
+
+@pytest.mark.parametrize("step, last_good, views_device",
+                         [(4, 3, "workers"), (5, 4, "workers"), (7, 6, "workers"), (7, 6, "device")],
+                         ids=["in-main-phase", "at-the-boundary", "in-high-res-phase",
+                              "in-high-res-phase-device-views"])
+def test_sigkill_in_each_phase_then_resume_equals_the_uninterrupted_run(tmp_path, references_with_phases, step,
+                                                                       last_good, views_device):
+    """Killed during step 4 (resumes in the main phase from 3 and crosses the boundary), 5 (resumes
+    from the boundary checkpoint straight into the high-resolution phase) or 7 (resumes inside it,
+    with views cut in the loader's workers or batched on the device)."""
+    demo, reference = references_with_phases
+    expected = reference(views_device)
+    phases = [*LATER_PHASES, f"views.device={views_device}"]
+    proc, out = _interrupt(tmp_path, demo, "step", step, "SIGKILL", *phases)
+    assert proc.returncode == -signal.SIGKILL, f"killed at step {step}: {proc.stderr[-2000:]}"
+    survivors = [load_checkpoint(p)["step"] for p in step_checkpoints(out)]
+    assert max(survivors) == last_good, survivors
+    _in_process([*_overrides(demo, out), *phases])
+    _assert_same_run(expected, load_checkpoint(out / "checkpoint.pt"))
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(1, TOTAL_STEPS + 1))
+    assert [r["global_crop"] for r in records] == [32] * 4 + [64] * 4
 
 
 @pytest.fixture(scope="module")

@@ -64,3 +64,16 @@ def collate_channels(batch: Sequence[dict]) -> dict:
     if views:
         out["views"] = [torch.stack(list(vs)) for vs in zip(*views)]
     return out
+
+
+def collate_or_error(batch: Sequence[dict | Exception]) -> dict | Exception:
+    """:func:`collate_channels`, or the first item that is an exception instead of a sample.
+
+    A dataset read in loader worker processes returns its errors as values (see
+    :class:`cellvit_ssl.train.SeededViews`); they reach the main process as they were raised,
+    without the worker's traceback wrapped into their message, and are raised there.
+    """
+    for item in batch:
+        if isinstance(item, Exception):
+            return item
+    return collate_channels(batch)

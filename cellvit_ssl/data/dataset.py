@@ -62,7 +62,8 @@ class IndexDataset(Dataset):
         channels: Channel names wanted, in the order the model expects. None takes every
             sample's own channels (their count may differ: batch with
             :func:`~cellvit_ssl.data.collate.collate_channels`).
-        root: Base folder for relative paths (default: the index's folder).
+        root: Base folder for relative paths, overriding the index's ``root`` column (default:
+            that column, else the index's folder; see :class:`~cellvit_ssl.data.samples.SampleReader`).
         sample_size: Side of the square sample, in pixels.
         transform: Optional callable applied to each sample (e.g. the DINO views).
         channel_map: Your channel names → vocabulary names.
@@ -129,18 +130,19 @@ class IndexDataset(Dataset):
         missing_channels = _choice(MissingChannels, missing_channels, "missing_channels")
         if isinstance(index, pd.DataFrame):
             self.table = index.reset_index(drop=True)
-            root = Path(root) if root is not None else Path.cwd()
+            default_root = Path.cwd()
             self.source = "index DataFrame"
         else:
             self.table = read_index(index)
-            root = Path(root) if root is not None else Path(index).expanduser().parent
+            default_root = Path(index).expanduser().parent
             self.source = str(index)
         absent = [c for c in metadata_columns if c not in self.table.columns]
         if absent:
             raise DataError(f"index {self.source!r} has no columns {absent} (columns: {list(self.table.columns)})")
         self.vocabulary = vocabulary or ChannelVocabulary.extended((), channel_map)
         self.reader = SampleReader(
-            self.table, root=root, channels=channels, vocabulary=self.vocabulary, sample_size=sample_size,
+            self.table, root=root, default_root=default_root, channels=channels, vocabulary=self.vocabulary,
+            sample_size=sample_size,
             mode=mode, missing_channels=missing_channels, level=level, z=z, t=t, missing_chunks=missing_chunks,
             percentiles=percentiles, foreground_threshold=foreground_threshold, min_foreground=min_foreground,
             tile_attempts=tile_attempts, source=self.source,
@@ -156,7 +158,7 @@ class IndexDataset(Dataset):
         self.stats: ChannelStats | None = None
         if normalize == Normalization.dataset and stats is None:
             key = fingerprint({"index": pd.util.hash_pandas_object(self.table.astype(str)).sum(),
-                               "root": str(self.reader.root), "channels": self.channels,
+                               "root": self.reader.roots(), "channels": self.channels,
                                "map": dict(self.vocabulary.mapping), "percentiles": [float(p) for p in percentiles],
                                "mode": mode.value, "size": int(sample_size), "read": self.reader.read_options,
                                "n": stats_samples})

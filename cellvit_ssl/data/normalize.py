@@ -55,17 +55,29 @@ def normalize_percentiles(
         DataError: If the image is not 3-D or holds NaN / Inf.
     """
     check_pixels(image, source)
-    image = image.astype(np.float32, copy=False)
+    image = image.astype(_working_dtype(image), copy=False)
     lo, hi = np.percentile(image, [low, high], axis=(1, 2), keepdims=True)
     return normalize_with_bounds(image, lo.reshape(-1), hi.reshape(-1))
 
 
+def _working_dtype(image: np.ndarray) -> type:
+    # float64 / 64-bit integer pixels can exceed float32's range (~3.4e38): scale them in float64
+    return np.float64 if image.dtype.itemsize > 4 else np.float32
+
+
 def normalize_with_bounds(image: np.ndarray, low: Sequence[float], high: Sequence[float]) -> np.ndarray:
-    """Scale channel ``c`` to [0, 1] between ``low[c]`` and ``high[c]`` (clipped), as float32."""
-    lo = np.asarray(low, np.float32).reshape(-1, 1, 1)
-    hi = np.asarray(high, np.float32).reshape(-1, 1, 1)
-    image = image.astype(np.float32, copy=False)
-    return np.clip((image - lo) / np.maximum(hi - lo, EPS), 0.0, 1.0)
+    """Scale channel ``c`` to [0, 1] between ``low[c]`` and ``high[c]`` (clipped), as float32.
+
+    The scaling runs in float64 for 64-bit pixels, so values beyond float32's range still map
+    into ``[0, 1]`` instead of overflowing to Inf.
+    """
+    dtype = _working_dtype(image)
+    lo = np.asarray(low, dtype).reshape(-1, 1, 1)
+    hi = np.asarray(high, dtype).reshape(-1, 1, 1)
+    image = image.astype(dtype, copy=False)
+    with np.errstate(over="ignore", invalid="ignore"):  # a spread beyond float64's range: clipped below
+        scaled = (image - lo) / np.maximum(hi - lo, EPS)
+    return np.clip(np.nan_to_num(scaled, nan=0.0, posinf=1.0, neginf=0.0), 0.0, 1.0).astype(np.float32)
 
 
 @dataclass
@@ -182,6 +194,11 @@ def cached_channel_stats(cache: str | Path | None, key: str, compute: Callable[[
         logger.info("channel statistics in %s are for other data or settings; recomputing", path)
     stats = compute()
     stats.key = key
-    stats.save(path)
+    try:
+        stats.save(path)
+    except DataError as exc:  # the statistics are in hand (and go into the checkpoint); only the cache is lost
+        logger.warning("channel statistics are not cached (data.stats_cache): %s; they are computed again next "
+                       "time", exc)
+        return stats
     logger.info("channel statistics from %d samples written to %s", stats.n_samples, path)
     return stats

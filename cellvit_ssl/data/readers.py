@@ -5,7 +5,8 @@ Supported sources, each returned as a :class:`ChannelStack` (``(C, Y, X)`` + cha
 - OME-TIFF and ImageJ hyperstacks (tifffile): the channel axis comes from the metadata; a Z
   axis is reduced by maximum projection or one chosen slice, a T axis by one chosen frame;
   pyramidal TIFFs expose their levels. A plain 3-D TIFF is read as ``(C, Y, X)``.
-- A list of single-channel TIFFs (one file per channel, e.g. a Cell Painting site) as one stack.
+- A list of single-channel files (one file per channel: TIFF, PNG or JPEG, e.g. a Cell Painting
+  site or an HPA ``ID_red.png`` / ``_green`` / ``_blue`` / ``_yellow`` set) as one stack.
 - Zarr v2 / v3 arrays with a channel axis (axes from ``axes``, ``_ARRAY_DIMENSIONS`` or the
   v3 ``dimension_names``; 3-D arrays without them are ``(C, Y, X)``).
 - OME-Zarr multiscale images (NGFF 0.4 on Zarr v2, 0.5 on Zarr v3, also inside a
@@ -21,7 +22,12 @@ filled with zeros (see :mod:`cellvit_ssl.data.zarr_store`).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+import logging
+import os
+import re
+import threading
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,7 +42,59 @@ Region = tuple[int, int, int, int]  # (y0, x0, height, width)
 #: File name endings read as single-plane tapes or images by Pillow.
 PNG_SUFFIXES = (".png",)
 TIFF_SUFFIXES = (".tif", ".tiff")
+#: File name endings of single-plane images that can hold one channel of a per-channel file list.
+PLANE_SUFFIXES = TIFF_SUFFIXES + PNG_SUFFIXES + (".jpg", ".jpeg")
 ZARR_MARKERS = ("zarr.json", ".zattrs", ".zarray", ".zgroup")
+
+
+class _TiffLogCapture(logging.Filter):
+    """Keeps tifffile's log messages off the console while this package reads a TIFF (per thread).
+
+    tifffile logs what it finds wrong with a file (truncated IFDs, bad offsets) instead of raising;
+    :func:`_tifffile_messages` collects those messages so they become part of one named error.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.local = threading.local()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        sink = getattr(self.local, "sink", None)
+        if sink is None:
+            return True
+        sink.append(record.getMessage())
+        return False
+
+
+_TIFF_LOG = _TiffLogCapture()
+logging.getLogger("tifffile").addFilter(_TIFF_LOG)
+
+
+@contextlib.contextmanager
+def _tifffile_messages() -> Iterator[list[str]]:
+    """Collect (and silence) what tifffile logs in this block."""
+    outer = getattr(_TIFF_LOG.local, "sink", None)
+    sink: list[str] = []
+    _TIFF_LOG.local.sink = sink
+    try:
+        yield sink
+    finally:
+        _TIFF_LOG.local.sink = outer
+        if outer is not None:
+            outer.extend(sink)
+
+
+def _tiff_damage(path: str, messages: Sequence[str], data_end: int = 0) -> str | None:
+    """Why a TIFF looks truncated or damaged (from tifffile's messages and its data offsets), or None."""
+    size = os.path.getsize(path)
+    offsets = [int(n) for m in messages for n in re.findall(r"offset(?: to first page)? (\d+)", m)]
+    beyond = max([o for o in offsets if o >= size] + ([data_end] if data_end > size else []), default=0)
+    if beyond:
+        return (f"the file is truncated: it is {size} bytes long but refers to data at byte {beyond}; copy or "
+                "export it again")
+    if messages:
+        return f"the file is damaged (tifffile: {messages[0]})"
+    return None
 
 
 @dataclass
@@ -115,16 +173,8 @@ class ChannelStack:
             if bad:
                 raise DataError(f"{self.path}: channel positions {bad} do not exist; the image has {n} channels")
         try:
-            if channels is None:
-                return self._reduce(np.asarray(self._source[self._selection(slice(None), ys, xs)]), True)
-            if not channels:
-                return np.zeros((0, h, w), self.dtype)
-            lo, hi = min(channels), max(channels) + 1
-            if hi - lo <= 2 * len(set(channels)):  # one read of the covering range beats a read per channel
-                block = self._reduce(np.asarray(self._source[self._selection(slice(lo, hi), ys, xs)]), True)
-                return block[[c - lo for c in channels]]
-            return np.stack([self._reduce(np.asarray(self._source[self._selection(c, ys, xs)]), False)
-                             for c in channels])
+            with _tifffile_messages():
+                return self._read(ys, xs, h, w, channels)
         except DataError:
             raise
         except Exception as exc:
@@ -132,6 +182,19 @@ class ChannelStack:
                 f"{self.path}: could not read pixels ({type(exc).__name__}: {exc}); the file may be "
                 "truncated or corrupt"
             ) from exc
+
+    def _read(self, ys: slice, xs: slice, h: int, w: int, channels: list[int] | None) -> np.ndarray:
+        """:meth:`read` of a checked region and channel list."""
+        if channels is None:
+            return self._reduce(np.asarray(self._source[self._selection(slice(None), ys, xs)]), True)
+        if not channels:
+            return np.zeros((0, h, w), self.dtype)
+        lo, hi = min(channels), max(channels) + 1
+        if hi - lo <= 2 * len(set(channels)):  # one read of the covering range beats a read per channel
+            block = self._reduce(np.asarray(self._source[self._selection(slice(lo, hi), ys, xs)]), True)
+            return block[[c - lo for c in channels]]
+        return np.stack([self._reduce(np.asarray(self._source[self._selection(c, ys, xs)]), False)
+                         for c in channels])
 
 
 def _checked_names(path: str, found: Sequence[str] | None, given: Sequence[str] | None, n: int) -> list[str]:
@@ -235,28 +298,41 @@ def _open_tiff(path: str, given: Sequence[str] | None, level: int, z: str | int,
     import tifffile
     import zarr
 
+    with _tifffile_messages() as messages:
+        try:
+            with tifffile.TiffFile(path) as tif:
+                series = tif.series[0]
+                axes = series.axes
+                levels = len(series.levels)
+                first = series.pages[0] if len(series.pages) else None
+                data_end = max((o + n for o, n in zip(getattr(first, "dataoffsets", ()),
+                                                       getattr(first, "databytecounts", ()))), default=0)
+                shape = dict(zip(_normalise_axes(path, axes), series.shape))
+                names, fmt = None, "tiff"
+                if tif.is_ome:
+                    names, fmt = _ome_tiff_channel_names(tif.ome_metadata), "ome-tiff"
+                elif tif.is_imagej and tif.imagej_metadata:
+                    names, fmt = _imagej_channel_names(tif.imagej_metadata, shape), "imagej-tiff"
+            source = zarr.open(tifffile.imread(path, aszarr=True), mode="r")
+        except DataError:
+            raise
+        except Exception as exc:
+            found = _tiff_damage(path, messages) or "not a readable TIFF"
+            raise DataError(f"{path}: {found} ({type(exc).__name__}: {exc})") from exc
+    damage = _tiff_damage(path, messages, data_end)
+    if damage and "truncated" in damage:  # what is left may still parse, as another image than was written
+        raise DataError(f"{path}: {damage}")
     try:
-        with tifffile.TiffFile(path) as tif:
-            series = tif.series[0]
-            axes = series.axes
-            levels = len(series.levels)
-            shape = dict(zip(_normalise_axes(path, axes), series.shape))
-            names, fmt = None, "tiff"
-            if tif.is_ome:
-                names, fmt = _ome_tiff_channel_names(tif.ome_metadata), "ome-tiff"
-            elif tif.is_imagej and tif.imagej_metadata:
-                names, fmt = _imagej_channel_names(tif.imagej_metadata, shape), "imagej-tiff"
         if not 0 <= level < levels:
             raise DataError(f"{path}: resolution level {level} requested but the TIFF has {levels}")
-        source = zarr.open(tifffile.imread(path, aszarr=True), mode="r")
-    except DataError:
+        if hasattr(source, "keys") and not hasattr(source, "shape"):  # pyramidal: a group of levels
+            source = source[str(level)]
+        meta = {"format": fmt, "level": level, "levels": levels}
+        return _as_stack(path, source, axes, names, given, meta, z, t)
+    except DataError as exc:
+        if damage:  # what tifffile found explains what went wrong here
+            raise DataError(f"{exc}; {damage}") from exc
         raise
-    except Exception as exc:
-        raise DataError(f"{path}: not a readable TIFF ({type(exc).__name__}: {exc})") from exc
-    if hasattr(source, "keys") and not hasattr(source, "shape"):  # pyramidal: a group of levels
-        source = source[str(level)]
-    meta = {"format": fmt, "level": level, "levels": levels}
-    return _as_stack(path, source, axes, names, given, meta, z, t)
 
 
 class _FileListSource:
@@ -275,10 +351,59 @@ class _FileListSource:
         return np.asarray(self.arrays[c][rest])
 
 
-def _open_file_list(paths: Sequence[str | Path], given: Sequence[str] | None, z: str | int, t: int) -> ChannelStack:
-    import tifffile
-    import zarr
+#: Pillow modes of single-channel planes and their pixel types.
+_PIL_GRAY_MODES = {"L": np.uint8, "I;16": np.uint16, "I;16B": np.uint16, "I;16L": np.uint16, "I": np.int32,
+                   "F": np.float32, "1": np.bool_}
+#: Colour modes read as one channel: the maximum over the colour components (per-channel files
+#: exported tinted, e.g. HPA's blue nucleus JPEG, hold the whole signal in their brightest component).
+_PIL_COLOUR_MODES = {"RGB": np.uint8, "RGBA": np.uint8, "P": np.uint8}
 
+
+class _PlaneFile:
+    """One PNG / JPEG plane, decoded when read (these formats cannot be read in parts)."""
+
+    def __init__(self, path: str) -> None:
+        from PIL import Image
+
+        self.path = path
+        with Image.open(path) as img:
+            if img.mode in _PIL_GRAY_MODES:
+                dtype = _PIL_GRAY_MODES[img.mode]
+            elif img.mode in _PIL_COLOUR_MODES:
+                dtype = _PIL_COLOUR_MODES[img.mode]
+            else:
+                raise DataError(f"{path}: image mode {img.mode!r}; expected a single-channel (grayscale) plane")
+            self.mode = img.mode
+            self.shape = (img.height, img.width)
+        self.dtype = np.dtype(dtype)
+
+    def __getitem__(self, selection) -> np.ndarray:
+        from PIL import Image
+
+        with Image.open(self.path) as img:
+            if self.mode in _PIL_COLOUR_MODES:
+                plane = np.asarray(img.convert("RGB")).max(axis=-1)
+            else:
+                plane = np.asarray(img)
+        return plane[selection]
+
+
+def _open_plane(p: str):
+    """``(axes, lazy array)`` of one per-channel file."""
+    if p.lower().endswith(TIFF_SUFFIXES):
+        import tifffile
+        import zarr
+
+        with tifffile.TiffFile(p) as tif:
+            axes = tif.series[0].axes.upper()
+        array = zarr.open(tifffile.imread(p, aszarr=True), mode="r")
+        if hasattr(array, "keys") and not hasattr(array, "shape"):
+            array = array["0"]
+        return axes, array
+    return "YX", _PlaneFile(p)
+
+
+def _open_file_list(paths: Sequence[str | Path], given: Sequence[str] | None, z: str | int, t: int) -> ChannelStack:
     paths = [str(Path(p)) for p in paths]
     joined = ";".join(paths)
     if not paths:
@@ -287,16 +412,20 @@ def _open_file_list(paths: Sequence[str | Path], given: Sequence[str] | None, z:
     for p in paths:
         if not Path(p).is_file():
             raise DataError(f"{p}: no such file (one channel of {joined})")
-        if not p.lower().endswith(TIFF_SUFFIXES):
-            raise DataError(f"{p}: a per-channel file list must hold TIFF files (.tif/.tiff)")
-        try:
-            with tifffile.TiffFile(p) as tif:
-                axes = tif.series[0].axes.upper()
-            array = zarr.open(tifffile.imread(p, aszarr=True), mode="r")
-        except Exception as exc:
-            raise DataError(f"{p}: not a readable TIFF ({type(exc).__name__}: {exc})") from exc
-        if hasattr(array, "keys") and not hasattr(array, "shape"):
-            array = array["0"]
+        if not p.lower().endswith(PLANE_SUFFIXES):
+            raise DataError(f"{p}: a per-channel file list must hold single-plane images "
+                            f"({', '.join(PLANE_SUFFIXES)})")
+        with _tifffile_messages() as messages:
+            try:
+                axes, array = _open_plane(p)
+            except DataError:
+                raise
+            except Exception as exc:
+                found = _tiff_damage(p, messages) or "not a readable image"
+                raise DataError(f"{p}: {found} ({type(exc).__name__}: {exc})") from exc
+        damage = _tiff_damage(p, messages)
+        if damage and "truncated" in damage:
+            raise DataError(f"{p}: {damage}")
         if "C" in axes or "S" in axes:
             raise DataError(f"{p}: has a channel axis ({axes!r}); a per-channel file list expects one channel per file")
         if axes_seen is None:
@@ -307,7 +436,7 @@ def _open_file_list(paths: Sequence[str | Path], given: Sequence[str] | None, z:
                 f"channel {paths[0]} ({axes_seen!r}, {first[0]}, {first[1]}); channels must match"
             )
         arrays.append(array)
-    meta = {"format": "tiff-list", "files": paths}
+    meta = {"format": "file-list", "files": paths}
     return _as_stack(joined, _FileListSource(paths, arrays), "C" + axes_seen, None, given, meta, z, t)
 
 
@@ -324,7 +453,8 @@ class _TapeSource:
         if self.path.lower().endswith(TIFF_SUFFIXES):
             import tifffile
 
-            return np.asarray(tifffile.imread(self.path))
+            with _tifffile_messages():
+                return np.asarray(tifffile.imread(self.path))
         from PIL import Image
 
         with Image.open(self.path) as img:
@@ -343,7 +473,7 @@ def _open_tape(path: str, given: Sequence[str] | None, channel_width: int | None
         if path.lower().endswith(TIFF_SUFFIXES):
             import tifffile
 
-            with tifffile.TiffFile(path) as tif:
+            with _tifffile_messages(), tifffile.TiffFile(path) as tif:
                 shape, dtype = tif.series[0].shape, np.dtype(tif.series[0].dtype)
             if len(shape) != 2:  # already a (C, Y, X) stack, not a tape: channel_width does not apply
                 return _open_tiff(path, given, **tiff_options)
@@ -463,7 +593,11 @@ def open_labels(path: str | Path, level: int = 0, name: str | None = None):
             if p.name.lower().endswith(TIFF_SUFFIXES):
                 import tifffile
 
-                mask = np.asarray(tifffile.imread(p))
+                with _tifffile_messages() as messages:
+                    mask = np.asarray(tifffile.imread(p))
+                damage = _tiff_damage(str(p), messages)
+                if damage:
+                    raise DataError(f"label mask {str(p)!r}: {damage}")
             else:
                 from PIL import Image
 
@@ -518,8 +652,8 @@ def open_stack(
     """Open a multichannel image lazily.
 
     Args:
-        path: A file or Zarr folder; or a list of single-channel TIFF files (one per
-            channel, in channel order), also accepted as one ``;``-separated string.
+        path: A file or Zarr folder; or a list of single-channel files (TIFF, PNG or JPEG,
+            one per channel, in channel order), also accepted as one ``;``-separated string.
         channel_names: Names of the channels, in file order; required when the file does not
             store them, and checked against the count when it does (they take precedence).
         level: Pyramid level for OME-Zarr and pyramidal TIFF (0 = full resolution).

@@ -26,6 +26,13 @@ channels) in one place. How a row is sampled depends on ``data.mode`` and the ro
 ``auto``
     ``cells`` for rows with a centroid or box, ``image`` for CHAMMI tapes, ``tiles`` otherwise.
 
+Where a relative ``path`` is found: in ``data.root`` when it is given (the one way to point at
+images that moved); else in the row's ``root`` column, which the index builder writes (the
+folder it indexed, absolute), while that folder exists; else in the index file's own folder.
+So an index built by ``python -m cellvit_ssl.data.index`` works from any working folder, and an
+index moved together with its images (the root column then names a folder that is gone) still
+finds them beside it. Every "no such file" error names the folder it looked in and why.
+
 Intensities are not changed here: normalisation is the preprocessing contract's job
 (:mod:`cellvit_ssl.preprocess`).
 """
@@ -47,12 +54,20 @@ from cellvit_ssl.data.normalize import check_pixels, normalize_with_bounds
 from cellvit_ssl.data.readers import ChannelStack, open_labels, open_stack
 from cellvit_ssl.errors import ConfigError, DataError
 
-__all__ = ["BOX_COLUMNS", "CENTROID_COLUMNS", "Box", "RawSample", "SampleReader", "cells_from_mask", "read_region"]
+__all__ = ["BOX_COLUMNS", "CENTROID_COLUMNS", "ROOT_COLUMN", "Box", "RawSample", "SampleReader", "cells_from_mask",
+           "read_region"]
 
 #: Index columns of a region in pixels.
 BOX_COLUMNS = ("box_y0", "box_x0", "box_y1", "box_x1")
 #: Index columns of a cell centre in pixels.
 CENTROID_COLUMNS = ("centroid_y", "centroid_x")
+#: What to do about a file lacking a wanted channel / naming an unknown one, in training's keys.
+TRAINING_REMEDIES = {
+    "missing": "Fix data.channels or data.channel_map, or allow absent channels (data.missing_channels=pad)",
+    "unknown": "",
+}
+#: Index column of the folder a row's relative ``path`` starts from (written by the index builder).
+ROOT_COLUMN = "root"
 #: Open stacks kept per process (least recently used are dropped; CHAMMI has ~220k files).
 STACK_CACHE_SIZE = 256
 
@@ -188,7 +203,10 @@ class SampleReader:
 
     Args:
         table: The index (one row per image, box or cell; column ``path`` required).
-        root: Folder relative paths are resolved against.
+        root: Folder relative paths are resolved against, overriding the rows' ``root``
+            column (``data.root``: the images moved); None to use the column.
+        default_root: Folder for rows without a usable ``root`` column (the index file's
+            folder; default: the working folder).
         channels: Wanted channel names in output order; None keeps every row's own channels.
         vocabulary: Channel vocabulary (with the run's ``data.channel_map``).
         sample_size: Side of cell and tile samples in pixels.
@@ -210,28 +228,36 @@ class SampleReader:
         mask_background: Zero the pixels of a cell crop outside its cell (needs
             ``labels_path`` and ``cell_label`` columns).
         source: Name of the index in messages.
+        remedies: What a user can do about a file that lacks a wanted channel (``missing``) or
+            names a channel the vocabulary does not know (``unknown``), in the caller's terms
+            (config keys and flags); defaults are training's.
 
     Raises:
         DataError: If the table has no ``path`` column, or background masking lacks its columns.
     """
 
     def __init__(self, table: pd.DataFrame, *, root: str | Path | None = None,
-                 channels: Sequence[str] | None = None, vocabulary: ChannelVocabulary | None = None,
+                 default_root: str | Path | None = None, channels: Sequence[str] | None = None,
+                 vocabulary: ChannelVocabulary | None = None,
                  sample_size: int = 64, mode: SampleMode | str = SampleMode.auto,
                  missing_channels: MissingChannels | str = MissingChannels.error, level: int = 0,
                  z: str | int = "max", t: int = 0, missing_chunks: str = "error",
                  percentiles: Sequence[float] = (1.0, 99.8), foreground_threshold: float = 0.1,
                  min_foreground: float = 0.0, tile_attempts: int = 10,
                  bounds: Mapping[str, tuple[float, float]] | None = None, mask_background: bool = False,
-                 source: str = "index") -> None:
+                 source: str = "index", remedies: Mapping[str, str] | None = None) -> None:
         self.source = source
+        self.remedies = {**TRAINING_REMEDIES, **(remedies or {})}
         if "path" not in table.columns:
             raise DataError(f"{source}: no 'path' column (columns: {list(table.columns)})")
         if mask_background and not {"labels_path", "cell_label"} <= set(table.columns):
             raise DataError(f"{source}: background masking needs 'labels_path' and 'cell_label' columns "
                             f"(columns: {list(table.columns)})")
         self.table = table.reset_index(drop=True)
-        self.root = Path(root).expanduser() if root is not None else Path.cwd()
+        self.root = Path(root).expanduser() if root is not None and str(root) != "" else None
+        self.default_root = Path(default_root).expanduser() if default_root is not None else Path.cwd()
+        self._row_roots = ROOT_COLUMN in self.table.columns
+        self._root_exists: dict[str, bool] = {}
         self.vocabulary = vocabulary or BUILTIN
         self.channels = None if channels is None else self.vocabulary.canonical_names(channels, source="data.channels")
         self.sample_size = int(sample_size)
@@ -254,13 +280,79 @@ class SampleReader:
         return len(self.table)
 
     # ----------------------------------------------------------------------------- files
-    def resolve(self, path: str) -> str:
-        """A row's ``path`` (``;``-separated for one file per channel) made absolute against the root."""
+    def base(self, i: int | None = None) -> tuple[Path, str]:
+        """The folder row ``i``'s relative paths start from, and why (for messages).
+
+        ``data.root`` when given, else the row's ``root`` column while that folder exists, else
+        the index's folder (see the module docstring).
+        """
+        if self.root is not None:
+            return self.root, "data.root / --root"
+        recorded = self.table.iloc[i][ROOT_COLUMN] if self._row_roots and i is not None else None
+        if isinstance(recorded, str) and recorded.strip():
+            if recorded not in self._root_exists:
+                self._root_exists[recorded] = Path(recorded).expanduser().is_dir()
+            if self._root_exists[recorded]:
+                return Path(recorded).expanduser(), f"the index's {ROOT_COLUMN!r} column"
+            return self.default_root, (f"the index's folder, as its {ROOT_COLUMN!r} column names {recorded}, "
+                                       "which does not exist")
+        return self.default_root, "the index's folder"
+
+    def row_bases(self) -> pd.Series:
+        """The folder (absolute) every row's relative paths start from, by the rules of :meth:`base`."""
+        if self.root is not None:
+            return pd.Series(str(self.root.resolve()), index=self.table.index, dtype=object)
+        default = str(self.default_root.resolve())
+        if not self._row_roots:
+            return pd.Series(default, index=self.table.index, dtype=object)
+
+        def usable(recorded) -> str:
+            if not isinstance(recorded, str) or not recorded.strip():
+                return default
+            if recorded not in self._root_exists:
+                self._root_exists[recorded] = Path(recorded).expanduser().is_dir()
+            return str(Path(recorded).expanduser().resolve()) if self._root_exists[recorded] else default
+
+        return self.table[ROOT_COLUMN].map(usable).astype(object)
+
+    def resolve(self, path: str, i: int | None = None) -> str:
+        """A row's ``path`` (``;``-separated for one file per channel) made absolute (see :meth:`base`)."""
+        base = self.base(i)[0]
         parts = []
         for part in str(path).split(";"):
             p = Path(part.strip()).expanduser()
-            parts.append(str(p if p.is_absolute() else self.root / p))
+            parts.append(str(p if p.is_absolute() else base / p))
         return ";".join(parts)
+
+    def roots(self) -> dict:
+        """Where relative paths are looked up: the override, the recorded roots, the fallback (fingerprints)."""
+        recorded = sorted({str(r) for r in self.table[ROOT_COLUMN].dropna().unique()}) if self._row_roots else []
+        return {"root": str(self.root.resolve()) if self.root is not None else None, "recorded": recorded,
+                "default": str(self.default_root.resolve())}
+
+    def missing_file_hint(self, i: int) -> str:
+        """Where row ``i``'s relative paths were looked up, and how to point elsewhere."""
+        base, why = self.base(i)
+        fix = ("point data.root (--root) at the folder the index's paths start from" if self.root is None
+               else "check data.root (--root)")
+        return f"{self._where(i)}; relative paths are resolved against {base} ({why}): {fix}"
+
+    def check_files(self, rows: Sequence[int] | None = None) -> None:
+        """Check that the files of some rows exist (default: the first and the last), without opening them.
+
+        A cheap check before a long run, so that a wrong root fails at once, naming where it looked.
+
+        Raises:
+            DataError: On the first missing file.
+        """
+        n = len(self.table)
+        for i in sorted({r % n for r in (rows if rows is not None else (0, -1))}) if n else ():
+            raw = self.table.iloc[i]["path"]
+            if not isinstance(raw, str) or not raw.strip():
+                continue
+            for part in self.resolve(raw, i).split(";"):
+                if part and not Path(part).exists():
+                    raise DataError(f"{part}: no such file or folder ({self.missing_file_hint(i)})")
 
     def _where(self, i: int) -> str:
         return f"{self.source} row {i}"
@@ -277,7 +369,7 @@ class SampleReader:
         raw_path = row["path"]
         if not isinstance(raw_path, str) or not raw_path.strip():
             raise DataError(f"{self._where(i)}: empty 'path'; expected an image file or folder")
-        path = self.resolve(raw_path)
+        path = self.resolve(raw_path, i)
         width = row.get("channel_width")
         width = _as_int(width, "channel_width", self._where(i)) if width is not None and pd.notna(width) else None
         names = row.get("channels")
@@ -290,26 +382,28 @@ class SampleReader:
             stack = open_stack(path, channel_names=names, channel_width=width, **self.read_options)
         except DataError as exc:
             if "no such file" in str(exc):
-                raise DataError(f"{exc} ({self._where(i)}; relative paths are resolved against {self.root}: "
-                                "set data.root, or --root, to the folder the index's paths start from)") from exc
-            raise
-        found = self.vocabulary.canonical_names(stack.channel_names, source=stack.path)
-        self._check_file_names(stack, found)
+                raise DataError(f"{exc} ({self.missing_file_hint(i)})") from exc
+            raise DataError(f"{exc} ({self._where(i)})") from exc
+        try:
+            found = self.vocabulary.canonical_names(stack.channel_names, source=stack.path)
+        except DataError as exc:
+            unknown = self.remedies["unknown"]
+            raise DataError(f"{exc} ({self._where(i)}{'; ' + unknown if unknown else ''})") from exc
+        self._check_file_names(stack, found, i)
         if self.channels is not None and self.missing_channels == MissingChannels.error:
             missing = [c for c in self.channels if c not in found]
             if missing:
                 raise DataError(
                     f"{stack.path}: has {len(found)} channels {stack.channel_names} but the config asks for "
-                    f"{len(self.channels)} {self.channels}; missing {missing}. Fix data.channels or "
-                    "data.channel_map, or allow absent channels (data.missing_channels=pad; for embed: "
-                    "embed.allow_missing=true)"
+                    f"{len(self.channels)} {self.channels}; missing {missing} ({self._where(i)}). "
+                    f"{self.remedies['missing']}"
                 )
         self._stacks[key] = (stack, found)
         if len(self._stacks) > STACK_CACHE_SIZE:
             self._stacks.popitem(last=False)
         return stack, found
 
-    def _check_file_names(self, stack: ChannelStack, found: list[str]) -> None:
+    def _check_file_names(self, stack: ChannelStack, found: list[str], i: int) -> None:
         """Refuse index channel names that contradict the names stored in the file itself."""
         stored = stack.metadata.get("file_channel_names")
         if not stored or stored == stack.channel_names:
@@ -322,7 +416,7 @@ class SampleReader:
             raise DataError(
                 f"{stack.path}: the file names its channels {stored} ({stored_canon}) but the index says "
                 f"{stack.channel_names} ({found}); the channels would be swapped. Fix the index's 'channels' "
-                "column (or --channels), or relabel with data.channel_map"
+                f"column (or --channels), or relabel with data.channel_map ({self._where(i)})"
             )
 
     def layout(self, found: list[str]) -> tuple[list[str], list[int | None]]:
@@ -422,7 +516,10 @@ class SampleReader:
         else:
             box = box or self.box(i, stack)
             part = self._read_box(stack, box, read_at, i)
-        check_pixels(part, stack.path)
+        try:
+            check_pixels(part, stack.path)
+        except DataError as exc:
+            raise DataError(f"{exc} ({self._where(i)})") from exc
         if self.mask_background:
             part = part * (read_region(self._label_image(i), box) == int(self.table.iloc[i]["cell_label"]))
         if _blank(part):
@@ -442,7 +539,7 @@ class SampleReader:
             raise
 
     def _label_image(self, i: int):
-        path = self.resolve(str(self.table.iloc[i]["labels_path"]))
+        path = self.resolve(str(self.table.iloc[i]["labels_path"]), i)
         if path not in self._labels:
             self._labels[path] = open_labels(path, level=self.read_options["level"])
             if len(self._labels) > 8:
@@ -520,12 +617,13 @@ class _Region:
 
 
 def _as_float(value, column: str, where: str) -> float:
+    shown = value.item() if isinstance(value, np.generic) else value
     try:
         out = float(value)
     except (TypeError, ValueError):
-        raise DataError(f"{where}: {column}={value!r} is not a number") from None
+        raise DataError(f"{where}: {column}={shown!r} is not a number") from None
     if not math.isfinite(out):
-        raise DataError(f"{where}: {column}={value!r} is not a finite number")
+        raise DataError(f"{where}: {column}={shown!r} is not a finite number")
     return out
 
 

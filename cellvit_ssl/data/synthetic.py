@@ -2,6 +2,8 @@
 
 Each field holds several cells. Every cell has a nucleus, radial microtubules, a perinuclear
 ER cloud and a protein channel whose pattern is the cell's label (where the protein sits).
+With ``DemoSpec(localisations=2)`` every cell's protein sits in two distinct places at once
+(e.g. nuclear and punctate), a multi-label set whose ``label`` column lists both, ``;``-separated.
 Images are written as OME-Zarr (NGFF 0.5, Zarr v3, with a ``labels`` segmentation) and as
 OME-TIFF (plus a ``*_labels.tif`` mask), with an index CSV of one row per cell. Everything
 is deterministic from the seed.
@@ -18,7 +20,8 @@ import pandas as pd
 from scipy import ndimage
 
 from cellvit_ssl.channels import PRESETS
-from cellvit_ssl.io import atomic_write_text, atomic_write_with
+from cellvit_ssl.errors import DataError
+from cellvit_ssl.io import atomic_write_text, atomic_write_with, describe_os_error
 
 #: Phenotype classes: where the protein sits in the cell.
 PHENOTYPES: tuple[str, ...] = ("nuclear", "cytoplasmic", "punctate", "membrane", "mitochondrial")
@@ -37,6 +40,7 @@ class DemoSpec:
     image_size: int = 192
     cells_per_image: int = 12
     seed: int = 0
+    localisations: int = 1  # distinct phenotypes per cell (2: a multi-label set)
 
 
 def _place_cells(rng: np.random.Generator, size: int, n: int, radius: float) -> list[tuple[float, float]]:
@@ -92,7 +96,10 @@ def _render_field(rng: np.random.Generator, spec: DemoSpec) -> tuple[np.ndarray,
     labels = np.zeros((size, size), np.int32)
     cells = []
     for cell_id, (cy, cx) in enumerate(_place_cells(rng, size, spec.cells_per_image, radius), start=1):
-        phenotype = int(rng.integers(len(PHENOTYPES)))
+        if spec.localisations == 1:
+            phenotypes = [int(rng.integers(len(PHENOTYPES)))]
+        else:
+            phenotypes = sorted(int(k) for k in rng.choice(len(PHENOTYPES), spec.localisations, replace=False))
         angle = rng.uniform(0, np.pi)
         scale = rng.uniform(0.65, 1.0)
         ry, rx = radius * scale, radius * scale * rng.uniform(0.55, 1.0)
@@ -123,15 +130,18 @@ def _render_field(rng: np.random.Generator, spec: DemoSpec) -> tuple[np.ndarray,
         img[1][body] += rng.uniform(0.2, 0.4) * filaments[body] * (1.1 - r_cell[body])
         # ER: cloud decaying away from the nucleus
         img[2][cyto] += rng.uniform(0.3, 0.6) * np.exp(-1.5 * (r_nuc[cyto] - 1.0)) * (0.6 + 0.4 * chrom[cyto])
-        # protein: the phenotype, at an expression level over a nonspecific background
-        expression = np.exp(rng.uniform(np.log(0.25), 0.0))
-        protein = expression * _protein(rng, phenotype, body, nucleus, r_cell) + 0.06 * body
+        # protein: the phenotype(s), each at an expression level, over a nonspecific background
+        protein = 0.06 * body
+        for phenotype in phenotypes:
+            expression = np.exp(rng.uniform(np.log(0.25), 0.0))
+            protein = protein + expression * _protein(rng, phenotype, body, nucleus, r_cell)
         img[3] += protein * body
         # The index centre is the nucleus (as for nucleus-seeded crops), slightly off.
         jy, jx = rng.normal(0, 0.1 * radius, size=2)
         cells.append({"cell_id": cell_id, "centroid_y": round(float(ncy + jy), 2),
                       "centroid_x": round(float(ncx + jx), 2),
-                      "label": PHENOTYPES[phenotype], "label_id": phenotype})
+                      "label": ";".join(PHENOTYPES[k] for k in phenotypes),
+                      "label_id": phenotypes[0] if len(phenotypes) == 1 else ";".join(map(str, phenotypes))})
     img = ndimage.gaussian_filter(img, sigma=(0, 0.8, 0.8))
     img = rng.poisson(np.clip(img, 0, None) * 400 + 20).astype(np.float32)  # photon noise
     return np.clip(img, 0, 65535).astype(np.uint16), labels, cells
@@ -159,6 +169,26 @@ def _write_ome_tiff(path: Path, image: np.ndarray, labels: np.ndarray) -> None:
     tifffile.imwrite(path.with_name(path.name.replace(".ome.tif", "_labels.tif")), labels)
 
 
+def _write_demo(out: Path, spec: DemoSpec, stamp: dict) -> None:
+    """Render and write the demo fields, both indexes and the ``spec.json`` stamp (last: marks it complete)."""
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(spec.seed)
+    rows: dict[str, list[dict]] = {"ome-zarr": [], "ome-tiff": []}
+    for i in range(spec.n_images):
+        image, labels, cells = _render_field(rng, spec)
+        stem = f"images/field_{i:03d}"
+        _write_ome_zarr(out / f"{stem}.ome.zarr", image, labels)
+        _write_ome_tiff(out / f"{stem}.ome.tif", image, labels)
+        split = "test" if i % 4 == 3 else "train"
+        for kind, suffix in (("ome-zarr", ".ome.zarr"), ("ome-tiff", ".ome.tif")):
+            rows[kind] += [{"path": stem + suffix, "channels": ";".join(CHANNELS), "image_id": i,
+                            "split": split, **c} for c in cells]
+    for kind, kind_rows in rows.items():
+        table = pd.DataFrame(kind_rows, columns=list(INDEX_COLUMNS))
+        atomic_write_with(out / f"index_{kind}.csv", lambda tmp, t=table: t.to_csv(tmp, index=False))
+    atomic_write_text(out / "spec.json", json.dumps(stamp))  # last: a killed generation is redone next time
+
+
 def generate_demo(out_dir: str | Path, spec: DemoSpec = DemoSpec(), fmt: str = "ome-zarr") -> Path:
     """Generate the demo data set (both formats) into ``out_dir`` unless it is already there.
 
@@ -177,23 +207,17 @@ def generate_demo(out_dir: str | Path, spec: DemoSpec = DemoSpec(), fmt: str = "
     out = Path(out_dir).expanduser()
     marker = out / "spec.json"
     index_path = out / f"index_{fmt}.csv"
+    if not 1 <= spec.localisations <= len(PHENOTYPES):
+        raise ValueError(f"demo localisations={spec.localisations}; expected 1 to {len(PHENOTYPES)}")
     stamp = {**asdict(spec), "generator_version": GENERATOR_VERSION}
+    if spec.localisations == 1:  # folders generated before the option existed stay valid
+        stamp.pop("localisations")
     if marker.is_file() and json.loads(marker.read_text()) == stamp and index_path.is_file():
         return index_path
-    (out / "images").mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(spec.seed)
-    rows: dict[str, list[dict]] = {"ome-zarr": [], "ome-tiff": []}
-    for i in range(spec.n_images):
-        image, labels, cells = _render_field(rng, spec)
-        stem = f"images/field_{i:03d}"
-        _write_ome_zarr(out / f"{stem}.ome.zarr", image, labels)
-        _write_ome_tiff(out / f"{stem}.ome.tif", image, labels)
-        split = "test" if i % 4 == 3 else "train"
-        for kind, suffix in (("ome-zarr", ".ome.zarr"), ("ome-tiff", ".ome.tif")):
-            rows[kind] += [{"path": stem + suffix, "channels": ";".join(CHANNELS), "image_id": i,
-                            "split": split, **c} for c in cells]
-    for kind, kind_rows in rows.items():
-        table = pd.DataFrame(kind_rows, columns=list(INDEX_COLUMNS))
-        atomic_write_with(out / f"index_{kind}.csv", lambda tmp, t=table: t.to_csv(tmp, index=False))
-    atomic_write_text(marker, json.dumps(stamp))  # last: a killed generation is redone next time
+    try:
+        _write_demo(out, spec, stamp)
+    except OSError as exc:
+        raise DataError(f"data.demo.cache_dir={str(out)!r}: the demo data cannot be written there: "
+                        f"{describe_os_error(exc, out / 'images')}; set data.demo.cache_dir to a writable folder") \
+            from exc
     return index_path
