@@ -222,7 +222,7 @@ class ViewsConfig:
     vflip_prob: float = 0.5  # probability of a vertical flip per view
     rot90: bool = True  # random multiples of 90° rotation per view
     gamma: float = 0.2  # per-channel gamma exponent in [1/(1+g), 1+g] (log-uniform)
-    brightness: float = 0.3  # per-channel additive shift (in std units when standardize)
+    brightness: float = 0.05  # per-channel additive shift (in std units when standardize); intensity is signal
     contrast: float = 0.3  # per-channel multiplicative jitter
     jitter_prob: float = 0.8  # probability of gamma and of contrast/brightness per view
     blur_prob: list[float] = field(default_factory=lambda: [1.0, 0.1, 0.5])  # global 1, global 2, local
@@ -288,8 +288,8 @@ class SSLConfig:
     head_output_dim: int = 65536  # prototypes of the DINO head
     ibot_head_output_dim: int | None = None  # None: same as head_output_dim
     student_temp: float = 0.1  # student softmax temperature
-    teacher_temp: float = 0.07  # teacher temperature after the warm-up
-    warmup_teacher_temp: float = 0.04  # teacher temperature at the start
+    teacher_temp: float = 0.02  # teacher temperature after the warm-up (sharp Sinkhorn-Knopp targets)
+    warmup_teacher_temp: float = 0.02  # teacher temperature at the start
     warmup_teacher_temp_epochs: int = 30  # epochs of the linear teacher-temperature warm-up
     centering: Centering = Centering.sinkhorn_knopp  # sinkhorn_knopp | mean
     sinkhorn_iterations: int = 3  # Sinkhorn-Knopp normalisations per batch

@@ -152,6 +152,17 @@ def _grid(view: Tensor, n_tokens: int) -> tuple[int, int]:
     return h, w
 
 
+@torch.no_grad()
+def target_entropy(probs: Tensor) -> Tensor:
+    """Mean entropy of target distributions ``(S, K)`` over ``ln K``: 1 means uniform targets, no signal.
+
+    A run whose DINO targets sit near 1 learns nothing from the teacher (temperature too high for
+    the batch and prototype count); one near 0 has collapsed onto few prototypes.
+    """
+    p = probs.float()
+    return -(p * p.clamp_min(1e-12).log()).sum(-1).mean() / math.log(p.shape[-1])
+
+
 class DINOMetaArch(nn.Module):
     """DINOv2-style student/teacher over a channel-adaptive backbone.
 
@@ -402,8 +413,9 @@ class DINOMetaArch(nn.Module):
             step: The run's optimiser step (the Gram term's start); None leaves the Gram term out.
 
         Returns:
-            ``loss`` (to backpropagate) and every enabled term detached (``dino``, ``ibot``,
-            ``koleo``, ``gram`` once active; unweighted).
+            ``loss`` (to backpropagate), every enabled term detached (``dino``, ``ibot``,
+            ``koleo``, ``gram`` once active; unweighted) and ``dino_target_entropy`` (see
+            :func:`target_entropy`).
         """
         cfg, student = self.cfg, self.student
         present = torch.ones_like(channel_ids, dtype=torch.bool) if channel_mask is None else channel_mask.bool()
@@ -426,6 +438,7 @@ class DINOMetaArch(nn.Module):
                 t_out = dict(zip(t_out, sinkhorn_knopp_jointly(list(t_out.values()), temp, cfg.sinkhorn_iterations)))
         s_feats = student.backbone.forward_features(g, g_ids, g_present, masks=masks)
         terms: dict[str, Tensor] = {}
+        stats: dict[str, Tensor] = {}  # diagnostics, logged beside the terms
         if cfg.dino:
             t_dino = list(t_out["dino"].chunk(n_global))
             s_logits = student.dino_head(s_feats["x_norm_clstoken"]).chunk(n_global)
@@ -438,8 +451,11 @@ class DINOMetaArch(nn.Module):
                 s_logits = s_logits + student.dino_head(local_cls).chunk(n_local)
             if self.sinkhorn:
                 terms["dino"] = dino_cross_entropy(t_dino, list(s_logits), cfg.student_temp)
+                stats["dino_target_entropy"] = target_entropy(t_out["dino"])
             else:
                 terms["dino"] = self.dino_loss(t_dino, list(s_logits), teacher_temp=temp)
+                center = self.dino_loss.center.to(t_out["dino"].dtype)
+                stats["dino_target_entropy"] = target_entropy(torch.softmax((t_out["dino"] - center) / temp, -1))
         if cfg.ibot:
             s_patch = student.ibot_head(s_feats["x_norm_patchtokens"][tokens])
             if not tokens.any():  # nothing masked in this batch: a zero that keeps the graph
@@ -459,7 +475,7 @@ class DINOMetaArch(nn.Module):
         weights = {"dino": cfg.dino_loss_weight, "ibot": cfg.ibot_loss_weight, "koleo": cfg.koleo_loss_weight,
                    "gram": cfg.gram.weight if self.gram_enabled else 0.0}
         loss = sum(weights[k] * v for k, v in terms.items())
-        return {"loss": loss, **{k: v.detach() for k, v in terms.items()}}
+        return {"loss": loss, **{k: v.detach() for k, v in terms.items()}, **stats}
 
     def cancel_last_layer_gradients(self, epoch: int) -> None:
         """Drop the heads' last-layer gradients during the first ``freeze_last_layer_epochs``."""

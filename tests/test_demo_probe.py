@@ -37,7 +37,12 @@ def test_demo_run_beats_random_init_and_raw_pixels(tmp_path):
     run = tmp_path / "run"
     assert train_main(["configs/demo.yaml", f"train.output_dir={run}", f"data.demo.cache_dir={tmp_path / 'demo'}",
                        "train.progress=false", "train.tensorboard=false"]) == 0
-    scores = demo_knn.probe(run / "teacher.pt", tmp_path / "probe")["summary"]["scores"][TASK]
-    print(json.dumps(scores))
-    assert scores["trained"] > scores["raw-pixels"] + 0.03
-    assert scores["trained"] > scores["random-init"] + 0.15
+    report = demo_knn.probe(run / "teacher.pt", tmp_path / "probe")
+    scores = report["summary"]["scores"][TASK]
+    linear = {r["features"]: r["macro_f1"] for r in report["results"]
+              if r["task"] == TASK and r["classifier"] == "logreg"}
+    print(json.dumps({"10nn_cosine": scores, "logreg": linear}))
+    # the gates of issue 13 (the quality suite's), not the last measured margins
+    assert scores["trained"] >= scores["raw-pixels"] + 0.05
+    assert scores["trained"] >= scores["random-init"] + 0.15
+    assert linear["trained"] >= max(linear["raw-pixels"], linear["random-init"]) + 0.05

@@ -237,7 +237,8 @@ def test_sinkhorn_centring_issues_one_all_reduce_per_normalisation_and_no_centre
 # --- loss terms against lightly's classes (mean centering) ----------------------------------
 
 def test_terms_equal_lightly_losses_on_the_same_outputs_with_mean_centering():
-    meta, cfg = make_meta("ssl.centering=mean", "ssl.center_momentum=0.8")
+    meta, cfg = make_meta("ssl.centering=mean", "ssl.center_momentum=0.8", "ssl.warmup_teacher_temp=0.04",
+                          "ssl.teacher_temp=0.07")
     rec = record(meta)
     views, ids = make_batch()
     epoch = 1
@@ -369,7 +370,7 @@ def test_each_term_can_be_switched_off(switches, terms):
     meta, _ = make_meta(*switches)
     views, ids = make_batch()
     out = meta(views, ids, epoch=0)
-    assert set(out) == terms | {"loss"}
+    assert set(out) == terms | {"loss"} | ({"dino_target_entropy"} if "dino" in terms else set())
     weights = {"dino": 1.0, "ibot": 1.0, "koleo": 0.1}
     torch.testing.assert_close(out["loss"].detach(), sum(weights[k] * out[k] for k in terms))
     out["loss"].backward()
@@ -468,9 +469,28 @@ def test_full_objective_runs_on_every_model_variant(variant):
     meta, _ = make_meta(f"model.variant={variant}", f"ssl.channel_sampling={sampling}")
     views, ids = make_batch(b=3)
     out = meta(views, ids, epoch=0)
-    assert set(out) == {"loss", "dino", "ibot", "koleo"}
+    assert set(out) == {"loss", "dino", "ibot", "koleo", "dino_target_entropy"}
     assert all(torch.isfinite(v) for v in out.values())
     out["loss"].backward()
     grads = [p.grad for p in meta.student.parameters() if p.grad is not None]
     assert grads and any(g.abs().sum() > 0 for g in grads)
     meta.update_teacher(0.9)
+
+
+def test_target_entropy_reads_one_for_uniform_targets_and_zero_for_one_hot():
+    from cellvit_ssl.ssl import target_entropy
+
+    assert float(target_entropy(torch.full((5, 16), 1 / 16))) == pytest.approx(1.0)
+    assert float(target_entropy(torch.eye(16)[:5])) == pytest.approx(0.0, abs=1e-6)
+
+
+@pytest.mark.parametrize("centering", ["sinkhorn_knopp", "mean"])
+def test_a_colder_teacher_gives_sharper_targets(centering):
+    """The logged diagnostic follows the teacher temperature, with either centring."""
+    entropies = []
+    for temp in (0.2, 0.02):
+        meta, _ = make_meta(f"ssl.centering={centering}", f"ssl.teacher_temp={temp}", f"ssl.warmup_teacher_temp={temp}")
+        torch.manual_seed(0)
+        views, ids = make_batch(b=4)
+        entropies.append(float(meta(views, ids, epoch=0)["dino_target_entropy"]))
+    assert 0.0 <= entropies[1] < entropies[0] <= 1.0
