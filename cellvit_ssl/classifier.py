@@ -13,11 +13,12 @@ Examples:
     >>> p.labels, p.probabilities  # class names, (B, K) probabilities  # doctest: +SKIP
     >>> p, ids = clf.predict_cells(image, mask, channels=[...])  # one row per cell  # doctest: +SKIP
 
-The file (``format`` :data:`~cellvit_ssl.checkpoint.CLASSIFIER_FORMAT`) holds the head, the
-classes and decision thresholds, the LoRA adapters (``lora`` mode), and either the backbone's
-weights (``full`` mode, or ``finetune.standalone``) or a reference to the pre-trained
-checkpoint (its path and SHA-256, checked when loading) — which keeps a linear or LoRA
-classifier to a few hundred kB instead of the backbone's size.
+The file (``format`` :data:`~cellvit_ssl.checkpoint.CLASSIFIER_FORMAT`) holds the head (the
+embedding's standardisation and the linear layer, :class:`LinearHead`), the classes and decision
+thresholds, the LoRA adapters (``lora`` mode), and either the backbone's weights (``full`` mode,
+or ``finetune.standalone``) or a reference to the pre-trained checkpoint (its path and SHA-256,
+checked when loading) — which keeps a linear or LoRA classifier to a few hundred kB instead of
+the backbone's size.
 """
 
 from __future__ import annotations
@@ -40,13 +41,54 @@ from cellvit_ssl.lora import LoRA, LoRASpec
 from cellvit_ssl.models.base import ChannelAdaptiveViT
 
 #: Version of the classifier file layout.
-CLASSIFIER_VERSION = 1
+CLASSIFIER_VERSION = 2
 #: Fine-tuning modes (``finetune.mode``).
 MODES = ("linear", "full", "lora")
 
 
+class LinearHead(nn.Module):
+    """The classifier's head: the embedding standardised per feature, then a linear layer.
+
+    The standardisation is a linear probe's (scikit-learn's ``StandardScaler`` before a logistic
+    regression; MAE's parameter-free BatchNorm before its linear probe): the mean and standard
+    deviation of the training rows' pre-trained embeddings, set once by :meth:`fit_standardization`
+    before training and fixed after, so that the head trains at one learning rate whatever the
+    backbone's feature scale, and every process under torchrun, every resumed run and every
+    loaded classifier standardise alike. Until fitted (or in a file written before it existed)
+    it is the identity.
+
+    Args:
+        dim: Embedding size.
+        n_classes: Outputs (logits).
+    """
+
+    def __init__(self, dim: int, n_classes: int) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(int(dim)))
+        self.register_buffer("inv_std", torch.ones(int(dim)))
+        self.linear = nn.Linear(int(dim), int(n_classes))
+        nn.init.trunc_normal_(self.linear.weight, std=0.01)
+        nn.init.zeros_(self.linear.bias)
+
+    @property
+    def out_features(self) -> int:
+        """Number of classes."""
+        return self.linear.out_features
+
+    @torch.no_grad()
+    def fit_standardization(self, embeddings: np.ndarray | torch.Tensor, eps: float = 1e-6) -> None:
+        """Set the standardisation to the mean and standard deviation of ``embeddings`` ``(N, dim)``."""
+        z = torch.as_tensor(np.asarray(embeddings, np.float64))
+        self.mean.copy_(z.mean(0).to(self.mean))
+        self.inv_std.copy_((1.0 / (z.std(0, unbiased=False) + eps)).to(self.inv_std))
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        """Logits ``(B, n_classes)`` of embeddings ``(B, dim)``."""
+        return self.linear((z - self.mean) * self.inv_std)
+
+
 class ClassifierNet(nn.Module):
-    """A backbone and a linear head on its image embedding: what fine-tuning trains.
+    """A backbone and a :class:`LinearHead` on its image embedding: what fine-tuning trains.
 
     Args:
         backbone: The channel-adaptive backbone (its :meth:`embed` feeds the head).
@@ -56,9 +98,7 @@ class ClassifierNet(nn.Module):
     def __init__(self, backbone: ChannelAdaptiveViT, n_classes: int) -> None:
         super().__init__()
         self.backbone = backbone
-        self.head = nn.Linear(int(backbone.output_dim), int(n_classes))
-        nn.init.trunc_normal_(self.head.weight, std=0.01)
-        nn.init.zeros_(self.head.bias)
+        self.head = LinearHead(int(backbone.output_dim), int(n_classes))
 
     def forward(self, x: torch.Tensor, channel_ids: torch.Tensor, channel_mask: torch.Tensor | None = None
                 ) -> torch.Tensor:
@@ -332,8 +372,11 @@ def load_classifier(path: str | Path, device: str | torch.device | None = None, 
             raise CheckpointError(f"classifier {str(path)!r} is a LoRA classifier without its adapters")
         lora.load_state_dict(payload["adapters"], str(path))
     net = ClassifierNet(model, len(info["classes"]))
+    head = dict(payload["head"])
+    if int(payload.get("version", 0)) < 2:  # version 1: a bare nn.Linear, no standardisation (the identity)
+        head = {**net.head.state_dict(), **{f"linear.{k}": v for k, v in head.items()}}
     try:
-        net.head.load_state_dict(payload["head"])
+        net.head.load_state_dict(head)
     except RuntimeError as exc:
         raise CheckpointError(f"classifier {str(path)!r}: the head does not fit the backbone: {exc}") from exc
     return Classifier(net, config, device, classes=info["classes"], multi_label=bool(info["multi_label"]),

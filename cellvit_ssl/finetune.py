@@ -20,10 +20,18 @@ Rows are read by the reader ``embed`` uses (:class:`~cellvit_ssl.data.samples.Sa
 with the model's channels) and preprocessed by the contract stored in the checkpoint
 (:class:`~cellvit_ssl.preprocess.Preprocess`): the ``data`` keys of that contract (channels,
 normalisation, sample size) and the view size are the checkpoint's and cannot be changed here.
-Training samples get one view of the pre-training augmentations without the multi-crop
-(:class:`~cellvit_ssl.transforms.ClassifierView`; the ``views`` defaults are the checkpoint's);
-validation and test samples get none, exactly as :func:`~cellvit_ssl.classifier.load_classifier`
-will see them.
+Training samples get one view (:class:`~cellvit_ssl.transforms.ClassifierView`,
+``finetune.augment``): by default the inference input randomly flipped and turned by multiples
+of 90° (``geometric``), or one view of the pre-training augmentations without the multi-crop
+(``views``; the ``views`` defaults are the checkpoint's), or none; validation and test samples
+get none, exactly as :func:`~cellvit_ssl.classifier.load_classifier` will see them.
+
+Every mode has the same head (:class:`~cellvit_ssl.classifier.LinearHead`): the embedding
+standardised per feature by the mean and standard deviation of the training rows' pre-trained
+embeddings (computed once before the first step, ``finetune.standardize``), then a linear layer;
+the statistics are saved with the head, so ``predict``, ``load_classifier`` and napari apply them.
+This is what makes a linear probe train well at one learning rate whatever the backbone's
+feature scale (the logistic-regression probe of ``evaluate`` standardises too).
 
 Labels (:mod:`cellvit_ssl.labels`): ``finetune.label_columns`` names one column of class names
 (``single_label``: softmax + cross-entropy), or for ``multi_label`` (sigmoid + BCE) one column of
@@ -179,7 +187,8 @@ class FinetuneConfig:
     test_value: str = "test"  # split value of held-out rows, scored once at the end
     val_fraction: float = 0.2  # without val rows: fraction of training rows held out for validation (0 = none)
     class_weights: ClassWeighting = ClassWeighting.none  # none | balanced (inverse frequency; BCE: pos_weight)
-    augment: Augment = Augment.views  # views (pre-training's, one crop) | geometric (flips, 90° turns) | none
+    augment: Augment = Augment.geometric  # geometric (flips, 90° turns) | views (pre-training's, one crop) | none
+    standardize: bool = True  # standardise the embedding before the head by the training rows' pre-trained mean / std
     backbone_lr_scale: float = 0.1  # full: learning rate of the pre-trained layers relative to the head
     patience: int = 10  # epochs without a better validation score before stopping (0 = never stop early)
     standalone: bool = False  # store the backbone's weights in classifier.pt (full mode always does)
@@ -192,7 +201,7 @@ class FinetuneTrainConfig:
 
     output_dir: str = "runs/finetune"  # folder of classifier.pt, checkpoints, config.yaml and metrics
     epochs: int = 30  # passes over the training rows
-    base_lr: float = 5.0e-3  # head learning rate per `lr_reference_batch` samples of global batch
+    base_lr: float = 5.0e-2  # head (and LoRA) learning rate per `lr_reference_batch` samples of global batch
     lr_reference_batch: int = 256  # lr = base_lr * global batch / this
     min_lr: float = 1.0e-6  # learning rate at the end of the cosine schedule
     warmup_epochs: int = 1  # epochs of linear learning-rate warm-up
@@ -589,8 +598,8 @@ class FinetuneTrainer:
         self.last_checkpoint, self.saved_step = path, self.step
 
     # -- evaluation ------------------------------------------------------------------------------
-    def probabilities(self, rows: np.ndarray) -> np.ndarray:
-        """Class probabilities of some rows as inference computes them (each rank reads a share)."""
+    def embeddings(self, rows: np.ndarray) -> np.ndarray:
+        """Image embeddings ``(len(rows), D)`` of some rows as inference computes them (each rank reads a share)."""
         mine = rows[self.info.rank::self.info.world_size]
         was_training = self.net.training
         self.net.eval()
@@ -598,16 +607,19 @@ class FinetuneTrainer:
             featurize = encoder_featurizer(self.classifier, None, self.cfg.data.batch_size, self.reader.source)
             if len(mine):
                 z = featurize_rows(self.reader, [int(r) for r in mine], featurize, self.cfg.data.num_workers)[0]
-                probs = self.classifier.probabilities(z)
             else:
-                probs = np.zeros((0, len(self.classifier.classes)), np.float32)
+                z = np.zeros((0, int(self.net.backbone.output_dim)), np.float32)
         finally:
             self.net.train(was_training)
-        parts = D.gather_objects(probs)
-        out = np.zeros((len(rows), len(self.classifier.classes)), np.float32)
+        parts = D.gather_objects(z)
+        out = np.zeros((len(rows), parts[0].shape[1]), np.float32)
         for rank, part in enumerate(parts):
             out[rank::self.info.world_size] = part
         return out
+
+    def probabilities(self, rows: np.ndarray) -> np.ndarray:
+        """Class probabilities of some rows as inference computes them (each rank reads a share)."""
+        return self.classifier.probabilities(self.embeddings(rows))
 
     def score(self, rows: np.ndarray, thresholds: np.ndarray | None = None) -> tuple[dict, np.ndarray]:
         probs = self.probabilities(rows)
@@ -680,6 +692,9 @@ class FinetuneTrainer:
             remove_stale_temporaries(self.out)
             save_config(self.cfg, self.out / "config.yaml")
         D.barrier()
+        if source is None and self.cfg.finetune.standardize:
+            # the training rows as inference reads them, through the pre-trained backbone (LoRA's B starts at 0)
+            self.net.head.fit_standardization(self.embeddings(self.splits.train))
         if info.is_main:
             resumed = f", resumed at step {self.step} from {source}" if source is not None else ""
             if self.config_changes:

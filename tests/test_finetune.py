@@ -182,6 +182,55 @@ def test_a_referenced_checkpoint_is_found_checked_and_can_be_given_anew(runs, te
     assert load_classifier(moved, device="cpu").predict(np.ones((4, 32, 32), np.float32), CHANNELS).labels.size == 1
 
 
+def _index_embeddings(encoder, index: Path, rows: np.ndarray) -> np.ndarray:
+    """Embeddings of some index rows as ``embed`` computes them (no augmentation)."""
+    from cellvit_ssl.config import DataConfig
+    from cellvit_ssl.embed import encoder_featurizer, featurize_rows, sample_reader
+
+    table = pd.read_csv(index)
+    data = DataConfig(sample_size=encoder.crop_size, channels=list(encoder.channels))
+    reader = sample_reader(table, None, data, encoder, allow_missing=False, mask_background=False,
+                           source=str(index), default_root=index.parent)
+    return featurize_rows(reader, [int(r) for r in rows], encoder_featurizer(encoder, None, 64))[0]
+
+
+def test_the_head_standardises_by_the_training_rows_pretrained_embedding_and_loading_applies_it(runs, teacher,
+                                                                                              cells):
+    """Every mode's head is a linear probe's: the embedding standardised by the training rows' mean / std."""
+    assert ft.FinetuneConfig().standardize  # the default
+    table = pd.read_csv(cells)
+    train, test = (np.flatnonzero(table["split"] == s) for s in ("train", "test"))
+    z = _index_embeddings(load_encoder(teacher, device="cpu"), cells, train).astype(np.float64)
+    for mode, out in runs.items():
+        clf = load_classifier(out / "classifier.pt", device="cpu")
+        np.testing.assert_allclose(clf.head.mean.numpy(), z.mean(0), rtol=1e-4, atol=1e-5, err_msg=mode)
+        np.testing.assert_allclose(clf.head.inv_std.numpy(), 1 / (z.std(0) + 1e-6), rtol=1e-3, err_msg=mode)
+        # predict / napari (Classifier.probabilities) apply it: softmax(W (z - mean) / std + b)
+        e = _index_embeddings(clf, cells, test)
+        w, b = clf.head.linear.weight.detach().numpy(), clf.head.linear.bias.detach().numpy()
+        logits = ((e - clf.head.mean.numpy()) * clf.head.inv_std.numpy()) @ w.T + b
+        expected = np.exp(logits - logits.max(1, keepdims=True))
+        np.testing.assert_allclose(clf.probabilities(e), expected / expected.sum(1, keepdims=True), atol=1e-5)
+
+
+def test_without_standardisation_and_in_a_version_1_file_the_head_is_a_bare_linear_layer(runs, teacher, cells,
+                                                                                         tmp_path):
+    out = finetune(teacher, cells, tmp_path / "plain", "finetune.standardize=false", "train.epochs=1")
+    clf = load_classifier(out / "classifier.pt", device="cpu")
+    assert torch.equal(clf.head.mean, torch.zeros_like(clf.head.mean))
+    assert torch.equal(clf.head.inv_std, torch.ones_like(clf.head.inv_std))
+    # a file from before the standardisation (version 1: the head is an nn.Linear's weight and bias)
+    payload = load_checkpoint(runs["linear"] / "classifier.pt", expect=("cellvit_ssl.classifier",))
+    linear = {k.removeprefix("linear."): v for k, v in payload["head"].items() if k.startswith("linear.")}
+    old = tmp_path / "v1.pt"
+    torch.save({**payload, "version": 1, "head": linear}, old)
+    clf = load_classifier(old, device="cpu")
+    assert torch.equal(clf.head.mean, torch.zeros_like(clf.head.mean))
+    z = np.random.default_rng(0).normal(size=(3, clf.head.mean.numel())).astype(np.float32)
+    logits = z @ linear["weight"].numpy().T + linear["bias"].numpy()
+    np.testing.assert_allclose(clf.probabilities(z), torch.softmax(torch.from_numpy(logits), 1).numpy(), atol=1e-6)
+
+
 # ----------------------------------------------------------------------------- LoRA
 def _tiny_backbone(variant: str = "boc"):
     cfg = load_config(None, ["model.arch=custom", "model.embed_dim=32", "model.depth=2", "model.num_heads=2",
@@ -406,7 +455,7 @@ def test_full_mode_groups_decay_by_layer_below_a_scaled_backbone(teacher, cells,
     trainer = ft.FinetuneTrainer(cfg, DistInfo(0, 1, 0, torch.device("cpu")), payload)
     scale = {id(p): g["lr_scale"] for g in trainer.optimizer.param_groups for p in g["params"]}
     net = trainer.net
-    assert scale[id(net.head.weight)] == 1.0
+    assert scale[id(net.head.linear.weight)] == 1.0
     assert scale[id(net.backbone.backbone.norm.weight)] == pytest.approx(0.1)
     assert scale[id(net.backbone.backbone.blocks[1].mlp.fc1.weight)] == pytest.approx(0.1 * 0.5)
     assert scale[id(net.backbone.backbone.blocks[0].mlp.fc1.weight)] == pytest.approx(0.1 * 0.25)
