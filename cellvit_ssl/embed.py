@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -428,6 +429,26 @@ def run(cfg: EmbedCommand, payload: dict | None = None) -> Path | None:
                       lambda sha: provenance(encoder, e.checkpoint, sha))
 
 
+def checkpoint_data(payload: dict, sources: list, what: str) -> list[tuple[str, dict]]:
+    """The ``data`` defaults a checkpoint stores, as a config source below the command line's.
+
+    The sample size is the preprocessing contract's (a run that ended with a high-resolution phase cut
+    larger samples than its config's first value). The index and its root are the command's own.
+
+    Raises:
+        ConfigError: If the command line sets a key of the preprocessing contract.
+    """
+    stored = dict(payload.get("config", {}).get("data", {}))
+    if isinstance(payload.get("preprocess"), dict) and "sample_size" in payload["preprocess"]:
+        stored["sample_size"] = payload["preprocess"]["sample_size"]
+    given = {k for _, src in sources for k in (src.get("data") or {}).keys()}
+    fixed = sorted(given & set(CONTRACT_KEYS))
+    if fixed:
+        raise ConfigError(f"data.{fixed[0]} is part of the model's preprocessing contract (stored in the {what}); "
+                          "using another value would not match training")
+    return [(f"{what} config", {"data": {k: v for k, v in stored.items() if k not in ("demo", "index", "root")}})]
+
+
 def load(argv: list[str]) -> tuple[EmbedCommand, dict | None]:
     """The embed command's config from the command line (data defaults from the checkpoint) and the checkpoint."""
     sources = COMMAND_LINE.parse(argv)
@@ -440,27 +461,19 @@ def load(argv: list[str]) -> tuple[EmbedCommand, dict | None]:
         if "config" not in payload:
             raise CheckpointError(f"{first.embed.checkpoint}: the checkpoint holds no run config; it was not written "
                                   "by cellvit_ssl")
-        stored = dict(payload["config"].get("data", {}))
-        if isinstance(payload.get("preprocess"), dict) and "sample_size" in payload["preprocess"]:
-            # the contract's sample size: a run that ended with a high-resolution phase cut larger samples
-            stored["sample_size"] = payload["preprocess"]["sample_size"]
-        base = [("checkpoint config", {"data": {k: v for k, v in stored.items() if k != "demo"}})]
-        given = {k for name, src in sources for k in (src.get("data") or {}).keys()}
-        fixed = sorted(given & set(CONTRACT_KEYS))
-        if fixed:
-            raise ConfigError(f"data.{fixed[0]} is part of the model's preprocessing contract (stored in the "
-                              "checkpoint); embedding with another value would not match training")
+        base = checkpoint_data(payload, sources, "checkpoint")
     return COMMAND_LINE.load(sources, base), payload
 
 
-def main(argv: list[str] | None = None) -> int:
-    """CLI entry point; returns the exit code (0 ok, 2 user error, 130 interrupted)."""
+def run_command(load_command: Callable, run_command_body: Callable, out_of: Callable, argv: list[str] | None
+                ) -> int:
+    """Run a row-writing command (embed, predict); returns the exit code (0 ok, 2 user error, 130 interrupted)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     out_hint = "OUT"
     try:
-        cfg, payload = load(argv)
-        out_hint = cfg.embed.out or out_hint
-        out = run(cfg, payload)
+        cfg, payload = load_command(argv)
+        out_hint = out_of(cfg) or out_hint
+        out = run_command_body(cfg, payload)
     except CellVitSSLError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -471,6 +484,11 @@ def main(argv: list[str] | None = None) -> int:
     if out is not None:
         print(f"wrote {out}", file=sys.stderr)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI entry point; returns the exit code (0 ok, 2 user error, 130 interrupted)."""
+    return run_command(load, run, lambda cfg: cfg.embed.out, argv)
 
 
 if __name__ == "__main__":

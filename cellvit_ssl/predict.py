@@ -28,14 +28,14 @@ import numpy as np
 from cellvit_ssl.cli import CommandLine, Flag
 from cellvit_ssl.config import DataConfig
 from cellvit_ssl.embed import (
-    CONTRACT_KEYS,
     READ_SETTINGS,
     check_run_inputs,
+    checkpoint_data,
     encoder_featurizer,
     provenance,
+    run_command,
     write_rows,
 )
-from cellvit_ssl.errors import CellVitSSLError, ConfigError
 
 
 @dataclass(frozen=True)
@@ -138,35 +138,13 @@ def load(argv: list[str]) -> tuple[PredictCommand, dict | None]:
     base, payload = [], None
     if first.predict.classifier:
         payload = load_checkpoint(first.predict.classifier, expect=(CLASSIFIER_FORMAT,))
-        stored = dict(payload.get("config", {}).get("data", {}))
-        base = [("classifier config", {"data": {k: v for k, v in stored.items()
-                                                if k not in ("demo", "index", "root")}})]
-        given = {k for _, src in sources for k in (src.get("data") or {}).keys()}
-        fixed = sorted(given & set(CONTRACT_KEYS))
-        if fixed:
-            raise ConfigError(f"data.{fixed[0]} is part of the model's preprocessing contract (stored in the "
-                              "classifier); predicting with another value would not match training")
+        base = checkpoint_data(payload, sources, "classifier")
     return COMMAND_LINE.load(sources, base), payload
 
 
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point; returns the exit code (0 ok, 2 user error, 130 interrupted)."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    out_hint = "OUT"
-    try:
-        cfg, payload = load(argv)
-        out_hint = cfg.predict.out or out_hint
-        out = run(cfg, payload)
-    except CellVitSSLError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"interrupted; finished chunks are kept in {out_hint}.partial. Run the same command again to "
-              "resume.", file=sys.stderr)
-        return 130
-    if out is not None:
-        print(f"wrote {out}", file=sys.stderr)
-    return 0
+    return run_command(load, run, lambda cfg: cfg.predict.out, argv)
 
 
 if __name__ == "__main__":
