@@ -289,7 +289,7 @@ class SSLConfig:
     ibot_head_output_dim: int | None = None  # None: same as head_output_dim
     student_temp: float = 0.1  # student softmax temperature
     teacher_temp: float = 0.02  # teacher temperature after the warm-up (sharp Sinkhorn-Knopp targets)
-    warmup_teacher_temp: float = 0.02  # teacher temperature at the start
+    warmup_teacher_temp: float = 0.02  # teacher temperature at the start (mean centring: DINO used 0.04 -> 0.07)
     warmup_teacher_temp_epochs: int = 30  # epochs of the linear teacher-temperature warm-up
     centering: Centering = Centering.sinkhorn_knopp  # sinkhorn_knopp | mean
     sinkhorn_iterations: int = 3  # Sinkhorn-Knopp normalisations per batch
