@@ -249,10 +249,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     """``cellvit-ssl COMMAND [args]``: dispatch to ``python -m cellvit_ssl.<command>``."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
-        print("usage: cellvit-ssl COMMAND [args]   (or: python -m cellvit_ssl.COMMAND [args])\n")
+        print("usage: cellvit-ssl COMMAND [args]   (or: python -m MODULE [args], MODULE as listed)\n")
         print("commands:")
-        for name, (_, summary) in COMMANDS.items():
-            print(f"  {name:<10} {summary}")
+        for name, (module, summary) in COMMANDS.items():
+            print(f"  {name:<10} {summary}  [python -m {module}]")
         print("\n`cellvit-ssl COMMAND --help` lists the command's keys and flags.")
         return 0 if argv else 2
     name, rest = argv[0], argv[1:]

@@ -88,3 +88,14 @@ def test_every_command_reports_user_errors_with_status_2(tmp_path, capsys):
                           (evaluate_main, ["e.h5ad", "evaluate.label=x"]), (index_main, ["folder", "--outt", "i"])):
         assert command(argv) == 2
         assert "did you mean" in capsys.readouterr().err
+
+
+def test_console_script_help_names_each_command_module(capsys):
+    """``cellvit-ssl --help`` says which ``python -m`` module runs each command (index is data.index)."""
+    from cellvit_ssl import cli
+
+    assert cli.main(["--help"]) == 0
+    out = capsys.readouterr().out
+    for name, (module, _) in cli.COMMANDS.items():
+        assert f"python -m {module}" in out, name
+    assert "python -m cellvit_ssl.data.index" in out
