@@ -14,7 +14,8 @@ Modes (``finetune.mode``):
   from the last block down to the embeddings.
 - ``lora``: peft LoRA adapters (``finetune.lora.*``: rank, alpha, dropout, target ``qv`` or
   ``all``; see :mod:`cellvit_ssl.lora`) and the head are trained, the rest is frozen; the
-  adapters are new weights and learn at the head's rate (with layer-wise decay).
+  adapters are new weights and learn at the head's rate (with layer-wise decay), their B
+  matrices ``finetune.lora.lr_ratio`` times faster than A (LoRA+).
 
 Rows are read by the reader ``embed`` uses (:class:`~cellvit_ssl.data.samples.SampleReader`
 with the model's channels) and preprocessed by the contract stored in the checkpoint
