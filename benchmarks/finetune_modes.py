@@ -200,7 +200,8 @@ def main(argv: list[str] | None = None) -> dict:
                         help="finetune overrides for every mode (e.g. train.epochs=20)")
     parser.add_argument("--lora", nargs="*", default=["finetune.lora.rank=2", "finetune.lora.alpha=4"],
                         metavar="KEY=VALUE",
-                        help="overrides of the lora mode")
+                        help="overrides of the lora mode (rank 2: the package's rank 8 would train 4.4 %% of the "
+                             "demo model's parameters, above the 2 %% gate; alpha = 2 x rank as the package's 8 / 16)")
     parser.add_argument("--qkv", action="store_true", help="also time fused vs split qkv")
     parser.add_argument("--workdir", help="keep data and runs here (default: a temporary folder)")
     parser.add_argument("--json", help="write the results here")

@@ -14,7 +14,8 @@ Modes (``finetune.mode``):
   from the last block down to the embeddings.
 - ``lora``: peft LoRA adapters (``finetune.lora.*``: rank, alpha, dropout, target ``qv`` or
   ``all``; see :mod:`cellvit_ssl.lora`) and the head are trained, the rest is frozen; the
-  adapters are new weights and learn at the head's rate (with layer-wise decay).
+  adapters are new weights and learn at the head's rate (with layer-wise decay), their B
+  matrices ``finetune.lora.lr_ratio`` times faster than A (LoRA+).
 
 Rows are read by the reader ``embed`` uses (:class:`~cellvit_ssl.data.samples.SampleReader`
 with the model's channels) and preprocessed by the contract stored in the checkpoint
@@ -169,6 +170,7 @@ class LoraSettings:
     alpha: float = 16.0  # the update is scaled by alpha / rank
     dropout: float = 0.0  # dropout on the adapters' input while training
     target: LoraTarget = LoraTarget.qv  # qv (query and value projections) | all (every linear layer of the blocks)
+    lr_ratio: float = 16.0  # learning rate of the B matrices relative to A's (LoRA+, Hayou et al. 2024; 1 = same)
 
 
 @dataclass(frozen=True)
@@ -301,6 +303,8 @@ def validate(cfg: FinetuneCommand) -> None:
     if cfg.views.device == ViewsDevice.device:
         raise ConfigError("views.device=device: fine-tuning makes its one view per sample in the loader's workers; "
                           "leave views.device at auto (or workers)")
+    if not f.lora.lr_ratio > 0:
+        raise ConfigError(f"finetune.lora.lr_ratio={f.lora.lr_ratio}; expected > 0")
     LoRASpec(f.lora.rank, f.lora.alpha, f.lora.dropout, f.lora.target)
 
 
@@ -503,11 +507,17 @@ class FinetuneTrainer:
         self.bf16 = use_bf16(t.precision, info.device)
         self.model = D.wrap_model(self.net, info, "ddp")
         # Pre-trained weights (full) learn slower than the new head; LoRA's adapters are new weights and
-        # learn at the head's rate (both with layer-wise decay).
+        # learn at the head's rate (both with layer-wise decay), their B matrices lr_ratio times faster than A
+        # (LoRA+: B starts at zero and one shared rate leaves it learning too slowly).
         scale = f.backbone_lr_scale if self.mode == FinetuneMode.full else 1.0
-        backbone_groups = layer_decay_groups(self.net.backbone.named_parameters(prefix="backbone"),
-                                             self.net.backbone.transformer_layers(), t.weight_decay, t.layer_decay,
-                                             lr_scale=scale)
+        layers = self.net.backbone.transformer_layers()
+        named = list(self.net.backbone.named_parameters(prefix="backbone"))
+        lora_b = [(n, p) for n, p in named if ".lora_B." in n] if f.lora.lr_ratio != 1 else []
+        rest = [(n, p) for n, p in named if ".lora_B." not in n] if lora_b else named
+        backbone_groups = layer_decay_groups(rest, layers, t.weight_decay, t.layer_decay, lr_scale=scale)
+        if lora_b:
+            backbone_groups += layer_decay_groups(lora_b, layers, t.weight_decay, t.layer_decay,
+                                                  lr_scale=scale * f.lora.lr_ratio)
         head_groups = layer_decay_groups(self.net.head.named_parameters(prefix="head"), [], t.weight_decay)
         self.optimizer = torch.optim.AdamW(backbone_groups + head_groups)
         self.trainable = [p for p in self.net.parameters() if p.requires_grad]

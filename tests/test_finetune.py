@@ -462,6 +462,24 @@ def test_full_mode_groups_decay_by_layer_below_a_scaled_backbone(teacher, cells,
     assert scale[id(net.backbone.backbone.patch_embed.proj.weight)] == pytest.approx(0.1 * 0.125)
 
 
+def test_lora_b_matrices_learn_lr_ratio_times_faster_than_a_by_default(teacher, cells, tmp_path):
+    cfg, payload = ft.load([str(teacher), "--index", str(cells), "--out", str(tmp_path / "x"), *FAST,
+                            "finetune.mode=lora", "train.layer_decay=0.5"])
+    assert cfg.finetune.lora.lr_ratio == 16  # LoRA+'s default ratio
+    trainer = ft.FinetuneTrainer(cfg, DistInfo(0, 1, 0, torch.device("cpu")), payload)
+    scale = {id(p): g["lr_scale"] for g in trainer.optimizer.param_groups for p in g["params"]}
+    adapters = {n: p for n, p in trainer.net.backbone.named_parameters() if ".lora_" in n}
+    assert adapters
+    for name, p in adapters.items():
+        if ".lora_B." in name:
+            twin = adapters[name.replace(".lora_B.", ".lora_A.")]
+            assert scale[id(p)] == pytest.approx(16 * scale[id(twin)]), name
+            assert scale[id(twin)] in (pytest.approx(0.5), pytest.approx(0.25))  # layer-wise decay still applies
+    assert scale[id(trainer.net.head.linear.weight)] == 1.0
+    with pytest.raises(ConfigError, match="finetune.lora.lr_ratio"):
+        ft.load([str(teacher), "--index", str(cells), "finetune.mode=lora", "finetune.lora.lr_ratio=0"])
+
+
 def test_finetune_and_predict_are_commands_with_help(capsys):
     from cellvit_ssl.cli import COMMANDS
     from cellvit_ssl.cli import main as cli_main
