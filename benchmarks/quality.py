@@ -343,10 +343,9 @@ def run(args: argparse.Namespace) -> dict:
         print()
         print(block_table(rows))
     for r in rows:
-        if True:
-            failed = [n for n, g in r["gates"].items() if not g["pass"]]
-            print(f"{'PASS' if r['pass'] else 'FAIL'}  {r['generator']:<14} {r['variant']:<13}"
-                  + (f" failed: {', '.join(failed)}" if failed else ""))
+        failed = [n for n, g in r["gates"].items() if not g["pass"]]
+        print(f"{'PASS' if r['pass'] else 'FAIL'}  {r['generator']:<14} {r['variant']:<13}"
+              + (f" failed: {', '.join(failed)}" if failed else ""))
     print(f"wall time {wall / 60:.1f} min on {os.cpu_count()} CPUs (load {load_before[0]:.2f} -> "
           f"{os.getloadavg()[0]:.2f})")
     write_json(args.json, payload)

@@ -54,7 +54,7 @@ from cellvit_ssl.config import Config, FfnLayer, ModelConfig, config_from_dict
 from cellvit_ssl.embed_io import file_sha256
 from cellvit_ssl.errors import CheckpointError, ConfigError
 from cellvit_ssl.models.channels import ChannelAdaptiveViT, build_model
-from cellvit_ssl.models.pretrained import _unwrap, load_pretrained
+from cellvit_ssl.models.pretrained import _unwrap, load_mapping, load_pretrained
 
 HEADS = ("dino_head", "ibot_head")
 _BLOCK = re.compile(r"^blocks\.(\d+)\.")
@@ -206,14 +206,7 @@ def read_teacher_file(path: str | Path, cfg: Config) -> TeacherFile:
         CheckpointError: If the file is missing, unreadable, or none of the three kinds.
     """
     path = Path(path).expanduser()
-    if not path.is_file():
-        raise CheckpointError(f"distill.teacher={str(path)!r} does not exist")
-    try:
-        raw = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # pickle, zip and torch errors come in many types
-        raise CheckpointError(f"distill.teacher={str(path)!r} could not be read: {exc}") from exc
-    if not isinstance(raw, Mapping):
-        raise CheckpointError(f"distill.teacher={str(path)!r} holds a {type(raw).__name__}, expected a state dict")
+    raw = load_mapping(path, f"distill.teacher={str(path)!r}")
     if raw.get("format") in (TRAINING_FORMAT, ENCODER_FORMAT):
         payload = load_checkpoint(path, expect=(TRAINING_FORMAT, ENCODER_FORMAT))  # layout upgrade
         config = config_from_dict(payload["config"])

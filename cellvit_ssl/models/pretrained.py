@@ -118,6 +118,28 @@ def _unchunk(key: str) -> str:
     return f"blocks.{match[1]}.{match[2]}" if match else key
 
 
+def load_mapping(path: Path, name: str, missing_hint: str = "") -> Mapping:
+    """A ``weights_only`` load of a file that must hold a mapping (a state dict or a checkpoint).
+
+    Args:
+        path: The file.
+        name: How errors name it (e.g. ``"distill.teacher='t.pt'"``).
+        missing_hint: Appended to the error for a missing file (e.g. the config key).
+
+    Raises:
+        CheckpointError: If the file is missing, unreadable, or not a mapping.
+    """
+    if not path.is_file():
+        raise CheckpointError(f"{name} does not exist{missing_hint}")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # pickle, zip and torch errors come in many types
+        raise CheckpointError(f"{name} could not be read: {exc}") from exc
+    if not isinstance(payload, Mapping):
+        raise CheckpointError(f"{name} holds a {type(payload).__name__}, expected a state dict")
+    return payload
+
+
 def read_state_dict(path: str | Path) -> dict[str, Tensor]:
     """Read a local DINOv2-layout checkpoint (``weights_only`` load) into a flat state dict.
 
@@ -125,15 +147,7 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
         CheckpointError: If the file is missing, unreadable, or holds no ViT weights.
     """
     path = Path(path).expanduser()
-    if not path.is_file():
-        raise CheckpointError(f"pretrained checkpoint {str(path)!r} does not exist (model.pretrained)")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # pickle, zip and torch errors come in many types
-        raise CheckpointError(f"pretrained checkpoint {str(path)!r} could not be read: {exc}") from exc
-    if not isinstance(payload, Mapping):
-        raise CheckpointError(f"pretrained checkpoint {str(path)!r} holds a {type(payload).__name__}, "
-                              "expected a state dict")
+    payload = load_mapping(path, f"pretrained checkpoint {str(path)!r}", " (model.pretrained)")
     state = _unwrap(payload)
     if "patch_embed.proj.weight" not in state or "pos_embed" not in state:
         raise CheckpointError(
