@@ -2,8 +2,9 @@
 
     python -m benchmarks.finetune_modes --checkpoint runs/demo/teacher.pt --json benchmarks/results/finetune_modes.json
     python -m benchmarks.finetune_modes                       # pre-trains configs/demo.yaml first
-    python -m benchmarks.finetune_modes --generator hpa --checkpoint runs/quality/hpa/boc/teacher.pt \
-        --json benchmarks/results/finetune_modes_hpa.json     # a quality-suite generator (single-label)
+    python -m benchmarks.quality --generators hpa --variants boc --workdir runs/quality   # its teacher, then
+    python -m benchmarks.finetune_modes --generator hpa --checkpoint runs/quality/runs/hpa/boc/teacher.pt \
+        --data-workdir runs/quality --json benchmarks/results/finetune_modes_hpa.json   # single-label
     python -m benchmarks.finetune_modes --generator mypkg.gen:generate --checkpoint ...   # any suite-protocol one
 
 For each task it builds a labelled set with a train / val / test split, scores the 10-NN
