@@ -73,6 +73,19 @@ QUICK = {"n_cells": 72, "epoch_rows": 16, "overrides": [
 
 
 # ----------------------------------------------------------------------------- data
+def heldout_split(table: pd.DataFrame) -> pd.Series:
+    """The rows' split, lower-cased: the ``split`` column, or without one every third image file held out."""
+    if "split" not in table.columns:
+        files = {p: i for i, p in enumerate(pd.unique(table["path"]))}
+        return pd.Series(np.where(table["path"].map(files) % 3 == 2, "test", "train"), index=table.index)
+    return table["split"].astype(str).str.lower()
+
+
+def sample_mode(table: pd.DataFrame) -> str:
+    """How a generator's rows are read: ``cells`` (centroids in a field) or ``image`` (the file is the cell)."""
+    return "cells" if {"centroid_y", "centroid_x"} <= set(table.columns) else "image"
+
+
 def prepare_data(data: GeneratedSet, out: Path, epoch_rows: int, seed: int) -> dict:
     """Write the training index (``train`` rows, resampled to ``epoch_rows``) and the held-out index.
 
@@ -83,10 +96,8 @@ def prepare_data(data: GeneratedSet, out: Path, epoch_rows: int, seed: int) -> d
         DataError: If there are no training or no held-out rows, or fewer than 2 classes held out.
     """
     table = pd.read_csv(data.index)
-    if "split" not in table.columns:
-        files = {p: i for i, p in enumerate(pd.unique(table["path"]))}
-        table["split"] = np.where(table["path"].map(files) % 3 == 2, "test", "train")
-    split = table["split"].astype(str).str.lower()
+    split = heldout_split(table)
+    table = table.assign(split=table.get("split", split))  # the held-out index keeps a split column
     train, test = table[split == "train"], table[split != "train"]
     if train.empty or test.empty:
         raise DataError(f"{data.index}: needs 'train' and held-out rows in its split column")
@@ -100,9 +111,8 @@ def prepare_data(data: GeneratedSet, out: Path, epoch_rows: int, seed: int) -> d
     paths = {"train": out / "train.csv", "test": out / "heldout.csv"}
     train.to_csv(paths["train"], index=False)
     test.to_csv(paths["test"], index=False)
-    has_centroid = {"centroid_y", "centroid_x"} <= set(table.columns)
     return {"train": paths["train"], "test": paths["test"], "root": data.index.parent,
-            "mode": "cells" if has_centroid else "image", "n_train_rows": int((split == "train").sum()),
+            "mode": sample_mode(table), "n_train_rows": int((split == "train").sum()),
             "n_test": len(test)}
 
 
