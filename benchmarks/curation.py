@@ -22,7 +22,8 @@ label or injection column, so curation never sees them; they are joined back to 
 with 1 % near-duplicates) as an ``embed``-style ``.h5ad`` with its index, then curates it once
 per backend in a fresh process, recording wall time and peak resident memory (ru_maxrss).
 
-Both print a table and write JSON under ``benchmarks/results/``.
+Both print a table and write JSON under ``benchmarks/results/``. Pre-training on a curated
+index against the uncurated one is :mod:`benchmarks.curation_pretrain`.
 """
 
 from __future__ import annotations
@@ -428,36 +429,6 @@ def scale(workdir: str | Path, rows: int, dim: int, backends: list[str], threads
         results.append(result)
     return {"benchmark": "curation_scale", "rows": rows, "dim": dim, "threads": threads, "target_size": rows // 5,
             "features_file_gib": features.stat().st_size / 2**30, "write_features_s": made, "runs": results}
-
-
-# ----------------------------------------------------------------------------- pre-training hook
-def pretraining_comparison(curated_index: str | Path, uncurated_index: str | Path, config: str | Path,
-                           steps: int, quality, workdir: str | Path, overrides: tuple[str, ...] = ()) -> dict:
-    """Pre-train on the curated and on the uncurated index under the same steps, then score both.
-
-    Not run yet: ``quality`` is meant to be the quality suite's rare-class k-NN (issue 13),
-    called as ``quality(teacher_path) -> dict``; this hook trains the two runs and collects
-    its two reports side by side.
-
-    Args:
-        curated_index: Index written by ``python -m cellvit_ssl.curate``.
-        uncurated_index: The index it was curated from.
-        config: Training YAML (the same for both runs).
-        steps: Optimiser steps of each run (``train.max_steps``).
-        quality: ``teacher.pt path -> report``.
-        workdir: Where the two runs go.
-        overrides: Further ``key=value`` training overrides.
-    """
-    from cellvit_ssl.config import load_config
-    from cellvit_ssl.train import run as train
-
-    reports = {}
-    for name, index in (("curated", curated_index), ("uncurated", uncurated_index)):
-        cfg = load_config(config, [*overrides, f"data.index={index}", "data.demo.enabled=false",
-                                   f"train.output_dir={Path(workdir) / name}", f"train.max_steps={steps}",
-                                   "train.epochs=100000"])
-        reports[name] = quality(train(cfg))
-    return reports
 
 
 # ----------------------------------------------------------------------------- main

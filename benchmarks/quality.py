@@ -86,6 +86,13 @@ def sample_mode(table: pd.DataFrame) -> str:
     return "cells" if {"centroid_y", "centroid_x"} <= set(table.columns) else "image"
 
 
+def resample_rows(table: pd.DataFrame, rows: int, seed: int) -> pd.DataFrame:
+    """``rows`` rows of ``table`` in their order: a random subset, or drawn with replacement when it has fewer."""
+    rng = np.random.default_rng(seed)
+    picks = rng.permutation(len(table))[:rows] if len(table) >= rows else rng.choice(len(table), rows, replace=True)
+    return table.iloc[np.sort(picks)]
+
+
 def prepare_data(data: GeneratedSet, out: Path, epoch_rows: int, seed: int) -> dict:
     """Write the training index (``train`` rows, resampled to ``epoch_rows``) and the held-out index.
 
@@ -103,10 +110,7 @@ def prepare_data(data: GeneratedSet, out: Path, epoch_rows: int, seed: int) -> d
         raise DataError(f"{data.index}: needs 'train' and held-out rows in its split column")
     if test[data.label_key].nunique() < 2:
         raise DataError(f"{data.index}: the held-out rows hold fewer than 2 classes")
-    rng = np.random.default_rng(seed)
-    picks = rng.permutation(len(train))[:epoch_rows] if len(train) >= epoch_rows else \
-        rng.choice(len(train), epoch_rows, replace=True)
-    train = train.iloc[np.sort(picks)].drop(columns=[data.label_key])  # labels never reach training
+    train = resample_rows(train, epoch_rows, seed).drop(columns=[data.label_key])  # labels never reach training
     out.mkdir(parents=True, exist_ok=True)
     paths = {"train": out / "train.csv", "test": out / "heldout.csv"}
     train.to_csv(paths["train"], index=False)
@@ -217,9 +221,16 @@ def block_geometry(x: np.ndarray, labels: np.ndarray) -> dict[str, float]:
     return {"spread": round(spread, 4), "separation": round(gap / max(spread, 1e-12), 4)}
 
 
-def run_one(data: GeneratedSet, prepared: dict, variant: str, out: Path, config: Path, base: list[str], k: int,
-            seed: int) -> dict:
-    """Train, embed the held-out rows and score them for one (generator, variant)."""
+def train_and_embed(data: GeneratedSet, prepared: dict, variant: str, out: Path, config: Path, base: list[str]
+                    ) -> tuple:
+    """Train on ``prepared["train"]`` and embed the held-out rows with the teacher.
+
+    Returns:
+        ``(config, teacher.pt path, held-out embeddings as AnnData, training seconds)``.
+
+    Raises:
+        CellVitSSLError: If embedding fails.
+    """
     t0 = time.perf_counter()
     cfg = load_config(config, run_overrides(data, prepared, variant, out, base, config))
     teacher = train_run(cfg)
@@ -228,7 +239,14 @@ def run_one(data: GeneratedSet, prepared: dict, variant: str, out: Path, config:
     if embed_cmd.main([str(teacher), "--index", str(prepared["test"]), "--root", str(prepared["root"]),
                        "--out", str(h5ad), "--overwrite", "--no-progress", "--device", "cpu"]) != 0:
         raise CellVitSSLError(f"embedding {prepared['test']} with {teacher} failed (see above)")
-    adata = read_embeddings(h5ad)
+    return cfg, teacher, read_embeddings(h5ad), t_train
+
+
+def run_one(data: GeneratedSet, prepared: dict, variant: str, out: Path, config: Path, base: list[str], k: int,
+            seed: int) -> dict:
+    """Train, embed the held-out rows and score them for one (generator, variant)."""
+    t0 = time.perf_counter()
+    cfg, _, adata, t_train = train_and_embed(data, prepared, variant, out, config, base)
     obs = adata.obs.reset_index(drop=True)
     labels = obs[data.label_key].astype(str).to_numpy()
     features = {"trained": np.asarray(adata.X, dtype=np.float32),
@@ -363,7 +381,7 @@ def run(args: argparse.Namespace) -> dict:
         "benchmark": "quality",
         "command": "python -m benchmarks.quality " + " ".join(sys.argv[1:]),
         "config": str(args.config), "overrides": base, "quick": bool(args.quick), "seed": args.seed, "k": args.k,
-        "epoch_rows": epoch_rows, "jobs": args.jobs, "steps": _steps(Path(args.config), base, epoch_rows),
+        "epoch_rows": epoch_rows, "jobs": args.jobs, "steps": count_steps(Path(args.config), base, epoch_rows),
         "gates": GATES, "default_variant": DEFAULT_VARIANT,
         "machine": {"cpu_count": os.cpu_count(), "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
                     "platform": platform.platform(), "loadavg_before": load_before, "loadavg_after": os.getloadavg()},
@@ -385,7 +403,8 @@ def run(args: argparse.Namespace) -> dict:
     return payload
 
 
-def _steps(config: Path, base: list[str], epoch_rows: int) -> int:
+def count_steps(config: Path, base: list[str], epoch_rows: int) -> int:
+    """Optimiser steps of one run of ``config`` with ``base`` overrides and ``epoch_rows`` rows per epoch."""
     cfg = load_config(config, base)
     total = cfg.train.epochs * (epoch_rows // cfg.data.batch_size)
     return min(total, cfg.train.max_steps) if cfg.train.max_steps else total

@@ -435,19 +435,3 @@ def test_acceptance_on_the_synthetic_screen(tmp_path):
     assert all(v["caught"] > 0 for v in pixels["by_kind"].values())
     assert result["embedded"]["runs"][0]["balanced"]["ratio"] <= 3
 
-
-def test_pretraining_hook_trains_both_indexes_alike(tmp_path, monkeypatch):
-    import cellvit_ssl.train as train
-    from benchmarks.curation import pretraining_comparison
-
-    seen = []
-
-    def fake_train(cfg):
-        seen.append((cfg.data.index, cfg.train.max_steps, cfg.train.output_dir))
-        return tmp_path / cfg.train.output_dir / "teacher.pt"
-
-    monkeypatch.setattr(train, "run", fake_train)
-    reports = pretraining_comparison("cur.csv", "all.csv", "configs/demo.yaml", 50, lambda p: {"teacher": p.name},
-                                     tmp_path)
-    assert [s[:2] for s in seen] == [("cur.csv", 50), ("all.csv", 50)]
-    assert reports == {"curated": {"teacher": "teacher.pt"}, "uncurated": {"teacher": "teacher.pt"}}
