@@ -203,6 +203,24 @@ def channel_blocks(x: np.ndarray, channels: list[str]) -> dict[str, np.ndarray]:
     return {c: x[:, i * width:(i + 1) * width] for i, c in enumerate(channels)}
 
 
+def block_geometry(x: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    """How one channel block shapes the cosine k-NN of a concatenated embedding.
+
+    With blocks of equal norm (each a layer-normed CLS token), the cosine similarity of two
+    concatenated embeddings is the mean of their blocks' cosine similarities, so the block whose
+    pairwise similarities vary most (``spread``, their standard deviation) rules the neighbours.
+    ``separation`` is the mean same-class minus the mean different-class similarity, in units
+    of ``spread``: how much of that variation is the label.
+    """
+    z = x / np.linalg.norm(x, axis=1, keepdims=True).clip(1e-12)
+    sim = z @ z.T
+    off = ~np.eye(len(z), dtype=bool)
+    same = (labels[:, None] == labels[None, :]) & off
+    spread = float(sim[off].std())
+    gap = float(sim[same].mean() - sim[~same & off].mean())
+    return {"spread": round(spread, 4), "separation": round(gap / max(spread, 1e-12), 4)}
+
+
 def train_and_embed(data: GeneratedSet, prepared: dict, variant: str, out: Path, config: Path, base: list[str]
                     ) -> tuple:
     """Train on ``prepared["train"]`` and embed the held-out rows with the teacher.
@@ -246,6 +264,8 @@ def run_one(data: GeneratedSet, prepared: dict, variant: str, out: Path, config:
             for ch, x in channel_blocks(features[name], model_channels).items():
                 blocks[f"{name}/{ch}"] = x
         row["blocks"] = score_features(blocks, labels, {"cv": protocols["cv"]}, k, seed)["cv"]
+        for key, x in blocks.items():
+            row["blocks"][key].update(block_geometry(x, labels))
     row["wall_s"] = round(time.perf_counter() - t0, 1)
     return row
 
@@ -276,9 +296,11 @@ def block_table(rows: list[dict]) -> str:
         for key, s in r.get("blocks", {}).items():
             feat, ch = key.split("/", 1)
             flat.append({"gen": r["generator"], "variant": r["variant"], "feat": feat, "ch": ch,
-                         "knn": s["knn"], "linear": s["linear"]})
+                         "knn": s["knn"], "linear": s["linear"], "spread": s.get("spread", float("nan")),
+                         "separation": s.get("separation", float("nan"))})
     cols = [("gen", "generator", "s"), ("variant", "variant", "s"), ("feat", "features", "s"),
-            ("ch", "channel block", "s"), ("knn", "10nn", ".3f"), ("linear", "linear", ".3f")]
+            ("ch", "channel block", "s"), ("knn", "10nn", ".3f"), ("linear", "linear", ".3f"),
+            ("spread", "cos spread", ".3f"), ("separation", "label sep", ".2f")]
     return format_table(flat, cols)
 
 

@@ -218,6 +218,7 @@ class ViewsConfig:
     n_local_views: int = 6  # local views per sample
     local_crop_size: int = 96  # side of the local views in px
     local_crop_scale: list[float] = field(default_factory=lambda: [0.05, 0.4])  # area fraction of the sample
+    crop_ratio: list[float] = field(default_factory=lambda: [0.75, 4 / 3])  # width / height range of a crop
     hflip_prob: float = 0.5  # probability of a horizontal flip per view
     vflip_prob: float = 0.5  # probability of a vertical flip per view
     rot90: bool = True  # random multiples of 90° rotation per view
@@ -591,6 +592,9 @@ def validate_config(cfg: Config) -> None:
         lo_hi = list(getattr(cfg.views, name))
         if len(lo_hi) != 2 or not 0 < lo_hi[0] <= lo_hi[1] <= 1:
             raise ConfigError(f"views.{name}={lo_hi}; expected [low, high] with 0 < low <= high <= 1")
+    ratio = list(cfg.views.crop_ratio)
+    if len(ratio) != 2 or not 0 < ratio[0] <= ratio[1]:
+        raise ConfigError(f"views.crop_ratio={ratio}; expected [low, high] width / height with 0 < low <= high")
     _validate_data(cfg.data)
     _validate_train(cfg.train)
     _validate_views(cfg)

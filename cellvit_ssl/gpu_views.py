@@ -375,6 +375,7 @@ class GPUMultiCrop:
         self.local_size = int(cfg.local_crop_size)
         self.global_scale = (float(cfg.global_crop_scale[0]), float(cfg.global_crop_scale[1]))
         self.local_scale = (float(cfg.local_crop_scale[0]), float(cfg.local_crop_scale[1]))
+        self.ratio = (float(cfg.crop_ratio[0]), float(cfg.crop_ratio[1]))
         self.n_local_views = int(cfg.n_local_views)
         self.hflip_prob = float(cfg.hflip_prob)
         self.vflip_prob = float(cfg.vflip_prob)
@@ -421,7 +422,7 @@ class GPUMultiCrop:
         b, c, height, width = images.shape
         n = n_views * b
         device = images.device
-        boxes = sample_crop_boxes(n, height, width, scale, generator, device)
+        boxes = sample_crop_boxes(n, height, width, scale, generator, device, ratio=self.ratio)
         index = torch.arange(b, device=device).repeat(n_views)  # view-major: view 0 of all tiles first
         views = crop_resize(images, index, boxes, size)
         u = _rand((n, 3), generator, device)

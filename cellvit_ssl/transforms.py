@@ -248,7 +248,8 @@ def _flips_and_turns(cfg) -> list:
 
 
 def _view(size: int, scale: Sequence[float], blur_p: float, cfg, drop: RandomChannelDrop | None) -> v2.Compose:
-    ops = [v2.RandomResizedCrop(size, scale=tuple(scale), antialias=True), *_flips_and_turns(cfg)]
+    crop = v2.RandomResizedCrop(size, scale=tuple(scale), ratio=tuple(cfg.crop_ratio), antialias=True)
+    ops = [crop, *_flips_and_turns(cfg)]
     ops += [
         PerChannelGamma(cfg.gamma, cfg.jitter_prob),
         PerChannelGaussianBlur(cfg.blur_sigma, blur_p),

@@ -19,6 +19,7 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
 from cellvit_ssl.config import load_config
+from cellvit_ssl.errors import ConfigError
 from cellvit_ssl.gpu_views import GPUMultiCrop, crop_resize, flip_rotate, jitter_params, sample_crop_boxes
 from cellvit_ssl.transforms import MultichannelDINOTransform
 
@@ -252,6 +253,21 @@ def test_crop_area_follows_the_configured_scale(geometry):
         # Pixel rounding of w and h moves the area a little past the nominal range.
         assert area.min() > lo * 0.85 and area.max() < min(hi * 1.1, 1.0 + 1e-6)
         assert np.median(area) > lo and np.median(area) < hi
+
+
+def test_crop_ratio_holds_for_both_view_makers():
+    tile = probe_tile()
+    square = views_cfg("views.jitter_prob=0.0", "views.crop_ratio=[1,1]")
+    default = views_cfg("views.jitter_prob=0.0")
+    for make in (cpu_views, gpu_views):
+        for views in make(square, tile, n_calls=200):
+            assert np.abs(read_probe(views)["log_aspect"]).max() < 0.05, make.__name__
+        assert np.abs(read_probe(make(default, tile, n_calls=200)[0])["log_aspect"]).max() > 0.15, make.__name__
+
+
+def test_crop_ratio_is_checked():
+    with pytest.raises(ConfigError, match="views.crop_ratio"):
+        views_cfg("views.crop_ratio=[1.2,1.0]")
 
 
 def test_crop_test_detects_a_wrong_scale(geometry):

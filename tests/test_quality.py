@@ -46,6 +46,7 @@ def test_quick_run_writes_the_table_and_json(quick, capsys):
     assert set(boc["blocks"]) == {f"{f}/{c}" for f in ("trained", "random-init")
                                   for c in ("nucleus", "microtubules", "er", "protein")}
     assert "blocks" not in fixed
+    assert all({"knn", "linear", "spread", "separation"} <= set(b) for b in boc["blocks"].values())
     # one raw-pixel baseline per generator: identical for every variant
     assert boc["scores"]["cv"]["raw-pixels"] == fixed["scores"]["cv"]["raw-pixels"]
 
@@ -70,6 +71,26 @@ def test_channel_blocks_cut_the_embedding_in_model_order():
     blocks = quality.channel_blocks(x, ["nucleus", "er", "protein"])
     assert list(blocks) == ["nucleus", "er", "protein"]
     assert blocks["er"].tolist() == [[2, 3], [8, 9]]
+
+
+def test_block_geometry_tells_a_label_block_from_a_spread_out_noise_block():
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(4), 30)
+    centres = rng.normal(size=(4, 16))
+    signal = centres[labels] + 0.5 * rng.normal(size=(120, 16))  # clustered by label
+    noise = np.pad(rng.normal(size=(120, 2)), ((0, 0), (0, 14)))  # label-free, spread around a circle
+    sig, noi = quality.block_geometry(signal, labels), quality.block_geometry(noise, labels)
+    assert sig["separation"] > 1.0 and abs(noi["separation"]) < 0.1
+    assert noi["spread"] > sig["spread"]
+    # equal-norm blocks: the concatenation's cosine is the mean of the blocks' cosines
+    unit = lambda a: a / np.linalg.norm(a, axis=1, keepdims=True)  # noqa: E731
+    both = np.concatenate([unit(signal), unit(noise)], axis=1)
+    np.testing.assert_allclose(unit(both) @ unit(both).T,
+                               (unit(signal) @ unit(signal).T + unit(noise) @ unit(noise).T) / 2, atol=1e-6)
+    # the quick run records both numbers for every block
+    assert {"spread", "separation"} <= set(quality.block_geometry(signal[:10], labels[:10]))
 
 
 @pytest.mark.slow
