@@ -281,6 +281,7 @@ class SSLConfig:
     dino: bool = True  # DINO loss on CLS tokens
     ibot: bool = True  # iBOT masked-patch loss
     koleo: bool = True  # KoLeo regulariser on the student's global CLS tokens
+    cell_target: bool = False  # boc: DINO and KoLeo on each cell's mean channel CLS token, not on every channel's
     dino_loss_weight: float = 1.0  # weight of the DINO term
     ibot_loss_weight: float = 1.0  # weight of the iBOT term
     koleo_loss_weight: float = 0.1  # weight of the KoLeo term

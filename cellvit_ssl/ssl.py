@@ -153,6 +153,13 @@ def _grid(view: Tensor, n_tokens: int) -> tuple[int, int]:
 
 
 @torch.no_grad()
+def mean_per_image(rows: Tensor, present: Tensor) -> Tensor:
+    """``(S, D)`` rows in (image, channel) order → ``(B, D)``: each image's mean over its present channels."""
+    image = present.nonzero()[:, 0]
+    total = rows.new_zeros(present.shape[0], rows.shape[1]).index_add_(0, image, rows)
+    return total / present.sum(1, keepdim=True).clamp_min(1).to(rows.dtype)
+
+
 def target_entropy(probs: Tensor) -> Tensor:
     """Mean entropy of target distributions ``(S, K)`` over ``ln K``: 1 means uniform targets, no signal.
 
@@ -379,16 +386,24 @@ class DINOMetaArch(nn.Module):
         if self.frozen_teacher is None:
             with torch.no_grad():
                 return self._head_outputs(self.teacher, self.teacher.backbone.forward_features(g, g_ids, g_present),
-                                          tokens)
+                                          tokens, g_present)
         with torch.inference_mode():
             out = self._head_outputs(self.frozen_teacher, self.frozen_teacher.forward_features(g, g_ids, g_present),
-                                     tokens)
+                                     tokens, g_present)
         return {k: v.clone() for k, v in out.items()}
 
-    def _head_outputs(self, net: nn.Module, feats: dict[str, Tensor], tokens: Tensor | None) -> dict[str, Tensor]:
+    def _cls(self, feats: dict[str, Tensor], present: Tensor) -> Tensor:
+        """The tokens DINO and KoLeo see: every sample's CLS, or with ``ssl.cell_target`` each image's mean."""
+        cls = feats["x_norm_clstoken"]
+        if self.cfg.cell_target and cls.shape[0] != present.shape[0]:
+            return mean_per_image(cls, present)
+        return cls
+
+    def _head_outputs(self, net: nn.Module, feats: dict[str, Tensor], tokens: Tensor | None,
+                      present: Tensor) -> dict[str, Tensor]:
         out = {}
         if self.cfg.dino:
-            out["dino"] = net.dino_head(feats["x_norm_clstoken"])
+            out["dino"] = net.dino_head(self._cls(feats, present))
         if self.cfg.ibot:
             out["ibot"] = net.ibot_head(feats["x_norm_patchtokens"][tokens])
         return out
@@ -441,13 +456,13 @@ class DINOMetaArch(nn.Module):
         stats: dict[str, Tensor] = {}  # diagnostics, logged beside the terms
         if cfg.dino:
             t_dino = list(t_out["dino"].chunk(n_global))
-            s_logits = student.dino_head(s_feats["x_norm_clstoken"]).chunk(n_global)
+            s_logits = student.dino_head(self._cls(s_feats, g_present)).chunk(n_global)
             if len(views) > n_global:
                 local = torch.cat(views[n_global:])
                 n_local = len(views) - n_global
-                local_cls = student.backbone.forward_features(
+                local_cls = self._cls(student.backbone.forward_features(
                     local, channel_ids.repeat(n_local, 1), present.repeat(n_local, 1)
-                )["x_norm_clstoken"]
+                ), present.repeat(n_local, 1))
                 s_logits = s_logits + student.dino_head(local_cls).chunk(n_local)
             if self.sinkhorn:
                 terms["dino"] = dino_cross_entropy(t_dino, list(s_logits), cfg.student_temp)
@@ -466,7 +481,7 @@ class DINOMetaArch(nn.Module):
                 h, w = _grid(g, tokens.shape[1])
                 terms["ibot"] = self.ibot_loss(t_out["ibot"], s_patch, tokens.view(-1, h, w), teacher_temp=temp)
         if cfg.koleo:
-            cls = s_feats["x_norm_clstoken"].chunk(n_global)
+            cls = self._cls(s_feats, g_present).chunk(n_global)
             terms["koleo"] = sum(self.koleo_loss(c) for c in cls)
         if self.gram_active(step):
             with torch.no_grad():

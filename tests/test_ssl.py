@@ -463,6 +463,26 @@ def test_channel_mask_drops_absent_channels_from_the_samples():
     assert t_dino.shape[0] == 2 * 10  # two global views x ten present channels
 
 
+def test_cell_target_feeds_each_images_mean_channel_token_to_the_dino_heads():
+    meta, _ = make_meta("ssl.cell_target=true")
+    rec = record(meta)
+    views, ids = make_batch(b=4, n_local=2)
+    mask = torch.ones(4, 3, dtype=torch.bool)
+    mask[0, 1] = False
+    out = meta(views, ids, epoch=0, channel_mask=mask)
+    (t_in, _), = rec.calls["teacher_dino_head"]
+    assert t_in.shape[0] == 2 * 4  # one row per image and global view, not per channel
+    with torch.no_grad():
+        g = torch.cat(views[:2])
+        cls = meta.teacher.backbone.forward_features(g, ids.repeat(2, 1), mask.repeat(2, 1))["x_norm_clstoken"]
+    present = mask.repeat(2, 1)
+    first = cls[: int(present[0].sum())].mean(0)  # image 0: its two present channels
+    torch.testing.assert_close(t_in[0], first)
+    student_rows = [x.shape[0] for x, _ in rec.calls["student_dino_head"]]
+    assert student_rows == [2 * 4, 2 * 4]  # globals, then the locals, per image
+    assert torch.isfinite(out["loss"])
+
+
 @pytest.mark.parametrize("variant", ["fixed", "boc", "hierarchical", "channelvit"])
 def test_full_objective_runs_on_every_model_variant(variant):
     sampling = "none" if variant == "fixed" else "hierarchical"
