@@ -8,6 +8,9 @@ The drift is the Gram term (:func:`cellvit_ssl.ssl.gram_loss`) between the patch
 ``RUN/teacher.pt`` and of ``RUN/checkpoint_<step>.pt`` on the run's held-out cells
 (``RUN/heldout.h5ad``, read again exactly as ``embed`` read them). It is what
 :mod:`benchmarks.gram_anchoring` measures on the demo, here for any generator of the suite.
+``--knn`` also scores the earlier checkpoint's CLS embedding of those cells as the suite
+scores its teachers (1-NN / 10-NN cosine and linear macro-F1, 5-fold cv), for the row the
+final teachers are compared with.
 """
 
 from __future__ import annotations
@@ -28,12 +31,30 @@ from cellvit_ssl.ssl import gram_loss
 
 def heldout_samples(run: Path) -> tuple[torch.Tensor, list[str]]:
     """The run's held-out cells as model samples ``(B, C, s, s)``, with their channel names."""
-    adata = read_embeddings(run / "heldout.h5ad")
-    reader, encoder, _ = _baseline_inputs(adata, None, 0, "cpu")
+    reader, encoder = _heldout_reader(run)
     rows = [reader.read(i) for i in range(len(reader))]
     samples = [encoder.preprocess.to_sample(r.pixels, r.names, r.present, image_sample=r.is_image,
                                             source=r.source) for r in rows]
     return torch.stack(samples), list(rows[0].names)
+
+
+def _heldout_reader(run: Path):
+    reader, encoder, _ = _baseline_inputs(read_embeddings(run / "heldout.h5ad"), None, 0, "cpu")
+    return reader, encoder
+
+
+def checkpoint_scores(run: Path, step: int, label_key: str = "label", k: int = 10) -> dict[str, float]:
+    """The step-``step`` checkpoint's held-out scores, as :mod:`benchmarks.quality` scores a teacher (``cv``)."""
+    from benchmarks.quality import _protocols, score_features
+    from cellvit_ssl.embed import encoder_featurizer, featurize_rows
+    from cellvit_ssl.encoder import load_encoder
+
+    reader, _ = _heldout_reader(run)
+    encoder = load_encoder(run / f"checkpoint_{step:08d}.pt", device="cpu")
+    x = featurize_rows(reader, list(range(len(reader))), encoder_featurizer(encoder, None, 64, reader.source))[0]
+    obs = read_embeddings(run / "heldout.h5ad").obs.reset_index(drop=True)
+    labels = obs[label_key].astype(str).to_numpy()
+    return score_features({"early": x}, labels, {"cv": _protocols(obs, labels, None, 0)["cv"]}, k, 0)["cv"]["early"]
 
 
 def drift(run: Path, step: int) -> float:
@@ -56,15 +77,24 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", nargs="+", type=Path, help="quality-suite run folders (RUN/teacher.pt, ...)")
     parser.add_argument("--step", type=int, required=True, help="step of the earlier checkpoint")
-    parser.add_argument("--json", help="write {run: drift} here")
+    parser.add_argument("--knn", action="store_true", help="also score the step-STEP checkpoint's embedding")
+    parser.add_argument("--label-key", default="label", help="label column of the held-out rows (with --knn)")
+    parser.add_argument("--json", help="write {run: {drift[, early]}} here")
     args = parser.parse_args(argv)
     try:
-        result = {str(run): drift(run, args.step) for run in args.runs}
+        result = {}
+        for run in args.runs:
+            result[str(run)] = {"drift": drift(run, args.step)}
+            if args.knn:
+                result[str(run)]["early"] = checkpoint_scores(run, args.step, args.label_key)
     except CellVitSSLError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     for run, value in result.items():
-        print(f"{run}: drift from step {args.step} {value:.4f}")
+        early = value.get("early")
+        print(f"{run}: drift from step {args.step} {value['drift']:.4f}"
+              + (f"; step-{args.step} checkpoint 10-NN {early['knn']:.3f}, linear {early['linear']:.3f}"
+                 if early else ""))
     if args.json:
         write_json(args.json, result)
     return 0

@@ -28,3 +28,15 @@ def test_a_missing_checkpoint_is_a_named_error(run, capsys):
         gram_drift.drift(run, 99)
     assert gram_drift.main([str(run), "--step", "99"]) == 2
     assert "checkpoint_00000099.pt" in capsys.readouterr().err
+
+
+def test_knn_scores_the_earlier_checkpoint_as_the_suite_scores_a_teacher(run, tmp_path, capsys):
+    scores = gram_drift.checkpoint_scores(run, 2)
+    assert set(scores) == {"1nn", "knn", "linear"} and all(0.0 <= v <= 1.0 for v in scores.values())
+    out = tmp_path / "drift.json"
+    assert gram_drift.main([str(run), "--step", "2", "--knn", "--json", str(out)]) == 0
+    assert "step-2 checkpoint 10-NN" in capsys.readouterr().out
+    import json
+
+    saved = json.loads(out.read_text())[str(run)]
+    assert saved["early"] == scores and saved["drift"] == gram_drift.drift(run, 2)
