@@ -152,7 +152,6 @@ def _grid(view: Tensor, n_tokens: int) -> tuple[int, int]:
     return h, w
 
 
-@torch.no_grad()
 def mean_per_image(rows: Tensor, present: Tensor) -> Tensor:
     """``(S, D)`` rows in (image, channel) order → ``(B, D)``: each image's mean over its present channels."""
     image = present.nonzero()[:, 0]
@@ -160,6 +159,7 @@ def mean_per_image(rows: Tensor, present: Tensor) -> Tensor:
     return total / present.sum(1, keepdim=True).clamp_min(1).to(rows.dtype)
 
 
+@torch.no_grad()
 def target_entropy(probs: Tensor) -> Tensor:
     """Mean entropy of target distributions ``(S, K)`` over ``ln K``: 1 means uniform targets, no signal.
 

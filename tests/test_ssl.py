@@ -11,7 +11,7 @@ from lightly.loss import DINOLoss, IBOTPatchLoss, KoLeoLoss
 from cellvit_ssl import ConfigError, load_config
 from cellvit_ssl.channels import channel_ids
 from cellvit_ssl.models.channels import build_model
-from cellvit_ssl.ssl import DINOMetaArch
+from cellvit_ssl.ssl import DINOMetaArch, mean_per_image
 
 CHANNELS = ["nucleus", "protein", "er"]
 TINY = [
@@ -481,6 +481,10 @@ def test_cell_target_feeds_each_images_mean_channel_token_to_the_dino_heads():
     student_rows = [x.shape[0] for x, _ in rec.calls["student_dino_head"]]
     assert student_rows == [2 * 4, 2 * 4]  # globals, then the locals, per image
     assert torch.isfinite(out["loss"])
+    # the mean is differentiable: DINO and KoLeo reach the student's backbone through it
+    rows = torch.randn(5, 3, requires_grad=True)
+    mean_per_image(rows, torch.tensor([[True, True, False], [True, True, True]])).sum().backward()
+    torch.testing.assert_close(rows.grad[:, 0], torch.tensor([1 / 2, 1 / 2, 1 / 3, 1 / 3, 1 / 3]))
 
 
 @pytest.mark.parametrize("variant", ["fixed", "boc", "hierarchical", "channelvit"])
