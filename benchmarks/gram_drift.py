@@ -17,58 +17,83 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
+import pandas as pd
 import torch
 
 from benchmarks._common import write_json
 from benchmarks.gram_anchoring import patch_features
+from benchmarks.quality import _protocols, score_features
+from cellvit_ssl.embed import encoder_featurizer
 from cellvit_ssl.embed_io import read_embeddings
+from cellvit_ssl.encoder import load_encoder
 from cellvit_ssl.errors import CellVitSSLError, DataError
 from cellvit_ssl.evaluate import _baseline_inputs
+from cellvit_ssl.preprocess import Preprocess
 from cellvit_ssl.ssl import gram_loss
 
 
-def heldout_samples(run: Path) -> tuple[torch.Tensor, list[str]]:
-    """The run's held-out cells as model samples ``(B, C, s, s)``, with their channel names."""
-    reader, encoder = _heldout_reader(run)
-    rows = [reader.read(i) for i in range(len(reader))]
-    samples = [encoder.preprocess.to_sample(r.pixels, r.names, r.present, image_sample=r.is_image,
-                                            source=r.source) for r in rows]
-    return torch.stack(samples), list(rows[0].names)
+@dataclass(frozen=True)
+class Heldout:
+    """A run's held-out cells, read once: their ``obs``, raw samples and the run's preprocessing."""
+
+    obs: pd.DataFrame
+    rows: list
+    preprocess: Preprocess
+
+    @classmethod
+    def read(cls, run: Path) -> Heldout:
+        """Read ``run/heldout.h5ad``'s rows again exactly as ``embed`` read them.
+
+        Raises:
+            DataError: If the run has no ``heldout.h5ad``.
+        """
+        path = run / "heldout.h5ad"
+        if not path.is_file():
+            raise DataError(f"{path}: not found (not a quality-suite run folder?)")
+        adata = read_embeddings(path)
+        reader, encoder, _ = _baseline_inputs(adata, None, 0, "cpu")
+        return cls(adata.obs.reset_index(drop=True), [reader.read(i) for i in range(len(reader))],
+                   encoder.preprocess)
+
+    def samples(self) -> tuple[torch.Tensor, list[str]]:
+        """The cells as model samples ``(B, C, s, s)``, with their channel names."""
+        x = [self.preprocess.to_sample(r.pixels, r.names, r.present, image_sample=r.is_image, source=r.source)
+             for r in self.rows]
+        return torch.stack(x), list(self.rows[0].names)
 
 
-def _heldout_reader(run: Path):
-    reader, encoder, _ = _baseline_inputs(read_embeddings(run / "heldout.h5ad"), None, 0, "cpu")
-    return reader, encoder
+def _checkpoint(run: Path, step: int) -> Path:
+    path = run / f"checkpoint_{step:08d}.pt"
+    if not path.is_file():
+        raise DataError(f"{path}: not found (a quality-suite run folder with train.keep_last large enough "
+                        f"to keep step {step})")
+    return path
 
 
-def checkpoint_scores(run: Path, step: int, label_key: str = "label", k: int = 10) -> dict[str, float]:
+def checkpoint_scores(run: Path, step: int, label_key: str = "label", k: int = 10,
+                      heldout: Heldout | None = None) -> dict[str, float]:
     """The step-``step`` checkpoint's held-out scores, as :mod:`benchmarks.quality` scores a teacher (``cv``)."""
-    from benchmarks.quality import _protocols, score_features
-    from cellvit_ssl.embed import encoder_featurizer, featurize_rows
-    from cellvit_ssl.encoder import load_encoder
-
-    reader, _ = _heldout_reader(run)
-    encoder = load_encoder(run / f"checkpoint_{step:08d}.pt", device="cpu")
-    x = featurize_rows(reader, list(range(len(reader))), encoder_featurizer(encoder, None, 64, reader.source))[0]
-    obs = read_embeddings(run / "heldout.h5ad").obs.reset_index(drop=True)
-    labels = obs[label_key].astype(str).to_numpy()
-    return score_features({"early": x}, labels, {"cv": _protocols(obs, labels, None, 0)["cv"]}, k, 0)["cv"]["early"]
+    heldout = heldout or Heldout.read(run)
+    encoder = load_encoder(_checkpoint(run, step), device="cpu")
+    x = encoder_featurizer(encoder, None, 64)(heldout.rows)
+    labels = heldout.obs[label_key].astype(str).to_numpy()
+    cv = _protocols(heldout.obs, labels, None, 0)["cv"]
+    return score_features({"early": x}, labels, {"cv": cv}, k, 0)["cv"]["early"]
 
 
-def drift(run: Path, step: int) -> float:
+def drift(run: Path, step: int, heldout: Heldout | None = None) -> float:
     """Gram term between the patch features of ``run``'s teacher and of its step-``step`` checkpoint.
 
     Raises:
         DataError: If the run has no such checkpoint, no ``teacher.pt`` or no ``heldout.h5ad``.
     """
-    early, final = run / f"checkpoint_{step:08d}.pt", run / "teacher.pt"
-    for path in (early, final, run / "heldout.h5ad"):
-        if not path.is_file():
-            raise DataError(f"{path}: not found (a quality-suite run folder with train.keep_last large enough "
-                            f"to keep step {step})")
-    samples, channels = heldout_samples(run)
+    early, final = _checkpoint(run, step), run / "teacher.pt"
+    if not final.is_file():
+        raise DataError(f"{final}: not found (not a finished quality-suite run?)")
+    samples, channels = (heldout or Heldout.read(run)).samples()
     return float(gram_loss(patch_features(final, samples, channels), patch_features(early, samples, channels)))
 
 
@@ -84,9 +109,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = {}
         for run in args.runs:
-            result[str(run)] = {"drift": drift(run, args.step)}
+            heldout = Heldout.read(run)
+            result[str(run)] = {"drift": drift(run, args.step, heldout)}
             if args.knn:
-                result[str(run)]["early"] = checkpoint_scores(run, args.step, args.label_key)
+                result[str(run)]["early"] = checkpoint_scores(run, args.step, args.label_key, heldout=heldout)
     except CellVitSSLError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

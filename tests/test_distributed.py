@@ -145,6 +145,21 @@ def _single_process(overrides):
         torch.use_deterministic_algorithms(False)
 
 
+def _two_gloo_processes(tmp_path, runs, timeout):
+    """Train every run of ``runs`` (override lists) under torchrun on two gloo processes."""
+    spec = tmp_path / "runs.json"
+    spec.write_text(json.dumps(runs))
+    worker = tmp_path / "worker.py"
+    worker.write_text(WORKER)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         str(worker), str(spec)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
 def test_two_gloo_processes_match_one_process_on_the_same_global_batch(tmp_path):
     """DDP (2 x batch 2), FSDP2 (2 x batch 2) and FSDP2 resumed from a DDP checkpoint end where one
     process with batch 4 ends."""
@@ -154,17 +169,7 @@ def test_two_gloo_processes_match_one_process_on_the_same_global_batch(tmp_path)
             # FSDP resuming from the DDP run's epoch-1 checkpoint (checkpoints are portable)
             _overrides(tmp_path, "fsdp_resumed", 2, ["train.strategy=fsdp",
                                                       f"train.resume={tmp_path / 'ddp' / 'checkpoint_00000003.pt'}"])]
-    spec = tmp_path / "runs.json"
-    spec.write_text(json.dumps(runs))
-    worker = tmp_path / "worker.py"
-    worker.write_text(WORKER)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         str(worker), str(spec)],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    _two_gloo_processes(tmp_path, runs, timeout=600)
     _single_process(_overrides(tmp_path, "single", 4))
 
     reference = load_checkpoint(tmp_path / "single" / "checkpoint.pt")
@@ -215,17 +220,7 @@ def test_distillation_on_two_gloo_processes_equals_one_process(tmp_path):
     resolve_index(load_config(None, _overrides(tmp_path, "x", 4)))
     runs = [_overrides(tmp_path, "ddp", 2, ["train.strategy=ddp", *distill]),
             _overrides(tmp_path, "fsdp", 2, ["train.strategy=fsdp", *distill])]
-    spec = tmp_path / "runs.json"
-    spec.write_text(json.dumps(runs))
-    worker = tmp_path / "worker.py"
-    worker.write_text(WORKER)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         str(worker), str(spec)],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=900,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    _two_gloo_processes(tmp_path, runs, timeout=900)
     _single_process(_overrides(tmp_path, "single", 4, distill))
     reference = load_checkpoint(tmp_path / "single" / "checkpoint.pt")
     assert reference["step"] == 6 and reference["distill_teacher"]["path"] == str(teacher)
