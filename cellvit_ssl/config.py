@@ -90,6 +90,13 @@ class Noise(Choice):
     poisson = "poisson"
 
 
+class CropAnchor(Choice):
+    """Where a view's random crop may lie in its sample."""
+
+    anywhere = "anywhere"
+    centre = "centre"
+
+
 class ChannelMode(Choice):
     """How views treat channels: shared crops or one sample per channel."""
 
@@ -219,6 +226,7 @@ class ViewsConfig:
     local_crop_size: int = 96  # side of the local views in px
     local_crop_scale: list[float] = field(default_factory=lambda: [0.05, 0.4])  # area fraction of the sample
     crop_ratio: list[float] = field(default_factory=lambda: [0.75, 4 / 3])  # width / height range of a crop
+    crop_anchor: CropAnchor = CropAnchor.anywhere  # centre: every crop holds the sample's centre (its cell)
     hflip_prob: float = 0.5  # probability of a horizontal flip per view
     vflip_prob: float = 0.5  # probability of a vertical flip per view
     rot90: bool = True  # random multiples of 90° rotation per view

@@ -39,7 +39,7 @@ from torch import Tensor
 from torchvision.ops import roi_align
 
 from cellvit_ssl.preprocess import standardize_channels
-from cellvit_ssl.transforms import check_view_settings
+from cellvit_ssl.transforms import centre_offset_range, check_view_settings
 
 #: torchvision RandomResizedCrop's default aspect-ratio range (the CPU transform uses it).
 RATIO = (3.0 / 4.0, 4.0 / 3.0)
@@ -70,6 +70,7 @@ def sample_crop_boxes(
     generator: torch.Generator | None = None,
     device: torch.device | str = "cpu",
     ratio: tuple[float, float] = RATIO,
+    centred: bool = False,
 ) -> Tensor:
     """Draw ``n`` random-resized-crop boxes with torchvision ``RandomResizedCrop``'s law.
 
@@ -84,6 +85,8 @@ def sample_crop_boxes(
         generator: Random source (on ``device``); the global one when None.
         device: Where to draw.
         ratio: ``(low, high)`` aspect-ratio (width / height) range.
+        centred: Place every box uniformly among the positions that hold the tile's centre
+            (``views.crop_anchor=centre``) instead of anywhere in the tile.
 
     Returns:
         ``(n, 4)`` float boxes ``(top, left, crop_height, crop_width)`` in whole pixels.
@@ -99,9 +102,12 @@ def sample_crop_boxes(
     valid = (w > 0) & (w <= width) & (h > 0) & (h <= height)
     first = torch.argmax(valid.to(torch.uint8), dim=1, keepdim=True)  # first True (0 when none)
     h, w, u_top, u_left = (t.gather(1, first).squeeze(1) for t in (h, w, u[..., 2], u[..., 3]))
-    # Uniform integer offsets in 0..H-h (clamped against float rounding of u * (H - h + 1)).
-    top = torch.minimum(torch.floor(u_top * (height - h + 1)), height - h)
-    left = torch.minimum(torch.floor(u_left * (width - w + 1)), width - w)
+    # Uniform integer offsets in low..high (clamped against float rounding of u * (high - low + 1)).
+    (top_low, top_high), (left_low, left_high) = (
+        centre_offset_range(length, crop) if centred else (torch.zeros_like(crop), length - crop)
+        for length, crop in ((height, h), (width, w)))
+    top = top_low + torch.minimum(torch.floor(u_top * (top_high - top_low + 1)), top_high - top_low)
+    left = left_low + torch.minimum(torch.floor(u_left * (left_high - left_low + 1)), left_high - left_low)
 
     in_ratio = width / height
     if in_ratio < min(ratio):
@@ -376,6 +382,7 @@ class GPUMultiCrop:
         self.global_scale = (float(cfg.global_crop_scale[0]), float(cfg.global_crop_scale[1]))
         self.local_scale = (float(cfg.local_crop_scale[0]), float(cfg.local_crop_scale[1]))
         self.ratio = (float(cfg.crop_ratio[0]), float(cfg.crop_ratio[1]))
+        self.centred = cfg.crop_anchor == "centre"
         self.n_local_views = int(cfg.n_local_views)
         self.hflip_prob = float(cfg.hflip_prob)
         self.vflip_prob = float(cfg.vflip_prob)
@@ -422,7 +429,7 @@ class GPUMultiCrop:
         b, c, height, width = images.shape
         n = n_views * b
         device = images.device
-        boxes = sample_crop_boxes(n, height, width, scale, generator, device, ratio=self.ratio)
+        boxes = sample_crop_boxes(n, height, width, scale, generator, device, ratio=self.ratio, centred=self.centred)
         index = torch.arange(b, device=device).repeat(n_views)  # view-major: view 0 of all tiles first
         views = crop_resize(images, index, boxes, size)
         u = _rand((n, 3), generator, device)

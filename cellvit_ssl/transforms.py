@@ -39,6 +39,36 @@ from cellvit_ssl.preprocess import standardize_channels
 
 CHANNEL_MODES = ("joint", "boc")
 NOISE_KINDS = ("none", "gaussian", "poisson")
+CROP_ANCHORS = ("anywhere", "centre")
+
+
+def centre_offset_range(length, crop):
+    """``(low, high)``: the offsets at which a ``crop``-long window over ``length`` holds its centre.
+
+    The window ``[offset, offset + crop]`` holds the point ``length / 2`` exactly when
+    ``low <= offset <= high``. ``crop`` may be an int or a float tensor of whole pixels.
+    """
+    half = length / 2
+    if isinstance(crop, Tensor):
+        return (half - crop).ceil().clamp_min(0), (length - crop).clamp_max(math.floor(half))
+    return max(0, math.ceil(half - crop)), min(length - crop, math.floor(half))
+
+
+class CentredRandomResizedCrop(v2.RandomResizedCrop):
+    """``RandomResizedCrop`` whose crop always holds the centre of the input.
+
+    Size and aspect ratio follow ``RandomResizedCrop``'s law; the position is uniform among
+    the positions whose window holds the centre point. For single-cell samples (centred on
+    their cell) every view then shows the cell the sample is about, not only its neighbours.
+    """
+
+    def make_params(self, flat_inputs: list) -> dict:
+        params = super().make_params(flat_inputs)
+        height, width = v2.query_size(flat_inputs)
+        for key, length, crop in (("top", height, params["height"]), ("left", width, params["width"])):
+            low, high = centre_offset_range(length, crop)
+            params[key] = int(torch.randint(low, high + 1, ()).item())
+        return params
 
 
 def _per_channel(x: Tensor, low: float, high: float) -> Tensor:
@@ -217,6 +247,8 @@ def check_view_settings(cfg, channels: Sequence[str] | None = None) -> list[int]
         raise ConfigError(f"views.channel_mode={cfg.channel_mode!r}; expected one of {list(CHANNEL_MODES)}")
     if cfg.noise not in NOISE_KINDS:
         raise ConfigError(f"views.noise={cfg.noise!r}; expected one of {list(NOISE_KINDS)}")
+    if cfg.crop_anchor not in CROP_ANCHORS:
+        raise ConfigError(f"views.crop_anchor={cfg.crop_anchor!r}; expected one of {list(CROP_ANCHORS)}")
     if cfg.channel_mode == "boc" and cfg.channel_drop_prob > 0:
         raise ConfigError(
             f"views.channel_drop_prob={cfg.channel_drop_prob} with views.channel_mode='boc': in a bag "
@@ -248,7 +280,8 @@ def _flips_and_turns(cfg) -> list:
 
 
 def _view(size: int, scale: Sequence[float], blur_p: float, cfg, drop: RandomChannelDrop | None) -> v2.Compose:
-    crop = v2.RandomResizedCrop(size, scale=tuple(scale), ratio=tuple(cfg.crop_ratio), antialias=True)
+    cropper = CentredRandomResizedCrop if cfg.crop_anchor == "centre" else v2.RandomResizedCrop
+    crop = cropper(size, scale=tuple(scale), ratio=tuple(cfg.crop_ratio), antialias=True)
     ops = [crop, *_flips_and_turns(cfg)]
     ops += [
         PerChannelGamma(cfg.gamma, cfg.jitter_prob),

@@ -397,3 +397,44 @@ def test_cuda_views_have_the_cpu_law(geometry):
             assert stats.ks_2samp(geometry["cpu"][kind][stat], got[stat]).pvalue > P_FLOOR, (kind, stat)
         cpu = np.bincount(geometry["cpu"][kind]["code"], minlength=8)
         assert stats.chi2_contingency(np.stack([cpu, np.bincount(got["code"], minlength=8)])).pvalue > P_FLOOR
+
+
+def _holds_centre(probe: dict[str, np.ndarray]) -> np.ndarray:
+    """Whether each probe view's box holds the tile's centre point (half a pixel of read-back slack)."""
+    holds = np.ones_like(probe["width"], dtype=bool)
+    for centre, side, length in (("centre_x", "width", W), ("centre_y", "height", H)):
+        low = probe[centre] - probe[side] / 2
+        holds &= (low <= length / 2 + 0.5) & (low + probe[side] >= length / 2 - 0.5)
+    return holds
+
+
+def test_centre_anchor_keeps_the_centre_in_every_crop_of_both_view_makers():
+    tile = probe_tile()
+    anchored = views_cfg("views.jitter_prob=0.0", "views.crop_anchor=centre")
+    anywhere = views_cfg("views.jitter_prob=0.0")
+    probes = {}
+    for make in (cpu_views, gpu_views):
+        glob, loc = make(anchored, tile, n_calls=300)
+        probes[make.__name__] = read_probe(loc)
+        for views in (glob, loc):
+            assert _holds_centre(read_probe(views)).all(), make.__name__
+        # Without the anchor, small local crops often miss the centre: the check above can fail.
+        assert _holds_centre(read_probe(make(anywhere, tile, n_calls=300)[1])).mean() < 0.7, make.__name__
+    for stat in ("centre_x", "centre_y", "area"):
+        assert stats.ks_2samp(probes["cpu_views"][stat], probes["gpu_views"][stat]).pvalue > P_FLOOR, stat
+
+
+def test_centre_offsets_are_uniform_over_the_windows_holding_the_centre():
+    from cellvit_ssl.transforms import centre_offset_range
+
+    for length, crop in ((48, 10), (47, 10), (16, 16), (9, 1)):
+        low, high = centre_offset_range(length, crop)
+        ok = [o for o in range(length - crop + 1) if o <= length / 2 <= o + crop]
+        assert (low, high) == (ok[0], ok[-1])
+        t_low, t_high = centre_offset_range(length, torch.tensor([float(crop)]))
+        assert (t_low.item(), t_high.item()) == (low, high)
+
+
+def test_crop_anchor_is_checked():
+    with pytest.raises(ConfigError, match="crop_anchor"):
+        views_cfg("views.crop_anchor=middle")
