@@ -106,17 +106,31 @@ def write_index(table: pd.DataFrame, path: Path, root: Path, hidden: list[str]) 
 
 
 # ----------------------------------------------------------------------------- curation
-def curate(pool_index: Path, features: str, out: Path, target: int, clusters: list[int], threshold: float,
-           seed: int, sample_size: int) -> tuple[list[str], pd.DataFrame, dict]:
-    """Run ``python -m cellvit_ssl.curate`` on the pool; returns its arguments, every row's fate and the summary."""
+def curate_argv(pool_index: Path, features: str, out: Path, target: int, clusters: list[int], threshold: float,
+                seed: int, sample_size: int, pooling: str = "default", pixel_channels: list[str] | None = None
+                ) -> list[str]:
+    """The ``python -m cellvit_ssl.curate`` arguments of one curation of the pool.
+
+    ``pooling`` (checkpoint features) and ``pixel_channels`` (raw-pixel features) pick what the
+    clusters are made of, as a lab would for its question (e.g. ``protein`` for localisation).
+    """
     argv = [f"data.index={pool_index}", f"curate.features={features}", f"curate.out={out}",
             f"curate.target_size={target}", f"curate.clusters=[{','.join(map(str, clusters))}]",
             f"curate.dedup.threshold={threshold}", f"curate.seed={seed}", f"data.sample_size={sample_size}",
             "curate.embed.device=cpu", "curate.progress=false", "curate.overwrite=true"]
+    if features == "pixels" and pixel_channels:
+        argv.append(f"curate.pixels.channels=[{','.join(pixel_channels)}]")
+    elif features != "pixels" and pooling != "default":
+        argv.append(f"curate.embed.pooling={pooling}")
+    return argv
+
+
+def curate(argv: list[str], out: Path) -> tuple[pd.DataFrame, dict]:
+    """Run ``python -m cellvit_ssl.curate argv`` (writing ``out``); returns every row's fate and the summary."""
     if curate_cmd.main(argv) != 0:
         raise CellVitSSLError(f"python -m cellvit_ssl.curate {' '.join(argv)} failed (see above)")
     paths = curate_cmd.output_paths(out)
-    return argv, pd.read_csv(paths["all_rows"]), json.loads(paths["summary"].read_text())
+    return pd.read_csv(paths["all_rows"]), json.loads(paths["summary"].read_text())
 
 
 def composition(pool: pd.DataFrame, all_rows: pd.DataFrame, label_key: str, classes: list[str]) -> dict:
@@ -214,6 +228,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--clusters", type=int, nargs="*", default=[], help="k-means levels, finest first (none: auto)")
     p.add_argument("--features", nargs="+", default=list(FEATURE_KINDS), choices=FEATURE_KINDS,
                    help="curation features: raw pixels, and/or the uncurated run's teacher")
+    p.add_argument("--pooling", default="default",
+                   help="teacher features: embed's pooling (default | concat | mean | channel names, e.g. protein)")
+    p.add_argument("--pixel-channels", nargs="+", default=[], metavar="CHANNEL",
+                   help="pixel features: only these channels (default: all)")
     p.add_argument("--epoch-rows", type=int, default=quality.EPOCH_ROWS, help="training rows per epoch (every run)")
     p.add_argument("--n-cells", type=int, help="cells in the generated set (default: the generator's own)")
     p.add_argument("--quick", action="store_true", help="tiny set, tiny model, 2 steps: a plumbing check")
@@ -258,8 +276,9 @@ def run(args: argparse.Namespace) -> dict:
             features = "pixels" if kind == "pixels" else str(teacher)
             out = runs_dir / f"curated_{kind}" / "curated.csv"
             t = time.perf_counter()
-            argv, all_rows, summary = curate(pool_index, features, out, target, args.clusters, args.threshold,
-                                             args.seed, sample_size)
+            argv = curate_argv(pool_index, features, out, target, args.clusters, args.threshold, args.seed,
+                               sample_size, args.pooling, args.pixel_channels)
+            all_rows, summary = curate(argv, out)
             curate_s = time.perf_counter() - t
             after = composition(pool, all_rows, data.label_key, classes)
             print(f"curated ({kind}): {after['rows']} rows, {after['duplicates_dropped']} duplicates dropped "

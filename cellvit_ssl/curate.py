@@ -119,6 +119,7 @@ class EmbedRunConfig:
 
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     allow_missing: bool = False  # embed images that lack some of the model's channels
+    pooling: str = "default"  # embedding pooling, as embed's: default | concat | mean | channel names (protein)
 
 
 @dataclass(frozen=True)
@@ -417,9 +418,11 @@ def _features(cmd: CurateCommand, table: pd.DataFrame, root: RootRule, index_sha
         sidecar = outputs["embeddings"]
         embed_with_checkpoint(path, data.index, sidecar, root=root.override, crop_size=data.sample_size,
                               batch_size=data.batch_size, workers=data.num_workers, device=cfg.embed.device,
-                              allow_missing=cfg.embed.allow_missing, overwrite=cfg.overwrite, progress=cfg.progress)
+                              allow_missing=cfg.embed.allow_missing, pooling=cfg.embed.pooling,
+                              overwrite=cfg.overwrite, progress=cfg.progress)
         base = {"index_sha256": index_sha, "kind": "checkpoint", "checkpoint_sha256": file_sha256(path),
-                "crop_size": data.sample_size, "allow_missing": cfg.embed.allow_missing, "root": root.fingerprint()}
+                "crop_size": data.sample_size, "allow_missing": cfg.embed.allow_missing,
+                "pooling": cfg.embed.pooling, "root": root.fingerprint()}
         path = sidecar
     with EmbeddingsFile(path) as emb:
         matched_by = check_alignment(table, data.index, emb, index_sha)

@@ -187,8 +187,8 @@ def check_alignment(table: pd.DataFrame, index_path: str | Path, emb: Embeddings
 
 def embed_with_checkpoint(checkpoint: str | Path, index: str | Path, out: str | Path, root: str | Path | None = None,
                           crop_size: int | None = None, batch_size: int = 64, workers: int = 0,
-                          device: str = "auto", allow_missing: bool = False, overwrite: bool = False,
-                          progress: bool = True) -> Path:
+                          device: str = "auto", allow_missing: bool = False, pooling: str = "default",
+                          overwrite: bool = False, progress: bool = True) -> Path:
     """Embed every row of ``index`` with ``checkpoint`` into ``out`` (the embed command, resumable).
 
     This is the one place curation computes model features.
@@ -200,6 +200,7 @@ def embed_with_checkpoint(checkpoint: str | Path, index: str | Path, out: str | 
 
     argv = [str(checkpoint), f"data.index={index}", f"embed.out={out}", f"data.batch_size={batch_size}",
             f"data.num_workers={workers}", f"embed.device={device}", f"embed.allow_missing={allow_missing}",
+            f"embed.pooling={pooling}",
             f"embed.overwrite={overwrite}", f"embed.progress={progress}"]
     if root is not None:
         argv.append(f"data.root={root}")

@@ -404,6 +404,32 @@ def test_checkpoint_features_go_through_the_embed_command(tmp_path, tiny_cfg):
     assert len(pd.read_csv(out)) == 24
 
 
+def test_checkpoint_features_take_the_embed_pooling(tmp_path, tiny_cfg):
+    """``curate.embed.pooling`` picks the channel blocks the clusters are made of, as ``embed --pooling``."""
+    from cellvit_ssl.checkpoint import ENCODER_FORMAT, save_checkpoint
+    from cellvit_ssl.config import config_to_dict
+    from cellvit_ssl.errors import DataError
+    from cellvit_ssl.models.channels import build_model
+
+    torch.manual_seed(0)
+    channels = ["nucleus", "microtubules", "er", "protein"]
+    model = build_model(tiny_cfg.model, channels)
+    ckpt = save_checkpoint({"format": ENCODER_FORMAT, "config": config_to_dict(tiny_cfg),
+                            "backbone": model.state_dict()}, tmp_path / "teacher.pt")
+    index = _tiny_screen(tmp_path, copies=False)
+    base = ("curate.clusters=[4,2]", "curate.embed.device=cpu", "curate.dedup.enabled=false")
+    widths = {}
+    for pooling in ("default", "protein"):
+        out = tmp_path / pooling / "cur.csv"
+        argv = _args(index, ckpt, out, *base, f"curate.embed.pooling={pooling}")
+        result = cur.run(cur.load_curate_config(None, argv))
+        widths[pooling] = anndata.read_h5ad(result.files["embeddings"]).n_vars
+    assert widths == {"default": model.output_dim, "protein": model.output_dim // len(channels)}
+    with pytest.raises(DataError, match="pooling='golgi'"):
+        cur.run(cur.load_curate_config(None, _args(index, ckpt, tmp_path / "bad" / "cur.csv", *base,
+                                                   "curate.embed.pooling=golgi")))
+
+
 def test_cluster_columns_are_colourable_features_in_the_inspector(tmp_path):
     """The inspector keeps a Labels layer's own columns, so a curated index's cluster_* colour the map."""
     pytest.importorskip("qtpy")

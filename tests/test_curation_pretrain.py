@@ -72,3 +72,13 @@ def test_build_pool_cuts_rare_classes_and_adds_repeats():
     assert comp["per_class"][common] == 60 and all(comp["per_class"][c] == 2 for c in comp["rare"])
     assert pool["injected_copy"].sum() == 20 and pool.loc[pool["injected_copy"], "label"].eq(common).all()
     assert pool.loc[pool["injected_copy"], "path"].isin(pool.loc[~pool["injected_copy"], "path"]).all()
+
+
+def test_curation_features_can_be_pooled_on_the_channel_of_the_question():
+    args = ("pool.csv", "curated.csv", 80, [], 0.995, 0, 48)
+    teacher = cp.curate_argv(args[0], "run/teacher.pt", *args[1:], pooling="protein", pixel_channels=["protein"])
+    pixels = cp.curate_argv(args[0], "pixels", *args[1:], pooling="protein", pixel_channels=["protein", "er"])
+    assert "curate.embed.pooling=protein" in teacher and not any("pixels.channels" in a for a in teacher)
+    assert "curate.pixels.channels=[protein,er]" in pixels and not any("embed.pooling" in a for a in pixels)
+    plain = cp.curate_argv(args[0], "run/teacher.pt", *args[1:])
+    assert not any("pooling" in a or "pixels.channels" in a for a in plain)
