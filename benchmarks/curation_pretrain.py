@@ -90,6 +90,28 @@ def build_pool(train: pd.DataFrame, label_key: str, n_common: int, ratio: float,
                   "rows": len(pool), "per_class": class_counts(pool[label_key], classes)}
 
 
+def oracle_selection(pool: pd.DataFrame, label_key: str, target: int, seed: int) -> pd.DataFrame:
+    """What a curation that knew the labels would keep: ``target`` distinct cells, as even over classes as they allow.
+
+    Each class gets an equal share of ``target`` (a class with fewer distinct cells gives all of
+    them, the rest is shared among the others); injected repeats are never kept. An upper
+    reference for label-free curation, never a curation method.
+    """
+    rng = np.random.default_rng(seed)
+    distinct = pool[~pool["injected_copy"]]
+    groups = {c: g.index.to_numpy() for c, g in distinct.groupby(distinct[label_key].astype(str))}
+    quota, left = {c: 0 for c in groups}, min(target, len(distinct))
+    while left > 0:
+        open_classes = [c for c in groups if quota[c] < len(groups[c])]
+        share = max(1, left // len(open_classes))
+        for c in open_classes:
+            take = min(share, len(groups[c]) - quota[c], left)
+            quota[c] += take
+            left -= take
+    keep = np.concatenate([rng.permutation(groups[c])[:quota[c]] for c in sorted(groups)])
+    return pool.loc[np.sort(keep)]
+
+
 def class_counts(labels: pd.Series, classes: list[str]) -> dict[str, int]:
     """Rows per class, in ``classes`` order."""
     values = labels.astype(str)
@@ -226,8 +248,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="near-duplicate cosine threshold (this generator's distinct cells: median nearest 0.98 "
                         "in raw pixels, so the curate default 0.95 would drop most of them)")
     p.add_argument("--clusters", type=int, nargs="*", default=[], help="k-means levels, finest first (none: auto)")
-    p.add_argument("--features", nargs="+", default=list(FEATURE_KINDS), choices=FEATURE_KINDS,
-                   help="curation features: raw pixels, and/or the uncurated run's teacher")
+    p.add_argument("--features", nargs="*", default=list(FEATURE_KINDS), choices=FEATURE_KINDS,
+                   help="curation features: raw pixels, and/or the uncurated run's teacher (none: only --oracle)")
+    p.add_argument("--oracle", action="store_true",
+                   help="also pre-train on the target-size selection a curation knowing the labels would make "
+                        "(every class as even as its cells allow, no repeats): the most curation can give")
     p.add_argument("--pooling", default="default",
                    help="teacher features: embed's pooling (default | concat | mean | channel names, e.g. protein)")
     p.add_argument("--pixel-channels", nargs="+", default=[], metavar="CHANNEL",
@@ -293,6 +318,17 @@ def run(args: argparse.Namespace) -> dict:
                 "clusters": [lv["clusters"] for lv in summary["levels"]],
                 "nearest_similarity_quantiles": summary["dedup"]["nearest_similarity_quantiles"],
                 "knn": knn_report(adata, data.label_key, before["rare"], before["common"], args.k, args.seed)}
+        if args.oracle:
+            chosen = oracle_selection(pool, data.label_key, target, args.seed)
+            out = write_index(chosen, runs_dir / "curated_oracle" / "curated.csv", data.index.parent, hidden)
+            after = {"rows": len(chosen), "per_class": class_counts(chosen[data.label_key], classes),
+                     "repeats_selected": 0, "selected_by": ["labels (oracle)"]}
+            print(f"oracle: {after['rows']} rows, per class {after['per_class']}", flush=True)
+            _, adata, info = pretrain("curated_oracle", out, data, heldout, runs_dir, config, base, epoch_rows,
+                                      args.seed)
+            runs["curated_oracle"] = {**info, "composition": after,
+                                      "knn": knn_report(adata, data.label_key, before["rare"], before["common"],
+                                                        args.k, args.seed)}
     wall = time.perf_counter() - start
     payload = {
         "benchmark": "curation_pretrain",

@@ -82,3 +82,14 @@ def test_curation_features_can_be_pooled_on_the_channel_of_the_question():
     assert "curate.pixels.channels=[protein,er]" in pixels and not any("embed.pooling" in a for a in pixels)
     plain = cp.curate_argv(args[0], "run/teacher.pt", *args[1:])
     assert not any("pooling" in a or "pixels.channels" in a for a in plain)
+
+
+def test_oracle_keeps_every_rare_cell_and_shares_the_rest_evenly_without_repeats():
+    train = pd.DataFrame({"path": [f"c{i}.tif" for i in range(200)], "label": [c for c in "abcde" for _ in range(40)]})
+    pool, comp = cp.build_pool(train, "label", n_common=2, ratio=20, copies=0.5, seed=0)
+    chosen = cp.oracle_selection(pool, "label", target=40, seed=0)
+    counts = chosen["label"].value_counts().to_dict()
+    assert len(chosen) == 40 and not chosen["injected_copy"].any() and chosen["path"].is_unique
+    assert all(counts[c] == 2 for c in comp["rare"])  # every rare cell (2 each) is kept
+    assert all(counts[c] == 17 for c in comp["common"])  # the other 34 split evenly
+    assert len(cp.oracle_selection(pool, "label", target=1000, seed=0)) == (~pool["injected_copy"]).sum()
