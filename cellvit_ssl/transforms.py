@@ -8,6 +8,9 @@ every random intensity op draws its parameters independently for each channel:
 
     crop → flips → rot90 → gamma → blur → noise → standardise → contrast/brightness → drop
 
+Crops lie anywhere in the sample, or (``views.crop_anchor=centre``) always hold its centre,
+where a single-cell sample's cell is.
+
 Two channel modes:
 
 - ``joint``: all channels of a view share one crop geometry (for ``fixed``, ``hierarchical``
