@@ -184,7 +184,7 @@ MUTANTS: list[Mutant] = [
            ("tests/test_gpu_views.py::test_flip_and_rotation_frequencies_match",),
            "GPU views are never rotated"),
     Mutant("gpu_views_crop_at_top", "views", "cellvit_ssl/gpu_views.py",
-           "top = torch.minimum(torch.floor(u_top * (height - h + 1)), height - h)",
+           "top = top_low + torch.minimum(torch.floor(u_top * (top_high - top_low + 1)), top_high - top_low)",
            "top = torch.zeros_like(h)",
            ("tests/test_gpu_views.py::test_crop_boxes_follow_torchvision_sampler",
             "tests/test_gpu_views.py::test_crop_distribution_matches_cpu"),
