@@ -292,11 +292,15 @@ def run(args: argparse.Namespace) -> dict:
         print(f"pool: {before['rows']} rows, common {before['common']}, rare {before['rare']}, "
               f"{before['injected_copies']} injected repeats; per class {before['per_class']}", flush=True)
 
+        def train_and_score(name: str, index: Path) -> tuple[Path, dict, dict]:
+            """Pre-train on ``index``; its teacher, run info and held-out k-NN report."""
+            teacher, adata, info = pretrain(name, index, data, heldout, runs_dir, config, base, epoch_rows, args.seed)
+            return teacher, info, knn_report(adata, data.label_key, before["rare"], before["common"], args.k,
+                                             args.seed)
+
         runs: dict[str, dict] = {}
-        teacher, adata, info = pretrain("uncurated", pool_index, data, heldout, runs_dir, config, base, epoch_rows,
-                                        args.seed)
-        runs["uncurated"] = {**info, "knn": knn_report(adata, data.label_key, before["rare"], before["common"],
-                                                        args.k, args.seed)}
+        teacher, info, knn = train_and_score("uncurated", pool_index)
+        runs["uncurated"] = {**info, "knn": knn}
         for kind in args.features:
             features = "pixels" if kind == "pixels" else str(teacher)
             out = runs_dir / f"curated_{kind}" / "curated.csv"
@@ -310,25 +314,20 @@ def run(args: argparse.Namespace) -> dict:
                   f"({after['distinct_cells_dropped_as_duplicates']} of them cells the pool holds once; "
                   f"{before['injected_copies']} repeats injected); "
                   f"per class {after['per_class']}", flush=True)
-            _, adata, info = pretrain(f"curated_{kind}", out, data, heldout, runs_dir, config, base, epoch_rows,
-                                      args.seed)
+            _, info, knn = train_and_score(f"curated_{kind}", out)
             runs[f"curated_{kind}"] = {
                 **info, "curate_command": "python -m cellvit_ssl.curate " + " ".join(argv),
                 "curate_s": round(curate_s, 1), "composition": after,
                 "clusters": [lv["clusters"] for lv in summary["levels"]],
-                "nearest_similarity_quantiles": summary["dedup"]["nearest_similarity_quantiles"],
-                "knn": knn_report(adata, data.label_key, before["rare"], before["common"], args.k, args.seed)}
+                "nearest_similarity_quantiles": summary["dedup"]["nearest_similarity_quantiles"], "knn": knn}
         if args.oracle:
             chosen = oracle_selection(pool, data.label_key, target, args.seed)
             out = write_index(chosen, runs_dir / "curated_oracle" / "curated.csv", data.index.parent, hidden)
             after = {"rows": len(chosen), "per_class": class_counts(chosen[data.label_key], classes),
                      "repeats_selected": 0, "selected_by": ["labels (oracle)"]}
             print(f"oracle: {after['rows']} rows, per class {after['per_class']}", flush=True)
-            _, adata, info = pretrain("curated_oracle", out, data, heldout, runs_dir, config, base, epoch_rows,
-                                      args.seed)
-            runs["curated_oracle"] = {**info, "composition": after,
-                                      "knn": knn_report(adata, data.label_key, before["rare"], before["common"],
-                                                        args.k, args.seed)}
+            _, info, knn = train_and_score("curated_oracle", out)
+            runs["curated_oracle"] = {**info, "composition": after, "knn": knn}
     wall = time.perf_counter() - start
     payload = {
         "benchmark": "curation_pretrain",

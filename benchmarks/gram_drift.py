@@ -17,52 +17,14 @@ from __future__ import annotations
 
 import argparse
 import sys
-from dataclasses import dataclass
 from pathlib import Path
-
-import pandas as pd
-import torch
 
 from benchmarks._common import write_json
 from benchmarks.gram_anchoring import patch_features
-from benchmarks.quality import _protocols, score_features
-from cellvit_ssl.embed import encoder_featurizer
-from cellvit_ssl.embed_io import read_embeddings
+from benchmarks.quality import HeldoutCells, _protocols, score_features
 from cellvit_ssl.encoder import load_encoder
 from cellvit_ssl.errors import CellVitSSLError, DataError
-from cellvit_ssl.evaluate import _baseline_inputs
-from cellvit_ssl.preprocess import Preprocess
 from cellvit_ssl.ssl import gram_loss
-
-
-@dataclass(frozen=True)
-class Heldout:
-    """A run's held-out cells, read once: their ``obs``, raw samples and the run's preprocessing."""
-
-    obs: pd.DataFrame
-    rows: list
-    preprocess: Preprocess
-
-    @classmethod
-    def read(cls, run: Path) -> Heldout:
-        """Read ``run/heldout.h5ad``'s rows again exactly as ``embed`` read them.
-
-        Raises:
-            DataError: If the run has no ``heldout.h5ad``.
-        """
-        path = run / "heldout.h5ad"
-        if not path.is_file():
-            raise DataError(f"{path}: not found (not a quality-suite run folder?)")
-        adata = read_embeddings(path)
-        reader, encoder, _ = _baseline_inputs(adata, None, 0, "cpu")
-        return cls(adata.obs.reset_index(drop=True), [reader.read(i) for i in range(len(reader))],
-                   encoder.preprocess)
-
-    def samples(self) -> tuple[torch.Tensor, list[str]]:
-        """The cells as model samples ``(B, C, s, s)``, with their channel names."""
-        x = [self.preprocess.to_sample(r.pixels, r.names, r.present, image_sample=r.is_image, source=r.source)
-             for r in self.rows]
-        return torch.stack(x), list(self.rows[0].names)
 
 
 def _checkpoint(run: Path, step: int) -> Path:
@@ -74,17 +36,16 @@ def _checkpoint(run: Path, step: int) -> Path:
 
 
 def checkpoint_scores(run: Path, step: int, label_key: str = "label", k: int = 10,
-                      heldout: Heldout | None = None) -> dict[str, float]:
+                      heldout: HeldoutCells | None = None) -> dict[str, float]:
     """The step-``step`` checkpoint's held-out scores, as :mod:`benchmarks.quality` scores a teacher (``cv``)."""
-    heldout = heldout or Heldout.read(run)
-    encoder = load_encoder(_checkpoint(run, step), device="cpu")
-    x = encoder_featurizer(encoder, None, 64)(heldout.rows)
+    heldout = heldout or HeldoutCells.read(run / "heldout.h5ad")
+    x = heldout.embed(load_encoder(_checkpoint(run, step), device="cpu"))
     labels = heldout.obs[label_key].astype(str).to_numpy()
     cv = _protocols(heldout.obs, labels, None, 0)["cv"]
     return score_features({"early": x}, labels, {"cv": cv}, k, 0)["cv"]["early"]
 
 
-def drift(run: Path, step: int, heldout: Heldout | None = None) -> float:
+def drift(run: Path, step: int, heldout: HeldoutCells | None = None) -> float:
     """Gram term between the patch features of ``run``'s teacher and of its step-``step`` checkpoint.
 
     Raises:
@@ -93,7 +54,7 @@ def drift(run: Path, step: int, heldout: Heldout | None = None) -> float:
     early, final = _checkpoint(run, step), run / "teacher.pt"
     if not final.is_file():
         raise DataError(f"{final}: not found (not a finished quality-suite run?)")
-    samples, channels = (heldout or Heldout.read(run)).samples()
+    samples, channels = (heldout or HeldoutCells.read(run / "heldout.h5ad")).samples()
     return float(gram_loss(patch_features(final, samples, channels), patch_features(early, samples, channels)))
 
 
@@ -109,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = {}
         for run in args.runs:
-            heldout = Heldout.read(run)
+            heldout = HeldoutCells.read(run / "heldout.h5ad")
             result[str(run)] = {"drift": drift(run, args.step, heldout)}
             if args.knn:
                 result[str(run)]["early"] = checkpoint_scores(run, args.step, args.label_key, heldout=heldout)

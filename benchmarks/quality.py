@@ -36,11 +36,12 @@ import platform
 import sys
 import tempfile
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
 
 if __package__ in (None, ""):  # run as a script: make `benchmarks` importable from the repo root
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -51,6 +52,7 @@ from cellvit_ssl import evaluate as ev  # noqa: E402
 from cellvit_ssl import protocols  # noqa: E402
 from cellvit_ssl.config import Variant, load_config  # noqa: E402
 from cellvit_ssl.data.generators import GENERATOR_NAMES, GeneratedSet, get_generator, run_generator  # noqa: E402
+from cellvit_ssl.embed import encoder_featurizer  # noqa: E402
 from cellvit_ssl.embed_io import read_embeddings  # noqa: E402
 from cellvit_ssl.errors import CellVitSSLError, DataError  # noqa: E402
 from cellvit_ssl.io import atomic_write_text  # noqa: E402
@@ -219,6 +221,48 @@ def block_geometry(x: np.ndarray, labels: np.ndarray) -> dict[str, float]:
     spread = float(sim[off].std())
     gap = float(sim[same].mean() - sim[~same & off].mean())
     return {"spread": round(spread, 4), "separation": round(gap / max(spread, 1e-12), 4)}
+
+
+@dataclass(frozen=True)
+class HeldoutCells:
+    """A suite run's held-out cells, read once exactly as ``embed`` read them.
+
+    Attributes:
+        adata: The run's ``heldout.h5ad`` (the teacher's embeddings, ``obs``, the run settings).
+        rows: The raw samples of its rows, in ``obs`` order.
+        preprocess: The run's preprocessing contract.
+    """
+
+    adata: object
+    rows: list
+    preprocess: object
+
+    @classmethod
+    def read(cls, path: Path) -> HeldoutCells:
+        """Read ``path`` (a suite run's ``heldout.h5ad``) and its rows.
+
+        Raises:
+            DataError: If the file does not exist.
+        """
+        if not path.is_file():
+            raise DataError(f"{path}: not found (a quality-suite run's heldout.h5ad)")
+        adata = read_embeddings(path)
+        reader, encoder, _ = ev._baseline_inputs(adata, None, 0, "cpu")
+        return cls(adata, [reader.read(i) for i in range(len(reader))], encoder.preprocess)
+
+    @property
+    def obs(self) -> pd.DataFrame:
+        return self.adata.obs.reset_index(drop=True)
+
+    def samples(self) -> tuple[torch.Tensor, list[str]]:
+        """The cells as model samples ``(B, C, s, s)``, with their channel names."""
+        x = [self.preprocess.to_sample(r.pixels, r.names, r.present, image_sample=r.is_image, source=r.source)
+             for r in self.rows]
+        return torch.stack(x), list(self.rows[0].names)
+
+    def embed(self, encoder) -> np.ndarray:
+        """``encoder``'s default embedding of the cells, through its own preprocessing contract."""
+        return encoder_featurizer(encoder, None, 64)(self.rows)
 
 
 def train_and_embed(data: GeneratedSet, prepared: dict, variant: str, out: Path, config: Path, base: list[str]

@@ -23,17 +23,13 @@ import platform
 import sys
 from pathlib import Path
 
-import numpy as np
-
 if __package__ in (None, ""):  # run as a script: make `benchmarks` importable from the repo root
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks._common import format_table, versions, write_json  # noqa: E402
-from benchmarks.quality import _protocols, gates, score_features  # noqa: E402
+from benchmarks.quality import HeldoutCells, _protocols, gates, score_features  # noqa: E402
 from cellvit_ssl import evaluate as ev  # noqa: E402
 from cellvit_ssl.checkpoint import CLASSIFIER_FORMAT, ENCODER_FORMAT, TRAINING_FORMAT, load_checkpoint  # noqa: E402
-from cellvit_ssl.embed import encoder_featurizer, featurize_rows  # noqa: E402
-from cellvit_ssl.embed_io import read_embeddings  # noqa: E402
 from cellvit_ssl.errors import CellVitSSLError  # noqa: E402
 
 
@@ -48,25 +44,17 @@ def load_any(path: str | Path):
     return load_encoder(path, device="cpu", payload=payload)
 
 
-def checkpoint_features(adata, checkpoint: str | Path, seed: int) -> np.ndarray:
-    """``checkpoint``'s default embedding of the rows of a suite's ``heldout.h5ad``, read as ``embed`` read them."""
-    reader = ev._baseline_inputs(adata, None, seed, "cpu")[0]
-    encoder = load_any(checkpoint)
-    featurize = encoder_featurizer(encoder, None, 64, reader.source)
-    return featurize_rows(reader, list(range(len(reader))), featurize, 0)[0]
-
-
 def run(heldout: Path, checkpoints: list[Path], label_key: str, batch_key: str | None, k: int, seed: int) -> dict:
     """Score every checkpoint and the two baselines on ``heldout``; returns the JSON payload."""
-    adata = read_embeddings(heldout)
-    obs = adata.obs.reset_index(drop=True)
+    cells = HeldoutCells.read(heldout)
+    obs = cells.obs
     if label_key not in obs.columns:
         raise CellVitSSLError(f"{heldout}: no {label_key!r} column in obs; columns: {list(obs.columns)}")
     labels = obs[label_key].astype(str).to_numpy()
-    features = {"random-init": ev.random_init_features(adata, seed=seed, device="cpu"),
-                "raw-pixels": ev.raw_pixel_features(adata, seed=seed)}
+    features = {"random-init": ev.random_init_features(cells.adata, seed=seed, device="cpu"),
+                "raw-pixels": ev.raw_pixel_features(cells.adata, seed=seed)}
     for path in checkpoints:
-        features[str(path)] = checkpoint_features(adata, path, seed)
+        features[str(path)] = cells.embed(load_any(path))
     scores = score_features(features, labels, _protocols(obs, labels, batch_key, seed), k, seed)
     cv = scores["cv"]
     rows = {str(p): {"scores": {proto: s[str(p)] for proto, s in scores.items()},

@@ -452,17 +452,18 @@ class DINOMetaArch(nn.Module):
             with torch.no_grad():
                 t_out = dict(zip(t_out, sinkhorn_knopp_jointly(list(t_out.values()), temp, cfg.sinkhorn_iterations)))
         s_feats = student.backbone.forward_features(g, g_ids, g_present, masks=masks)
+        s_cls = self._cls(s_feats, g_present)  # what DINO and KoLeo see of the global views
         terms: dict[str, Tensor] = {}
         stats: dict[str, Tensor] = {}  # diagnostics, logged beside the terms
         if cfg.dino:
             t_dino = list(t_out["dino"].chunk(n_global))
-            s_logits = student.dino_head(self._cls(s_feats, g_present)).chunk(n_global)
+            s_logits = student.dino_head(s_cls).chunk(n_global)
             if len(views) > n_global:
                 local = torch.cat(views[n_global:])
                 n_local = len(views) - n_global
-                local_cls = self._cls(student.backbone.forward_features(
-                    local, channel_ids.repeat(n_local, 1), present.repeat(n_local, 1)
-                ), present.repeat(n_local, 1))
+                l_present = present.repeat(n_local, 1)
+                local_cls = self._cls(student.backbone.forward_features(local, channel_ids.repeat(n_local, 1),
+                                                                        l_present), l_present)
                 s_logits = s_logits + student.dino_head(local_cls).chunk(n_local)
             if self.sinkhorn:
                 terms["dino"] = dino_cross_entropy(t_dino, list(s_logits), cfg.student_temp)
@@ -481,8 +482,7 @@ class DINOMetaArch(nn.Module):
                 h, w = _grid(g, tokens.shape[1])
                 terms["ibot"] = self.ibot_loss(t_out["ibot"], s_patch, tokens.view(-1, h, w), teacher_temp=temp)
         if cfg.koleo:
-            cls = self._cls(s_feats, g_present).chunk(n_global)
-            terms["koleo"] = sum(self.koleo_loss(c) for c in cls)
+            terms["koleo"] = sum(self.koleo_loss(c) for c in s_cls.chunk(n_global))
         if self.gram_active(step):
             with torch.no_grad():
                 anchor = self.gram_teacher.forward_features(g, g_ids, g_present)["x_norm_patchtokens"]
