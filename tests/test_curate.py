@@ -384,15 +384,21 @@ def test_an_index_that_remembers_its_root_is_curated_from_anywhere(tmp_path, mon
     SampleReader(curated, default_root=out.parent).check_files(range(len(curated)))
 
 
-def test_checkpoint_features_go_through_the_embed_command(tmp_path, tiny_cfg):
+def _random_teacher(tmp_path, tiny_cfg, channels):
+    """A ``teacher.pt`` of the tiny model with random weights, and the model."""
     from cellvit_ssl.checkpoint import ENCODER_FORMAT, save_checkpoint
     from cellvit_ssl.config import config_to_dict
     from cellvit_ssl.models.channels import build_model
 
     torch.manual_seed(0)
-    model = build_model(tiny_cfg.model, ["nucleus", "microtubules", "er", "protein"])
+    model = build_model(tiny_cfg.model, channels)
     ckpt = save_checkpoint({"format": ENCODER_FORMAT, "config": config_to_dict(tiny_cfg),
                             "backbone": model.state_dict()}, tmp_path / "teacher.pt")
+    return ckpt, model
+
+
+def test_checkpoint_features_go_through_the_embed_command(tmp_path, tiny_cfg):
+    ckpt, _ = _random_teacher(tmp_path, tiny_cfg, ["nucleus", "microtubules", "er", "protein"])
     index = _tiny_screen(tmp_path, copies=False)
     out = tmp_path / "out" / "cur.csv"
     # random weights embed every crop alike: no deduplication here, this is about the embed path
@@ -406,16 +412,10 @@ def test_checkpoint_features_go_through_the_embed_command(tmp_path, tiny_cfg):
 
 def test_checkpoint_features_take_the_embed_pooling(tmp_path, tiny_cfg):
     """``curate.embed.pooling`` picks the channel blocks the clusters are made of, as ``embed --pooling``."""
-    from cellvit_ssl.checkpoint import ENCODER_FORMAT, save_checkpoint
-    from cellvit_ssl.config import config_to_dict
     from cellvit_ssl.errors import DataError
-    from cellvit_ssl.models.channels import build_model
 
-    torch.manual_seed(0)
     channels = ["nucleus", "microtubules", "er", "protein"]
-    model = build_model(tiny_cfg.model, channels)
-    ckpt = save_checkpoint({"format": ENCODER_FORMAT, "config": config_to_dict(tiny_cfg),
-                            "backbone": model.state_dict()}, tmp_path / "teacher.pt")
+    ckpt, model = _random_teacher(tmp_path, tiny_cfg, channels)
     index = _tiny_screen(tmp_path, copies=False)
     base = ("curate.clusters=[4,2]", "curate.embed.device=cpu", "curate.dedup.enabled=false")
     widths = {}
